@@ -1,0 +1,109 @@
+"""The `tokenfuse` command: one tool, subcommands that compose, flags that mean the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+
+
+def _schedule(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated token counts per layer, e.g. 177,160,145")
+
+
+def _r(text: str):
+    from .exporter.budgets import parse_r
+    from .exporter.errors import UsageError
+
+    try:
+        return parse_r(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--r {text}: "))
+
+
+def _add_export(sub):
+    from .exporter.methods import METHODS, PITOME_VARIANTS
+
+    p = sub.add_parser(
+        "export",
+        help="export a token-merged model to validated ONNX + a JSON manifest",
+        description="Export a token-merged model to ONNX (dynamic batch, static token budgets, TensorRT-importable ops), "
+        "validate it in ONNX Runtime against PyTorch and write the manifest beside it.",
+    )
+    p.add_argument("--model", required=True, help="timm:NAME (random init unless --weights) or hf:DIR (local Hugging Face directory)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path; the manifest is written beside it as .json")
+    p.add_argument("--method", default="pitome", choices=METHODS, help="merge method (default: pitome; none = unmerged baseline)")
+    budget = p.add_argument_group("token budget")
+    budget.add_argument("--r", type=_r, help="fraction of tokens kept per layer in (0,1) (PiToMe, e.g. 0.9) or tokens removed per layer >= 1 (ToMe, e.g. 13); default 0.9")
+    budget.add_argument("--schedule", type=_schedule, help="explicit tokens leaving each layer, comma separated")
+    budget.add_argument("--min-tokens", type=int, help="never keep fewer tokens than this")
+    model = p.add_argument_group("model")
+    model.add_argument("--weights", help="state dict (.pth/.pt/.safetensors) for a timm model")
+    model.add_argument("--seq-len", type=int, default=128, help="fixed sequence length of text models (default 128)")
+    model.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower to export (default vision)")
+    model.add_argument("--metric", choices=("keys", "hidden"), help="similarity measured on attention keys or hidden states (default: keys; hidden for CLIP)")
+    model.add_argument("--no-prop-attn", dest="prop_attn", action="store_false", help="no log(size) attention bias (MAE-style models)")
+    knobs = p.add_argument_group("method knobs (papers' defaults)")
+    knobs.add_argument("--margin", type=float, default=0.9, help="PiToMe margin m0 (default 0.9)")
+    knobs.add_argument("--alpha", type=float, default=1.0, help="PiToMe energy alpha (default 1.0)")
+    knobs.add_argument("--pitome-variant", default="auto", choices=("auto",) + PITOME_VARIANTS, help="auto: text for text encoders, plain otherwise; bsm-early: BSM in the first half of the layers")
+    knobs.add_argument("--turbo-alpha", type=float, default=1.0)
+    knobs.add_argument("--turbo-beta", type=float, default=1.0)
+    knobs.add_argument("--turbo-gamma", type=float, default=0.0)
+    knobs.add_argument("--turbo-threshold", type=int, default=40, help="Turbo: no merging in a layer with fewer input tokens (default 40)")
+    out = p.add_argument_group("output")
+    out.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default 18)")
+    out.add_argument("--no-validate", dest="validate", action="store_false", help="skip the ONNX Runtime vs PyTorch check")
+    out.add_argument("--seed", type=int, help="seed of the validation inputs (default: fresh)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .exporter import export
+
+    knobs = ("min_tokens", "prop_attn", "metric", "margin", "alpha", "pitome_variant", "turbo_alpha", "turbo_beta", "turbo_gamma", "turbo_threshold")
+    result = export(
+        args.model, args.output, method=args.method, r=args.r, schedule=args.schedule, weights=args.weights,
+        seq_len=args.seq_len, tower=args.tower, opset=args.opset, validate=args.validate, seed=args.seed,
+        **{k: getattr(args, k) for k in knobs},
+    )
+    budget = result["budget"]
+    print(f"wrote {args.output}: {result['method']}, tokens {budget['layers'][0]['tokens_in']} -> {result['schedule'][-1]}, FLOPs ratio {budget['flops_ratio']:.3f}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenfuse", description="Token-merged transformers as validated ONNX, ready for TensorRT.")
+    p.add_argument("--version", action="version", version=f"tokenfuse {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_export(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .exporter.errors import UsageError
+
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        print(f"tokenfuse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokenfuse: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("TOKENFUSE_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"tokenfuse: internal error: {type(exc).__name__}: {message} (set TOKENFUSE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

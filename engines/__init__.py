@@ -1,0 +1,1 @@
+"""Engines: build and run token-merged models with TensorRT and ONNX Runtime."""

@@ -1,0 +1,57 @@
+"""Merge methods, token budgets, model adapters and the ONNX exporter.
+
+    from tokenfuse.exporter import patch, export
+    model = patch(timm.create_model("vit_base_patch16_224"), method="pitome", r=0.9)
+    manifest = export("timm:vit_base_patch16_224", "vit.onnx", method="pitome", r=0.9)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .adapters import Adapter, adapter_for, load_model
+from .errors import UsageError
+from .methods import METHODS, MethodConfig, TokenMerge, match
+from .onnx_export import DEFAULT_OPSET, export_onnx
+from .settings import MergeOptions
+
+__all__ = ["patch", "export", "load_model", "match", "MethodConfig", "MergeOptions", "TokenMerge", "METHODS", "UsageError"]
+
+
+def patch(model: torch.nn.Module, method: str = "pitome", r: float | int | None = 0.9, **options) -> torch.nn.Module:
+    """Merge-enable `model` in place (as ToMe's apply_patch does) and return it.
+
+    Budgets are computed from the token count of each input, so text models take any length.
+    `options` are MergeOptions fields (schedule, min_tokens, prop_attn, margin, ...).
+    """
+    adapter = adapter_for(model)
+    merge_options = MergeOptions(method=method, r=r, **options)
+    base = type(model)
+
+    class Merged(base):
+        def forward(self, *args, **kwargs):
+            inputs = adapter.bind(*args, **kwargs)
+            settings, _ = merge_options.resolve(adapter.for_inputs(inputs))
+            outputs, _ = adapter.run(settings, inputs)
+            return adapter.patched_result(outputs)
+
+    Merged.__name__ = Merged.__qualname__ = f"TokenMerged{base.__name__}"
+    model.__class__ = Merged
+    model._tokenfuse = merge_options
+    return model
+
+
+def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", r=None, schedule=None,
+           weights: str | None = None, seq_len: int = 128, tower: str = "vision", opset: int = DEFAULT_OPSET,
+           validate: bool = True, seed: int | None = None, log=print, **options) -> dict:
+    """What `tokenfuse export` does: load, plan the budget, export, validate, write .onnx + .json."""
+    adapter = model if isinstance(model, Adapter) else load_model(model, weights=weights, seq_len=seq_len, tower=tower)
+    merge_options = MergeOptions(method=method, r=r, schedule=tuple(schedule) if schedule else None, **options)
+    settings, report = merge_options.resolve(adapter)
+    log(report.table())
+    extra = {"r": r, "requested_schedule": list(schedule) if schedule else None, "min_tokens": merge_options.min_tokens}
+    if adapter.is_text:
+        extra["seq_len"] = seq_len
+    return export_onnx(adapter, settings, report, Path(output), opset=opset, run_validation=validate, seed=seed, extra=extra, log=log)

@@ -1,0 +1,212 @@
+"""Model adapters: one way to name a model (`timm:NAME`, `hf:PATH`), one way to create it.
+
+An adapter is thin: it says how a family embeds its inputs, exposes each block as a BlockView and
+turns the final tokens into outputs. The merge logic lives in `encoder` and `methods`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..budgets import Shape
+from ..encoder import BlockView, MergeSettings, TokenState, run_encoder
+from ..errors import UsageError
+
+SUPPORTED = (
+    "timm:<vit_*|deit_*|deit3_*> (timm VisionTransformer, incl. distilled and register-token models)",
+    "hf:<dir> with ViTModel / ViTForImageClassification",
+    "hf:<dir> with CLIP (vision tower)",
+    "hf:<dir> with BertModel (BERT-family encoders, e.g. all-MiniLM-L6-v2)",
+)
+
+
+def unsupported(what: str) -> UsageError:
+    return UsageError(f"{what} is not supported; supported models: " + "; ".join(SUPPORTED))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple  # "batch" marks the dynamic axis
+    dtype: torch.dtype
+
+
+class Adapter:
+    """How tokenfuse runs one model family."""
+
+    family = ""
+    metric = "keys"  # what similarity is measured on, by default
+    outputs_doc = ""
+
+    def __init__(self, model: torch.nn.Module, name: str):
+        self.model = model
+        self.name = name
+
+    # --- described by each family ---
+    protected: int = 1
+
+    @classmethod
+    def accepts(cls, model: torch.nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def wrap(cls, model: torch.nn.Module) -> "Adapter":
+        return cls(model, type(model).__name__)
+
+    def shape(self) -> Shape:
+        raise NotImplementedError
+
+    def views(self) -> list[BlockView]:
+        raise NotImplementedError
+
+    def input_specs(self) -> list[InputSpec]:
+        raise NotImplementedError
+
+    def random_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, TokenState]:
+        raise NotImplementedError
+
+    def outputs(self, x: torch.Tensor, state: TokenState) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- shared ---
+    @property
+    def is_text(self) -> bool:
+        return any(spec.dtype == torch.int64 for spec in self.input_specs())
+
+    def bind(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Inputs by name from a forward call (for patched PyTorch models)."""
+        names = [spec.name for spec in self.input_specs()]
+        inputs = dict(zip(names, args))
+        inputs.update({k: v for k, v in kwargs.items() if k in names and v is not None})
+        if "attention_mask" in names and "attention_mask" not in inputs:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise UsageError(f"{self.name}: missing input(s) {', '.join(missing)}")
+        return inputs
+
+    def for_inputs(self, inputs: dict[str, torch.Tensor]) -> "Adapter":
+        """This adapter, sized for `inputs` (text models take any length in PyTorch)."""
+        for spec in self.input_specs():
+            got = tuple(inputs[spec.name].shape[1:])
+            if got != tuple(spec.shape[1:]):
+                raise UsageError(f"{self.name}: input {spec.name} has shape [B, {', '.join(map(str, got))}], expected {list(spec.shape)}")
+        return self
+
+    def patched_result(self, outputs: dict[str, torch.Tensor]):
+        """What a patched model's forward returns: the family's usual result."""
+        return outputs
+
+    def run(self, settings: MergeSettings, inputs: dict[str, torch.Tensor], replay=None):
+        """Outputs (an ordered dict) and the final TokenState, which holds each layer's merge slots.
+
+        `replay` (one dst_slot per merging layer) applies given merge decisions instead of deciding.
+        """
+        x, state = self.embed(inputs)
+        state.replay = replay
+        x = run_encoder(self.views(), x, state, settings)
+        return self.outputs(x, state), state
+
+
+def adapter_for(model: torch.nn.Module) -> Adapter:
+    """The adapter for an already-built PyTorch model (used by `patch`)."""
+    from .bert import Bert
+    from .clip import ClipVision
+    from .hf_vit import HfViT
+    from .timm_vit import TimmViT
+
+    for family in (TimmViT, HfViT, Bert, ClipVision):
+        if family.accepts(model):
+            return family.wrap(model)
+    raise unsupported(type(model).__name__)
+
+
+def image_inputs(size: tuple[int, int], batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(batch, 3, *size, generator=generator)}
+
+
+def image_spec(size: tuple[int, int]) -> list[InputSpec]:
+    return [InputSpec("pixel_values", ("batch", 3, *size), torch.float32)]
+
+
+def attention_view(q, k, v, out, heads: int, mlp, pre_norm=None, post_attn_norm=None, post_mlp_norm=None):
+    """A BlockView from separate q/k/v/output projections (Hugging Face style)."""
+    from ..encoder import split_heads
+
+    def qkv(h):
+        return split_heads(q(h), heads), split_heads(k(h), heads), split_heads(v(h), heads)
+
+    return BlockView(qkv=qkv, attn_out=out, mlp=mlp, pre_norm=pre_norm, post_attn_norm=post_attn_norm, post_mlp_norm=post_mlp_norm)
+
+
+def load_state_dict(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--weights {path}: no such file")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise UsageError(f"--weights {path}: cannot read a state dict ({type(exc).__name__}); give a .pth/.pt/.safetensors state dict")
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UsageError(f"--weights {path}: the file holds no state dict")
+    return state
+
+
+def load_model(spec: str, *, weights: str | None = None, seq_len: int = 128, tower: str = "vision") -> Adapter:
+    """Create the adapter for a model named `timm:NAME` or `hf:PATH`."""
+    prefix, _, rest = spec.partition(":")
+    if not rest:
+        raise UsageError(f"--model {spec!r}: name it timm:NAME or hf:PATH")
+    if prefix == "timm":
+        from .timm_vit import load_timm
+
+        adapter = load_timm(rest, weights)
+    elif prefix == "hf":
+        if weights:
+            raise UsageError("--weights is for timm models; an hf: directory carries its own weights")
+        adapter = load_hf(rest, seq_len=seq_len, tower=tower)
+    else:
+        raise UsageError(f"--model {spec!r}: unknown source {prefix!r}; use timm:NAME or hf:PATH")
+    adapter.model.float().eval()
+    return adapter
+
+
+def load_hf(path: str, *, seq_len: int, tower: str) -> Adapter:
+    if not Path(path, "config.json").is_file():
+        raise UsageError(f"hf:{path}: not a Hugging Face model directory (no config.json); models load offline from a local directory")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    kind = config.model_type
+    if tower != "vision" and kind != "clip":
+        raise UsageError(f"--tower {tower}: the tower choice applies to CLIP models only, hf:{path} is {kind!r}")
+    if kind == "vit":
+        from .hf_vit import load_hf_vit
+
+        return load_hf_vit(path, config)
+    if kind == "bert":
+        from .bert import load_bert
+
+        return load_bert(path, seq_len)
+    if kind in ("clip", "clip_vision_model"):
+        if tower != "vision":
+            raise unsupported("The CLIP text tower")
+        from .clip import load_clip_vision
+
+        return load_clip_vision(path, config)
+    raise unsupported(f"hf:{path} (model_type {kind!r})")

