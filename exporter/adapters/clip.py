@@ -16,16 +16,15 @@ class ClipVision(Adapter):
         super().__init__(model, name)
         self.tower = model.vision_model if hasattr(model, "vision_model") else model
         self.projection = getattr(model, "visual_projection", None)
-        config = model.config
-        self.config = config
+        self.config = config = self.tower.config
         self.image_size = (config.image_size, config.image_size)
         self.heads = config.num_attention_heads
 
     @classmethod
     def accepts(cls, model):
-        from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+        from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
-        return isinstance(model, (CLIPVisionModel, CLIPVisionModelWithProjection))
+        return isinstance(model, (CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection))
 
     def shape(self) -> Shape:
         c, p = self.config.hidden_size, self.config.patch_size
@@ -73,9 +72,13 @@ class ClipVision(Adapter):
 
 
 def load_clip_vision(path, config) -> ClipVision:
-    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+    """A full CLIP directory gives its vision tower with the projection; a vision-only one as saved."""
+    from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
-    archs = config.architectures or []
-    with_projection = config.model_type == "clip" or any("Projection" in a for a in archs)
-    cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
+    if config.model_type == "clip":
+        cls = CLIPModel
+    elif any("Projection" in arch for arch in config.architectures or []):
+        cls = CLIPVisionModelWithProjection
+    else:
+        cls = CLIPVisionModel
     return ClipVision(cls.from_pretrained(path, local_files_only=True), f"hf:{path}")

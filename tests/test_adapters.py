@@ -1,0 +1,123 @@
+"""Every supported family: `none` is the original model, merged exports validate and build with TensorRT-RTX,
+and `patch` merge-enables a PyTorch model in place."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from tokenfuse.engines.tensorrt import build_serialized
+from tokenfuse.exporter import export, load_model, patch
+from tokenfuse.exporter.adapters import adapter_for
+from tokenfuse.exporter.settings import MergeOptions
+
+HF = ["vit", "vit-cls", "clip-vision", "clip", "bert"]
+
+
+def _original(name, adapter, inputs):
+    """The unpatched model's own forward, in the adapter's output names."""
+    model = adapter.model
+    with torch.no_grad():
+        if name == "bert":
+            return {"last_hidden_state": model(**inputs).last_hidden_state}
+        if name == "clip":
+            out = model.get_image_features(pixel_values=inputs["pixel_values"])
+            return {"image_embeds": out.pooler_output, "last_hidden_state": out.last_hidden_state}
+        out = model(pixel_values=inputs["pixel_values"])
+        if name == "vit-cls":
+            return {"logits": out.logits}
+        return {"pooler_output": out.pooler_output, "last_hidden_state": out.last_hidden_state}
+
+
+@pytest.mark.parametrize("name", HF)
+def test_hf_none_equals_original(hf_dirs, name):
+    adapter = load_model(f"hf:{hf_dirs[name]}", seq_len=24)
+    inputs = adapter.random_inputs(3, torch.Generator().manual_seed(1))
+    settings, _ = MergeOptions(method="none").resolve(adapter)
+    with torch.no_grad():
+        ours, _ = adapter.run(settings, inputs)
+    for key, value in _original(name, adapter, inputs).items():
+        if key == "last_hidden_state" and "attention_mask" in inputs:
+            keep = inputs["attention_mask"].unsqueeze(-1)
+            value, mine = value * keep, ours[key] * keep
+        else:
+            mine = ours[key]
+        assert torch.allclose(mine, value, atol=1e-5), key
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "crossget", "turbo"])
+@pytest.mark.parametrize("name", HF)
+def test_hf_merged_exports_validate_and_build(hf_dirs, name, method, tmp_path):
+    out = tmp_path / "m.onnx"
+    manifest = export(f"hf:{hf_dirs[name]}", out, method=method, r=0.8, seq_len=24, log=lambda *_: None, turbo_threshold=0)
+    assert manifest["validation"]["passed"], manifest["validation"]
+    assert manifest["validation"]["max_abs_error"] <= 1e-4
+    assert manifest["schedule"][-1] < manifest["budget"]["layers"][0]["tokens_in"]
+    assert build_serialized(out, batch=(1, 2, 2))
+
+
+def _timm_models():
+    return {
+        "deit-distilled": timm.create_model("deit_tiny_distilled_patch16_224", img_size=64),
+        "avg-pool": timm.create_model("vit_tiny_patch16_224", img_size=64, global_pool="avg", class_token=False, num_classes=7),
+        "register-tokens": timm.create_model("vit_tiny_patch16_224", img_size=64, reg_tokens=4),
+        "head-less": timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_timm_models()))
+def test_timm_variants_none_equals_original_and_merged_validates(name, tmp_path):
+    torch.manual_seed(0)
+    model = _timm_models()[name].eval()
+    adapter = adapter_for(model)
+    assert adapter.protected == model.num_prefix_tokens
+    pixels = torch.randn(2, 3, 64, 64)
+    settings, _ = MergeOptions(method="none").resolve(adapter)
+    with torch.no_grad():
+        ours, _ = adapter.run(settings, {"pixel_values": pixels})
+        assert torch.allclose(next(iter(ours.values())), model(pixels), atol=1e-5)
+    manifest = export(adapter, tmp_path / "m.onnx", method="pitome", r=0.8, log=lambda *_: None)
+    assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_error"] <= 1e-4
+    assert manifest["settings"]["protected_tokens"] == model.num_prefix_tokens
+
+
+def test_patch_timm_in_place_merges_and_keeps_protected_tokens():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=64).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(pixels)
+    same = patch(model, method="pitome", r=0.8)
+    assert same is model and type(model).__name__ == "TokenMergedVisionTransformerDistilled"
+    assert isinstance(model, timm.models.deit.VisionTransformerDistilled)
+    with torch.no_grad():
+        after = model(pixels)
+    assert after.shape == before.shape and not torch.allclose(after, before)
+    adapter = adapter_for(model)
+    settings, _ = MergeOptions(method="pitome", r=0.8).resolve(adapter)
+    with torch.no_grad():
+        expected, state = adapter.run(settings, {"pixel_values": pixels})
+    drops = [n_out < n_in for n_in, n_out in zip((18,) + settings.schedule, settings.schedule)]
+    assert torch.equal(after, expected["logits"]) and len(state.slots) == sum(drops) > 0
+    assert all(torch.equal(slots[:, :2], torch.tensor([[0, 1]] * 2)) for slots in state.slots)
+
+
+def test_patch_bert_takes_any_length(hf_dirs):
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(hf_dirs["bert"]).eval()
+    patch(model, method="tome", r=2)
+    for length in (9, 30):
+        ids = torch.randint(1, 400, (2, length))
+        with torch.no_grad():
+            out = model(input_ids=ids)
+        assert out["last_hidden_state"].shape == (2, length - 3 * 2, 64)
+        assert torch.equal(out["token_sizes"].sum((1, 2)), torch.full((2,), float(length)))
+
+
+def test_patch_refuses_unsupported_models():
+    from tokenfuse.exporter.errors import UsageError
+
+    with pytest.raises(UsageError, match="supported models"):
+        patch(torch.nn.Linear(3, 3))
