@@ -44,7 +44,7 @@ def patch(model: torch.nn.Module, method: str = "pitome", r: float | int | None 
 
 
 def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", r=None, schedule=None,
-           weights: str | None = None, seq_len: int = 128, tower: str = "vision", opset: int = DEFAULT_OPSET,
+           weights: str | None = None, seq_len: int | None = None, tower: str = "vision", opset: int = DEFAULT_OPSET,
            validate: bool = True, seed: int | None = None, log=print, **options) -> dict:
     """What `tokenfuse export` does: load, plan the budget, export, validate, write .onnx + .json."""
     adapter = model if isinstance(model, Adapter) else load_model(model, weights=weights, seq_len=seq_len, tower=tower)
@@ -53,5 +53,5 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
     log(report.table())
     extra = {"r": r, "requested_schedule": list(schedule) if schedule else None, "min_tokens": merge_options.min_tokens}
     if adapter.is_text:
-        extra["seq_len"] = seq_len
+        extra["seq_len"] = adapter.shape().tokens
     return export_onnx(adapter, settings, report, Path(output), opset=opset, run_validation=validate, seed=seed, extra=extra, log=log)

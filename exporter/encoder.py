@@ -48,24 +48,34 @@ class TokenState:
 
     size: Tensor  # [B,N,1] patches each token stands for
     valid: Tensor | None = None  # [B,N] bool, False = padding
+    positions: Tensor | None = None  # [B,N] causal positions (causal models only)
+    frozen: Tensor | None = None  # [B,N] bool: the pooling token at a data-dependent position
     merged: bool = False  # has any layer merged yet (sizes no longer all 1)
     slots: list[Tensor] = field(default_factory=list)  # each merging layer's dst_slot
     replay: list[Tensor] | None = None  # slots to apply instead of the decided ones (validation)
 
 
 def attention_bias(state: TokenState, prop_attn: bool) -> Tensor | None:
-    """Additive key bias [B,1,1,N]: log(size) for proportional attention, -BIG on padding."""
+    """Additive attention bias: log(size) for proportional attention, -BIG on padding keys
+    ([B,1,1,N]), and -BIG on later keys for causal models ([B,1,N,N])."""
     bias = None
     if prop_attn and state.merged:
         bias = state.size[..., 0].log()
     if state.valid is not None:
         pad = torch.where(state.valid, 0.0, -BIG).to(state.size.dtype)
         bias = pad if bias is None else bias + pad
-    return None if bias is None else bias[:, None, None, :]
+    if bias is not None:
+        bias = bias[:, None, None, :]
+    if state.positions is not None:
+        later = state.positions.unsqueeze(-2) > state.positions.unsqueeze(-1)
+        causal = torch.where(later, -BIG, 0.0).to(state.size.dtype)[:, None]
+        bias = causal if bias is None else bias + causal
+    return bias
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, cls_row: bool):
-    """Softmax attention with an additive key bias; optionally the CLS row of the probabilities.
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, pool_row: bool, frozen: Tensor | None = None):
+    """Softmax attention with an additive bias; optionally the pooling token's row of the
+    probabilities averaged over heads (CLS, or the frozen token when there is one).
 
     Written as MatMul-Add-Softmax-MatMul, the pattern TensorRT fuses into one attention kernel.
     """
@@ -74,7 +84,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, cls_row: bool):
         logits = logits + bias
     probs = logits.softmax(-1)
     out = (probs @ v).transpose(1, 2).flatten(2)
-    return out, (probs[:, :, 0].mean(1) if cls_row else None)
+    if not pool_row:
+        return out, None
+    if frozen is None:
+        return out, probs[:, :, 0].mean(1)
+    row = frozen.to(probs.dtype)[:, None, :, None]  # [B,1,N,1] selects the query row
+    return out, (probs * row).sum(2).mean(1)
 
 
 def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, settings: MergeSettings) -> Tensor:
@@ -82,8 +97,8 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
     merging = n_out < x.shape[1]
     h = x if view.pre_norm is None else view.pre_norm(x)
     q, k, v = view.qkv(h)
-    need_cls = merging and settings.method.name == "turbo"
-    attn, cls_attn = attend(q, k, v, attention_bias(state, settings.prop_attn), need_cls)
+    need_row = merging and settings.method.name == "turbo"
+    attn, cls_attn = attend(q, k, v, attention_bias(state, settings.prop_attn), need_row, state.frozen)
     x = x + view.attn_out(attn)
     if view.post_attn_norm is not None:
         x = view.post_attn_norm(x)
@@ -99,6 +114,7 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
             num_layers=len(settings.schedule),
             cls_attn=cls_attn,
             valid=state.valid,
+            frozen=state.frozen,
         )
         state.slots.append(plan.dst_slot)
         if state.replay is not None:  # decide (recorded above), but apply the given decision
@@ -107,6 +123,10 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
             x, state.size = plan.merge(x, state.size)
         else:
             x, state.size, state.valid = plan.merge_padded(x, state.size, state.valid)
+        if state.positions is not None:
+            state.positions = plan.merge_positions(state.positions)
+        if state.frozen is not None:
+            state.frozen = (torch.arange(n_out, device=x.device) == n_out - 1).expand(x.shape[0], n_out)
         state.merged = True
 
     x = x + view.mlp(x)

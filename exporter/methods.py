@@ -105,11 +105,12 @@ class TokenMerge:
         new_size = torch.where(real_size > 0, real_size, assign @ size)
         return (assign @ (x * weight)) / (assign @ weight), new_size, new_valid
 
-    def track(self, index: torch.Tensor) -> torch.Tensor:
-        """Where the token at `index` ([B]) went: its output slot."""
+    def merge_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """A slot's causal position is its latest member's, so no query sees a later token."""
         if self.identity:
-            return index
-        return self.dst_slot.gather(1, index.unsqueeze(1))[:, 0]
+            return positions
+        member = self._assignment(torch.bool)
+        return torch.where(member, positions.unsqueeze(-2), -BIG).amax(-1)
 
 
 def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
@@ -183,19 +184,15 @@ def _bipartite(sim, r, protected, is_a, is_b, order, penalty=None):
     return _absorb(slot, sim, src, is_b)
 
 
-def _tome(sim, r, protected, penalty=None):
-    n = sim.shape[-1]
-    pos = torch.arange(n, device=sim.device)
-    free = (pos >= protected).expand(sim.shape[0], n)
+def _tome(sim, r, protected, free, penalty=None):
+    pos = torch.arange(sim.shape[-1], device=sim.device)
     is_a = free & (pos % 2 == 0)
     is_b = free & (pos % 2 == 1)
     return _bipartite(sim, r, protected, is_a, is_b, pos, penalty)
 
 
-def _pitome(sim, r, protected, cfg, layer, num_layers, valid):
-    n = sim.shape[-1]
-    pos = torch.arange(n, device=sim.device)
-    free = (pos >= protected).expand(sim.shape[0], n)
+def _pitome(sim, r, protected, free, cfg, layer, num_layers, valid):
+    pos = torch.arange(sim.shape[-1], device=sim.device)
     margin = cfg.margin - cfg.margin * layer / num_layers
     if cfg.pitome_variant == "text":
         affinity = torch.exp(-(((1.0 - sim) / (1.0 - margin)) ** 2) / 2.0)
@@ -218,7 +215,7 @@ def _pitome(sim, r, protected, cfg, layer, num_layers, valid):
         is_a, is_b = mergeable & (rank < r), mergeable & (rank >= r)
     else:
         is_a, is_b = mergeable & (rank % 2 == 0), mergeable & (rank % 2 == 1)
-    kept_count = n - protected - 2 * r
+    kept_count = free.to(torch.int64).sum(-1, keepdim=True) - 2 * r
     slot = torch.where(
         mergeable,
         protected + kept_count + rank_among(rank, is_b, descending=False),
@@ -228,10 +225,8 @@ def _pitome(sim, r, protected, cfg, layer, num_layers, valid):
     return _absorb(slot, sim, is_a, is_b)
 
 
-def _crossget(sim, r, protected):
-    n = sim.shape[-1]
-    pos = torch.arange(n, device=sim.device)
-    free = (pos >= protected).expand(sim.shape[0], n)
+def _crossget(sim, r, protected, free):
+    pos = torch.arange(sim.shape[-1], device=sim.device)
     allowed = free.unsqueeze(-1) & free.unsqueeze(-2) & (pos.unsqueeze(-1) != pos)
     scores = torch.where(allowed, sim, -BIG)
     redundancy_rank = rank_among(scores.amax(-1), free, descending=True)
@@ -244,7 +239,9 @@ def _crossget(sim, r, protected):
 
 
 def max_removable(method: str, n: int, protected: int) -> int:
-    """The most tokens `method` can remove from n tokens in one layer."""
+    """The most tokens `method` can remove from n tokens in one layer.
+
+    `protected` counts every token that never merges (leading ones and a frozen one)."""
     if method == "none":
         return 0
     if method == "crossget":
@@ -262,27 +259,35 @@ def match(
     num_layers: int = 1,
     cls_attn: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    frozen: torch.Tensor | None = None,
 ) -> TokenMerge:
     """Decide the merge of one layer: r of the N tokens in `metric` ([B, N, D]) disappear.
 
-    `cls_attn` ([B, N], turbo only) is the CLS row of the attention probabilities averaged over
-    heads; `valid` ([B, N] bool) marks real tokens when the input is padded.
+    `cls_attn` ([B, N], turbo only) is the pooling token's row of the attention probabilities
+    averaged over heads; `valid` ([B, N] bool) marks real tokens when the input is padded;
+    `frozen` ([B, N] bool, one per row) marks a token at a data-dependent position (CLIP text's
+    EOS) that never merges and moves to the last slot.
     """
     batch, n, _ = metric.shape
     if r <= 0 or cfg.name == "none":
         return TokenMerge.keep_all(batch, n, metric.device)
-    limit = max_removable(cfg.name, n, protected)
+    limit = max_removable(cfg.name, n, protected + (frozen is not None))
     if r > limit:
         raise ValueError(f"{cfg.name} can remove at most {limit} of {n} tokens in one layer, asked for {r}")
     sim = separate_padding(cosine_similarity(metric.float()), valid)
+    free = (torch.arange(n, device=metric.device) >= protected).expand(batch, n)
+    if frozen is not None:
+        free = free & ~frozen
     if cfg.name == "tome":
-        slot = _tome(sim, r, protected)
+        slot = _tome(sim, r, protected, free)
     elif cfg.name == "turbo":
         if cls_attn is None:
             raise ValueError("turbo needs the CLS attention row (cls_attn)")
-        slot = _tome(sim, r, protected, penalty=cfg.turbo_weight(layer) * cls_attn.float())
+        slot = _tome(sim, r, protected, free, penalty=cfg.turbo_weight(layer) * cls_attn.float())
     elif cfg.name == "pitome":
-        slot = _pitome(sim, r, protected, cfg, layer, num_layers, valid)
+        slot = _pitome(sim, r, protected, free, cfg, layer, num_layers, valid)
     else:
-        slot = _crossget(sim, r, protected)
+        slot = _crossget(sim, r, protected, free)
+    if frozen is not None:
+        slot = torch.where(frozen, n - r - 1, slot)
     return TokenMerge(slot, n - r)

@@ -34,6 +34,7 @@ MIN_COSINE = 0.9999
 # Merge decisions may differ only at near-ties; a lower share means the graph decides differently.
 MIN_AGREEMENT = 0.95
 TOPK_LIMIT = 3840  # TensorRT's largest TopK K
+PROTOBUF_LIMIT = 2**31 - 2**24  # one ONNX protobuf, with room for the graph itself
 
 
 class _Traced(torch.nn.Module):
@@ -247,6 +248,9 @@ def export_onnx(
         raise UsageError(f"--opset {opset}: tokenfuse needs opset >= 17 (LayerNormalization)")
     if output.suffix != ".onnx":
         raise UsageError(f"-o {output}: the output must end in .onnx (the manifest goes beside it as .json)")
+    weight_bytes = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    if weight_bytes >= PROTOBUF_LIMIT:
+        raise UsageError(f"{adapter.name} has {weight_bytes / 2**30:.1f} GiB of weights; ONNX files over 2 GiB (external data) are not supported yet")
     manifest_path = output.with_suffix(".json")
     with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work, _atomic_outputs(output, manifest_path) as (tmp_onnx, tmp_json):
         traced_path = Path(work, "traced.onnx")

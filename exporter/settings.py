@@ -22,7 +22,7 @@ class MergeOptions:
     r: float | int | None = None
     schedule: tuple[int, ...] | None = None
     min_tokens: int | None = None
-    prop_attn: bool = True
+    prop_attn: bool | None = None  # None: the adapter's default (on, off for MAE)
     metric: str | None = None  # None: the adapter's default
     margin: float = 0.9
     alpha: float = 1.0
@@ -73,7 +73,7 @@ class MergeOptions:
             method=config,
             schedule=schedule,
             protected=adapter.protected,
-            prop_attn=self.prop_attn,
+            prop_attn=adapter.prop_attn if self.prop_attn is None else self.prop_attn,
             metric=metric,
         )
         return settings, BudgetReport(shape, schedule, r)

@@ -22,18 +22,21 @@ def minilm_path() -> str:
 def hf_dirs(tmp_path_factory) -> dict[str, str]:
     """Small random Hugging Face models saved to local directories, loaded back through hf:DIR."""
     from transformers import (
-        BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
+        BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection,
+        CLIPVisionConfig, CLIPVisionModel,
         ViTConfig, ViTForImageClassification, ViTModel,
     )
 
     torch.manual_seed(0)
     vit = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=64, patch_size=8)
     clip_vision = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=64, patch_size=8)
+    clip_text = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)
     models = {
         "vit": ViTModel(ViTConfig(**vit)),
         "vit-cls": ViTForImageClassification(ViTConfig(**vit, num_labels=5)),
         "clip-vision": CLIPVisionModel(CLIPVisionConfig(**clip_vision)),
-        "clip": CLIPModel(CLIPConfig(vision_config=clip_vision, text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128), projection_dim=32)),
+        "clip": CLIPModel(CLIPConfig(vision_config=clip_vision, text_config=clip_text, projection_dim=32)),
+        "clip-text": CLIPTextModelWithProjection(CLIPTextConfig(**clip_text, projection_dim=32)),
         "bert": BertModel(BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=500)),
     }
     root = tmp_path_factory.mktemp("hf")

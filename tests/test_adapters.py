@@ -12,15 +12,24 @@ from tokenfuse.exporter import export, load_model, patch
 from tokenfuse.exporter.adapters import adapter_for
 from tokenfuse.exporter.settings import MergeOptions
 
-HF = ["vit", "vit-cls", "clip-vision", "clip", "bert"]
+# (directory, tower): "clip" is a full CLIPModel, exported once per tower
+HF = [("vit", "vision"), ("vit-cls", "vision"), ("clip-vision", "vision"), ("clip", "vision"),
+      ("clip", "text"), ("clip-text", "text"), ("bert", "vision")]
+HF_IDS = [f"{d}-{t}" if d == "clip" else d for d, t in HF]
 
 
-def _original(name, adapter, inputs):
+def _original(name, tower, adapter, inputs):
     """The unpatched model's own forward, in the adapter's output names."""
     model = adapter.model
     with torch.no_grad():
         if name == "bert":
             return {"last_hidden_state": model(**inputs).last_hidden_state}
+        if name == "clip" and tower == "text":
+            out = model.get_text_features(**inputs)
+            return {"text_embeds": out.pooler_output, "last_hidden_state": out.last_hidden_state}
+        if name == "clip-text":
+            out = model(**inputs)
+            return {"text_embeds": out.text_embeds, "last_hidden_state": out.last_hidden_state}
         if name == "clip":
             out = model.get_image_features(pixel_values=inputs["pixel_values"])
             return {"image_embeds": out.pooler_output, "last_hidden_state": out.last_hidden_state}
@@ -30,14 +39,14 @@ def _original(name, adapter, inputs):
         return {"pooler_output": out.pooler_output, "last_hidden_state": out.last_hidden_state}
 
 
-@pytest.mark.parametrize("name", HF)
-def test_hf_none_equals_original(hf_dirs, name):
-    adapter = load_model(f"hf:{hf_dirs[name]}", seq_len=24)
+@pytest.mark.parametrize("name, tower", HF, ids=HF_IDS)
+def test_hf_none_equals_original(hf_dirs, name, tower):
+    adapter = load_model(f"hf:{hf_dirs[name]}", seq_len=24, tower=tower)
     inputs = adapter.random_inputs(3, torch.Generator().manual_seed(1))
     settings, _ = MergeOptions(method="none").resolve(adapter)
     with torch.no_grad():
         ours, _ = adapter.run(settings, inputs)
-    for key, value in _original(name, adapter, inputs).items():
+    for key, value in _original(name, tower, adapter, inputs).items():
         if key == "last_hidden_state" and "attention_mask" in inputs:
             keep = inputs["attention_mask"].unsqueeze(-1)
             value, mine = value * keep, ours[key] * keep
@@ -47,10 +56,11 @@ def test_hf_none_equals_original(hf_dirs, name):
 
 
 @pytest.mark.parametrize("method", ["tome", "pitome", "crossget", "turbo"])
-@pytest.mark.parametrize("name", HF)
-def test_hf_merged_exports_validate_and_build(hf_dirs, name, method, tmp_path):
+@pytest.mark.parametrize("name, tower", HF, ids=HF_IDS)
+def test_hf_merged_exports_validate_and_build(hf_dirs, name, tower, method, tmp_path):
     out = tmp_path / "m.onnx"
-    manifest = export(f"hf:{hf_dirs[name]}", out, method=method, r=0.8, seq_len=24, log=lambda *_: None, turbo_threshold=0)
+    manifest = export(f"hf:{hf_dirs[name]}", out, method=method, r=0.8, seq_len=24, tower=tower,
+                      log=lambda *_: None, turbo_threshold=0)
     assert manifest["validation"]["passed"], manifest["validation"]
     assert manifest["validation"]["max_abs_error"] <= 1e-4
     assert manifest["schedule"][-1] < manifest["budget"]["layers"][0]["tokens_in"]
@@ -121,3 +131,23 @@ def test_patch_refuses_unsupported_models():
 
     with pytest.raises(UsageError, match="supported models"):
         patch(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "crossget", "turbo"])
+def test_clip_text_pools_at_eos_and_padding_absorbs_merges(hf_dirs, method):
+    """Short texts in a long window: only padding merges, so EOS pooling equals the unmerged model."""
+    adapter = load_model(f"hf:{hf_dirs['clip-text']}", tower="text", seq_len=60)
+    ids = torch.full((2, 60), 49407)
+    ids[0, :5] = torch.tensor([49406, 320, 1125, 539, 49407])
+    ids[1, :3] = torch.tensor([49406, 2368, 49407])
+    inputs = {"input_ids": ids, "attention_mask": (torch.arange(60) < torch.tensor([[5], [3]])).long()}
+    merged_settings, _ = MergeOptions(method=method, r=0.9, turbo_threshold=0).resolve(adapter)
+    plain_settings, _ = MergeOptions(method="none").resolve(adapter)
+    with torch.no_grad():
+        merged, state = adapter.run(merged_settings, inputs)
+        plain, _ = adapter.run(plain_settings, inputs)
+        original = adapter.model(**inputs).text_embeds
+    assert len(state.slots) == 3 and merged["last_hidden_state"].shape[1] < 60
+    assert torch.allclose(plain["text_embeds"], original, atol=1e-5)
+    assert torch.allclose(merged["text_embeds"], original, atol=1e-5)
+    assert torch.equal(state.frozen[:, -1], torch.tensor([True, True]))

@@ -21,7 +21,7 @@ def _run(args, tmp_path, capsys):
 def test_headline_command_through_the_installed_entry_point(tmp_path):
     out = tmp_path / "vit.onnx"
     result = subprocess.run(
-        ["tokenfuse", "export", "--model", "timm:vit_base_patch16_224", "--method", "pitome", "--r", "0.9", "-o", str(out)],
+        [str(Path(sys.executable).parent / "tokenfuse"), "export", "--model", "timm:vit_base_patch16_224", "--method", "pitome", "--r", "0.9", "-o", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -123,7 +123,7 @@ def test_failed_export_leaves_no_partial_files(tmp_path, monkeypatch, capsys):
     from tokenfuse.exporter import onnx_export
 
     def failing(*args, **kwargs):
-        return {"max_abs_error": 1.0, "cosine_min": 0.5, "merge_agreement": 0.0, "passed": False}
+        return {"max_abs_error": 1.0, "cosine_min": 0.5, "merge_agreement": 0.0, "free_running_max_abs_error": 1.0, "passed": False}
 
     monkeypatch.setattr(onnx_export, "validate", failing)
     code, _, err = _run(["export", "--model", "timm:vit_tiny_patch16_224", "-o", str(tmp_path / "m.onnx")], tmp_path, capsys)

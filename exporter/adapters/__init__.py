@@ -19,7 +19,7 @@ from ..errors import UsageError
 SUPPORTED = (
     "timm:<vit_*|deit_*|deit3_*> (timm VisionTransformer, incl. distilled and register-token models)",
     "hf:<dir> with ViTModel / ViTForImageClassification",
-    "hf:<dir> with CLIP (vision tower)",
+    "hf:<dir> with CLIP (vision or text tower)",
     "hf:<dir> with BertModel (BERT-family encoders, e.g. all-MiniLM-L6-v2)",
 )
 
@@ -40,6 +40,7 @@ class Adapter:
 
     family = ""
     metric = "keys"  # what similarity is measured on, by default
+    prop_attn = True  # proportional attention by default (off for MAE-style models)
     outputs_doc = ""
 
     def __init__(self, model: torch.nn.Module, name: str):
@@ -118,14 +119,29 @@ class Adapter:
 def adapter_for(model: torch.nn.Module) -> Adapter:
     """The adapter for an already-built PyTorch model (used by `patch`)."""
     from .bert import Bert
-    from .clip import ClipVision
+    from .clip import ClipText, ClipVision
     from .hf_vit import HfViT
     from .timm_vit import TimmViT
 
-    for family in (TimmViT, HfViT, Bert, ClipVision):
+    for family in (TimmViT, HfViT, Bert, ClipVision, ClipText):
         if family.accepts(model):
             return family.wrap(model)
     raise unsupported(type(model).__name__)
+
+
+def random_text(batch: int, seq_len: int, vocab: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random token ids with random real lengths (at least 2) and zero padding after them."""
+    ids = torch.randint(1, vocab, (batch, seq_len), generator=generator)
+    lengths = torch.randint(2, seq_len + 1, (batch, 1), generator=generator)
+    mask = (torch.arange(seq_len) < lengths).to(torch.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def text_spec(seq_len: int) -> list[InputSpec]:
+    return [
+        InputSpec("input_ids", ("batch", seq_len), torch.int64),
+        InputSpec("attention_mask", ("batch", seq_len), torch.int64),
+    ]
 
 
 def image_inputs(size: tuple[int, int], batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -166,7 +182,7 @@ def load_state_dict(path: str) -> dict:
     return state
 
 
-def load_model(spec: str, *, weights: str | None = None, seq_len: int = 128, tower: str = "vision") -> Adapter:
+def load_model(spec: str, *, weights: str | None = None, seq_len: int | None = None, tower: str = "vision") -> Adapter:
     """Create the adapter for a model named `timm:NAME` or `hf:PATH`."""
     prefix, _, rest = spec.partition(":")
     if not rest:
@@ -185,15 +201,19 @@ def load_model(spec: str, *, weights: str | None = None, seq_len: int = 128, tow
     return adapter
 
 
-def load_hf(path: str, *, seq_len: int, tower: str) -> Adapter:
+def load_hf(path: str, *, seq_len: int | None, tower: str) -> Adapter:
     if not Path(path, "config.json").is_file():
         raise UsageError(f"hf:{path}: not a Hugging Face model directory (no config.json); models load offline from a local directory")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # one line per step is ours to print
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     kind = config.model_type
-    if tower != "vision" and kind != "clip":
+    if tower != "vision" and kind not in ("clip", "clip_text_model"):
         raise UsageError(f"--tower {tower}: the tower choice applies to CLIP models only, hf:{path} is {kind!r}")
     if kind == "vit":
         from .hf_vit import load_hf_vit
@@ -204,9 +224,11 @@ def load_hf(path: str, *, seq_len: int, tower: str) -> Adapter:
 
         return load_bert(path, seq_len)
     if kind in ("clip", "clip_vision_model"):
-        if tower != "vision":
-            raise unsupported("The CLIP text tower")
-        from .clip import load_clip_vision
+        from .clip import load_clip_text, load_clip_vision
 
-        return load_clip_vision(path, config)
+        return load_clip_text(path, config, seq_len) if tower == "text" else load_clip_vision(path, config)
+    if kind == "clip_text_model":
+        from .clip import load_clip_text
+
+        return load_clip_text(path, config, seq_len)
     raise unsupported(f"hf:{path} (model_type {kind!r})")

@@ -14,16 +14,20 @@ import torch
 from ..budgets import Shape
 from ..encoder import TokenState, weighted_mean
 from ..errors import UsageError
-from . import Adapter, InputSpec, attention_view
+from . import Adapter, attention_view, random_text, text_spec
+
+
+DEFAULT_SEQ_LEN = 128
 
 
 class Bert(Adapter):
     family = "hf-bert"
     outputs_doc = "embedding (size-weighted mean over real tokens), last_hidden_state, token_sizes, token_mask"
 
-    def __init__(self, model, name, seq_len: int):
+    def __init__(self, model, name, seq_len: int | None):
         super().__init__(model, name)
         config = model.config
+        seq_len = seq_len or DEFAULT_SEQ_LEN
         if not 2 <= seq_len <= config.max_position_embeddings:
             raise UsageError(f"--seq-len {seq_len} must be in [2, {config.max_position_embeddings}] for {name}")
         self.seq_len = seq_len
@@ -69,10 +73,7 @@ class Bert(Adapter):
         return views
 
     def input_specs(self):
-        return [
-            InputSpec("input_ids", ("batch", self.seq_len), torch.int64),
-            InputSpec("attention_mask", ("batch", self.seq_len), torch.int64),
-        ]
+        return text_spec(self.seq_len)
 
     def random_inputs(self, batch, generator):
         return random_text(batch, self.seq_len, self.model.config.vocab_size, generator)
@@ -90,14 +91,6 @@ class Bert(Adapter):
             "token_sizes": state.size,
             "token_mask": state.valid.to(torch.int64),
         }
-
-
-def random_text(batch: int, seq_len: int, vocab: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random token ids with random real lengths (at least 2) and zero padding after them."""
-    ids = torch.randint(1, vocab, (batch, seq_len), generator=generator)
-    lengths = torch.randint(2, seq_len + 1, (batch, 1), generator=generator)
-    mask = (torch.arange(seq_len) < lengths).to(torch.int64)
-    return {"input_ids": ids * mask, "attention_mask": mask}
 
 
 def load_bert(path, seq_len) -> Bert:

@@ -1,10 +1,26 @@
-"""CLIP vision tower (CLIPVisionModel, with or without the projection)."""
+"""CLIP towers: vision (CLIPVisionModel) and text (CLIPTextModel), with or without the projection."""
 
 from __future__ import annotations
 
+import copy
+
+import torch
+
 from ..budgets import Shape
 from ..encoder import TokenState
-from . import Adapter, attention_view, image_inputs, image_spec
+from ..errors import UsageError
+from . import Adapter, attention_view, image_inputs, image_spec, random_text, text_spec
+
+
+def _pre_norm_views(layers, heads):
+    return [
+        attention_view(
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.out_proj, heads,
+            mlp=lambda x, layer=layer: layer.mlp(layer.layer_norm2(x)),
+            pre_norm=layer.layer_norm1,
+        )
+        for layer in layers
+    ]
 
 
 class ClipVision(Adapter):
@@ -40,17 +56,7 @@ class ClipVision(Adapter):
         )
 
     def views(self):
-        views = []
-        for layer in self.tower.encoder.layers:
-            a = layer.self_attn
-            views.append(
-                attention_view(
-                    a.q_proj, a.k_proj, a.v_proj, a.out_proj, self.heads,
-                    mlp=lambda x, layer=layer: layer.mlp(layer.layer_norm2(x)),
-                    pre_norm=layer.layer_norm1,
-                )
-            )
-        return views
+        return _pre_norm_views(self.tower.encoder.layers, self.heads)
 
     def input_specs(self):
         return image_spec(self.image_size)
@@ -82,3 +88,108 @@ def load_clip_vision(path, config) -> ClipVision:
     else:
         cls = CLIPVisionModel
     return ClipVision(cls.from_pretrained(path, local_files_only=True), f"hf:{path}")
+
+
+class ClipText(Adapter):
+    """CLIP text tower: causal attention, pooled at the first EOS token.
+
+    The EOS token sits at a data-dependent position, so it is frozen (never merges) and moves to
+    the last slot once merging starts; a merged token takes its latest member's causal position.
+    """
+
+    family = "hf-clip-text"
+    metric = "hidden"
+    outputs_doc = "pooler_output (and text_embeds with a projection), last_hidden_state, token_sizes, token_mask"
+
+    def __init__(self, model, name, seq_len: int | None):
+        super().__init__(model, name)
+        self.tower = model.text_model if hasattr(model, "text_model") else model
+        self.projection = getattr(model, "text_projection", None)
+        self.config = config = self.tower.config
+        seq_len = seq_len or config.max_position_embeddings
+        if not 2 <= seq_len <= config.max_position_embeddings:
+            raise UsageError(f"--seq-len {seq_len} must be in [2, {config.max_position_embeddings}] for {name}")
+        self.seq_len = seq_len
+        self.heads = config.num_attention_heads
+
+    @classmethod
+    def accepts(cls, model):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        return isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection))
+
+    @classmethod
+    def wrap(cls, model):
+        return cls(model, type(model).__name__, seq_len=None)
+
+    def for_inputs(self, inputs):
+        sized = copy.copy(self)
+        sized.seq_len = inputs["input_ids"].shape[1]
+        return sized
+
+    def shape(self) -> Shape:
+        c = self.config.hidden_size
+        proj = self.projection.out_features * c if self.projection is not None else 0
+        return Shape(
+            tokens=self.seq_len,
+            layers=self.config.num_hidden_layers,
+            width=c,
+            mlp_width=self.config.intermediate_size,
+            heads=self.heads,
+            protected=2,  # the first token and the frozen EOS
+            extra_gflops=proj / 1e9,
+        )
+
+    def views(self):
+        return _pre_norm_views(self.tower.encoder.layers, self.heads)
+
+    def input_specs(self):
+        return text_spec(self.seq_len)
+
+    def random_inputs(self, batch, generator):
+        """Random token ids ending in EOS, then padding (the EOS id, as CLIP's tokenizer pads)."""
+        eos = self._eos_id()
+        inputs = random_text(batch, self.seq_len, min(self.config.vocab_size, eos), generator)
+        lengths = inputs["attention_mask"].sum(1, keepdim=True)
+        positions = torch.arange(self.seq_len)
+        ids = torch.where(positions >= lengths - 1, eos, inputs["input_ids"])
+        return {"input_ids": ids, "attention_mask": inputs["attention_mask"]}
+
+    def _eos_id(self) -> int:
+        return self.config.eos_token_id if self.config.eos_token_id != 2 else self.config.vocab_size - 1
+
+    def embed(self, inputs):
+        ids = inputs["input_ids"]
+        x = self.tower.embeddings(input_ids=ids)
+        if self.config.eos_token_id == 2:  # legacy configs: EOS is the largest id (as Hugging Face does)
+            eos = ids.argmax(-1)
+        else:
+            eos = (ids == self.config.eos_token_id).to(torch.int32).argmax(-1)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return x, TokenState(
+            size=x.new_ones(x.shape[0], x.shape[1], 1),
+            valid=inputs["attention_mask"] > 0,
+            positions=positions.to(x.dtype).expand(ids.shape[0], -1),
+            frozen=positions == eos.unsqueeze(-1),
+        )
+
+    def outputs(self, x, state):
+        x = self.tower.final_layer_norm(x)
+        pooled = (x * state.frozen.unsqueeze(-1).to(x.dtype)).sum(1)
+        out = {"pooler_output": pooled}
+        if self.projection is not None:
+            out["text_embeds"] = self.projection(pooled)
+        out.update(last_hidden_state=x, token_sizes=state.size, token_mask=state.valid.to(torch.int64))
+        return out
+
+
+def load_clip_text(path, config, seq_len) -> ClipText:
+    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
+
+    if config.model_type == "clip":
+        cls = CLIPModel
+    elif any("Projection" in arch for arch in config.architectures or []):
+        cls = CLIPTextModelWithProjection
+    else:
+        cls = CLIPTextModel
+    return ClipText(cls.from_pretrained(path, local_files_only=True), f"hf:{path}", seq_len)

@@ -114,7 +114,7 @@ def _check(model, name: str):
 def load_timm(name: str, weights: str | None) -> TimmViT:
     import timm
 
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise UsageError(f"timm:{name}: unknown timm model{hint}; names are timm's, e.g. vit_base_patch16_224")
@@ -133,5 +133,8 @@ def load_timm(name: str, weights: str | None) -> TimmViT:
                 f"--weights {weights} does not match timm:{name}: missing {missing}, unexpected {unexpected}; "
                 "give a state dict saved from this model"
             )
-    return TimmViT(model, f"timm:{name}")
+    adapter = TimmViT(model, f"timm:{name}")
+    if "mae" in timm.models.split_model_name_tag(name)[1]:
+        adapter.prop_attn = False  # ToMe's default for MAE-pretrained models
+    return adapter
 
