@@ -51,7 +51,13 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
     merge_options = MergeOptions(method=method, r=r, schedule=tuple(schedule) if schedule else None, **options)
     settings, report = merge_options.resolve(adapter)
     log(report.table())
-    extra = {"r": r, "requested_schedule": list(schedule) if schedule else None, "min_tokens": merge_options.min_tokens}
+    extra = {
+        "r": r,
+        "requested_schedule": list(schedule) if schedule else None,
+        "min_tokens": merge_options.min_tokens,
+        "weights": str(Path(weights).resolve()) if weights else None,
+        "tower": tower,
+    }
     if adapter.is_text:
         extra["seq_len"] = adapter.shape().tokens
     return export_onnx(adapter, settings, report, Path(output), opset=opset, run_validation=validate, seed=seed, extra=extra, log=log)

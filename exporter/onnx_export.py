@@ -223,6 +223,7 @@ def manifest(adapter: Adapter, settings: MergeSettings, report: BudgetReport, mo
         },
         "budget": report.to_json(),
         "schedule": list(settings.schedule),
+        "preprocess": adapter.preprocess(),
         "opset": opset,
         "lowering": "onnx",
         **io_spec(model),

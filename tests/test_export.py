@@ -111,6 +111,15 @@ def test_manifest_is_the_contract(exported):
     assert set(on_disk["validation"]["batches"]) == {"1", "3"}
     for key in ("margin", "alpha", "proportional_attention", "protected_tokens", "metric"):
         assert key in on_disk["settings"]
+    assert on_disk["preprocess"]["kind"] == "image" and on_disk["preprocess"]["size"] == [224, 224]
+    assert len(on_disk["preprocess"]["mean"]) == 3
+
+
+def test_text_manifest_names_its_tokenizer_and_mask_inputs(exported, minilm_path):
+    _, manifest = exported["minilm", "pitome"]
+    assert manifest["preprocess"] == {"kind": "text", "tokenizer": minilm_path, "seq_len": 128}
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
+    assert manifest["settings"]["pitome_variant"] == "text" and manifest["settings"]["seq_len"] == 128
 
 
 def test_none_equals_the_original_vit(adapters, exported):

@@ -6,6 +6,7 @@ turns the final tokens into outputs. The merge logic lives in `encoder` and `met
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,37 @@ class Adapter:
     def outputs(self, x: torch.Tensor, state: TokenState) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def preprocess(self) -> dict:
+        """How raw inputs become model inputs (recorded in the manifest for serving)."""
+        raise NotImplementedError
+
     # --- shared ---
+    @property
+    def directory(self) -> Path | None:
+        """The local directory of an hf: model."""
+        return Path(self.name[3:]) if self.name.startswith("hf:") else None
+
+    def hf_preprocess(self, kind: str, default_mean, default_std) -> dict:
+        """Image or text preprocessing from the model directory's processor files."""
+        import json
+
+        if kind == "text":
+            has_tokenizer = self.directory is not None and any(
+                (self.directory / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")
+            )
+            return {"kind": "text", "tokenizer": str(self.directory) if has_tokenizer else None, "seq_len": self.shape().tokens}
+        config_file = self.directory / "preprocessor_config.json" if self.directory else None
+        processor = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
+        size = self.input_specs()[0].shape[2:]
+        return {
+            "kind": "image",
+            "size": list(size),
+            "mean": list(processor.get("image_mean", default_mean)),
+            "std": list(processor.get("image_std", default_std)),
+            "interpolation": "bicubic" if processor.get("resample", 3) == 3 else "bilinear",
+            "crop_pct": 1.0,
+        }
+
     @property
     def is_text(self) -> bool:
         return any(spec.dtype == torch.int64 for spec in self.input_specs())
@@ -114,6 +145,26 @@ class Adapter:
         state.replay = replay
         x = run_encoder(self.views(), x, state, settings)
         return self.outputs(x, state), state
+
+
+class TextAdapter(Adapter):
+    """Text encoders: exported at a fixed sequence length, any length when patched in PyTorch."""
+
+    seq_len: int
+
+    def set_seq_len(self, seq_len: int | None, default: int, limit: int):
+        seq_len = seq_len or default
+        if not 2 <= seq_len <= limit:
+            raise UsageError(f"--seq-len {seq_len} must be in [2, {limit}] for {self.name}")
+        self.seq_len = seq_len
+
+    def for_inputs(self, inputs):
+        sized = copy.copy(self)
+        sized.seq_len = inputs["input_ids"].shape[1]
+        return sized
+
+    def input_specs(self):
+        return text_spec(self.seq_len)
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:

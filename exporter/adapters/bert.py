@@ -7,31 +7,24 @@ depend on the padding.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..budgets import Shape
 from ..encoder import TokenState, weighted_mean
-from ..errors import UsageError
-from . import Adapter, attention_view, random_text, text_spec
+from . import TextAdapter, attention_view, random_text
 
 
 DEFAULT_SEQ_LEN = 128
 
 
-class Bert(Adapter):
+class Bert(TextAdapter):
     family = "hf-bert"
     outputs_doc = "embedding (size-weighted mean over real tokens), last_hidden_state, token_sizes, token_mask"
 
     def __init__(self, model, name, seq_len: int | None):
         super().__init__(model, name)
-        config = model.config
-        seq_len = seq_len or DEFAULT_SEQ_LEN
-        if not 2 <= seq_len <= config.max_position_embeddings:
-            raise UsageError(f"--seq-len {seq_len} must be in [2, {config.max_position_embeddings}] for {name}")
-        self.seq_len = seq_len
-        self.heads = config.num_attention_heads
+        self.set_seq_len(seq_len, DEFAULT_SEQ_LEN, model.config.max_position_embeddings)
+        self.heads = model.config.num_attention_heads
 
     @classmethod
     def accepts(cls, model):
@@ -43,11 +36,6 @@ class Bert(Adapter):
     def wrap(cls, model):
         return cls(model, type(model).__name__, seq_len=2)
 
-    def for_inputs(self, inputs):
-        sized = copy.copy(self)
-        sized.seq_len = inputs["input_ids"].shape[1]
-        return sized
-
     def shape(self) -> Shape:
         config = self.model.config
         return Shape(
@@ -57,6 +45,9 @@ class Bert(Adapter):
             mlp_width=config.intermediate_size,
             heads=self.heads,
         )
+
+    def preprocess(self):
+        return self.hf_preprocess("text", None, None)
 
     def views(self):
         views = []
@@ -71,9 +62,6 @@ class Bert(Adapter):
                 )
             )
         return views
-
-    def input_specs(self):
-        return text_spec(self.seq_len)
 
     def random_inputs(self, batch, generator):
         return random_text(batch, self.seq_len, self.model.config.vocab_size, generator)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..budgets import Shape
 from ..encoder import TokenState
-from ..errors import UsageError
-from . import Adapter, attention_view, image_inputs, image_spec, random_text, text_spec
+from . import Adapter, TextAdapter, attention_view, image_inputs, image_spec, random_text
+
+
+# OpenAI CLIP's normalisation, used when the directory has no preprocessor_config.json
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _pre_norm_views(layers, heads):
@@ -58,6 +60,9 @@ class ClipVision(Adapter):
     def views(self):
         return _pre_norm_views(self.tower.encoder.layers, self.heads)
 
+    def preprocess(self):
+        return self.hf_preprocess("image", CLIP_MEAN, CLIP_STD)
+
     def input_specs(self):
         return image_spec(self.image_size)
 
@@ -77,20 +82,7 @@ class ClipVision(Adapter):
         return out
 
 
-def load_clip_vision(path, config) -> ClipVision:
-    """A full CLIP directory gives its vision tower with the projection; a vision-only one as saved."""
-    from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
-
-    if config.model_type == "clip":
-        cls = CLIPModel
-    elif any("Projection" in arch for arch in config.architectures or []):
-        cls = CLIPVisionModelWithProjection
-    else:
-        cls = CLIPVisionModel
-    return ClipVision(cls.from_pretrained(path, local_files_only=True), f"hf:{path}")
-
-
-class ClipText(Adapter):
+class ClipText(TextAdapter):
     """CLIP text tower: causal attention, pooled at the first EOS token.
 
     The EOS token sits at a data-dependent position, so it is frozen (never merges) and moves to
@@ -106,10 +98,7 @@ class ClipText(Adapter):
         self.tower = model.text_model if hasattr(model, "text_model") else model
         self.projection = getattr(model, "text_projection", None)
         self.config = config = self.tower.config
-        seq_len = seq_len or config.max_position_embeddings
-        if not 2 <= seq_len <= config.max_position_embeddings:
-            raise UsageError(f"--seq-len {seq_len} must be in [2, {config.max_position_embeddings}] for {name}")
-        self.seq_len = seq_len
+        self.set_seq_len(seq_len, config.max_position_embeddings, config.max_position_embeddings)
         self.heads = config.num_attention_heads
 
     @classmethod
@@ -121,11 +110,6 @@ class ClipText(Adapter):
     @classmethod
     def wrap(cls, model):
         return cls(model, type(model).__name__, seq_len=None)
-
-    def for_inputs(self, inputs):
-        sized = copy.copy(self)
-        sized.seq_len = inputs["input_ids"].shape[1]
-        return sized
 
     def shape(self) -> Shape:
         c = self.config.hidden_size
@@ -143,8 +127,8 @@ class ClipText(Adapter):
     def views(self):
         return _pre_norm_views(self.tower.encoder.layers, self.heads)
 
-    def input_specs(self):
-        return text_spec(self.seq_len)
+    def preprocess(self):
+        return self.hf_preprocess("text", None, None)
 
     def random_inputs(self, batch, generator):
         """Random token ids ending in EOS, then padding (the EOS id, as CLIP's tokenizer pads)."""
@@ -183,13 +167,20 @@ class ClipText(Adapter):
         return out
 
 
-def load_clip_text(path, config, seq_len) -> ClipText:
-    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
+def _clip_class(config, tower: str):
+    """A full CLIP directory loads whole (the tower and its projection); a one-tower one as saved."""
+    import transformers
 
     if config.model_type == "clip":
-        cls = CLIPModel
-    elif any("Projection" in arch for arch in config.architectures or []):
-        cls = CLIPTextModelWithProjection
-    else:
-        cls = CLIPTextModel
-    return ClipText(cls.from_pretrained(path, local_files_only=True), f"hf:{path}", seq_len)
+        return transformers.CLIPModel
+    tower = tower.capitalize()
+    with_projection = any("Projection" in arch for arch in config.architectures or [])
+    return getattr(transformers, f"CLIP{tower}ModelWithProjection" if with_projection else f"CLIP{tower}Model")
+
+
+def load_clip_vision(path, config) -> ClipVision:
+    return ClipVision(_clip_class(config, "vision").from_pretrained(path, local_files_only=True), f"hf:{path}")
+
+
+def load_clip_text(path, config, seq_len) -> ClipText:
+    return ClipText(_clip_class(config, "text").from_pretrained(path, local_files_only=True), f"hf:{path}", seq_len)

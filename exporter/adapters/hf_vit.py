@@ -39,6 +39,9 @@ class HfViT(Adapter):
             extra_gflops=(patches * c * 3 * config.patch_size**2 + head) / 1e9,
         )
 
+    def preprocess(self):
+        return self.hf_preprocess("image", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
     def views(self):
         views = []
         for layer in self.vit.layers:

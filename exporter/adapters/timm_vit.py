@@ -50,6 +50,17 @@ class TimmViT(Adapter):
             extra_gflops=(patches * c * kernel + head) / 1e9,
         )
 
+    def preprocess(self) -> dict:
+        cfg = self.model.pretrained_cfg or {}
+        return {
+            "kind": "image",
+            "size": list(self.image_size),
+            "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
+            "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
+            "interpolation": cfg.get("interpolation", "bicubic"),
+            "crop_pct": cfg.get("crop_pct", 0.9),
+        }
+
     def views(self) -> list[BlockView]:
         return [_block_view(block) for block in self.model.blocks]
 
