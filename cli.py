@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -18,12 +19,8 @@ def _schedule(text: str) -> tuple[int, ...]:
 
 def _r(text: str):
     from .exporter.budgets import parse_r
-    from .exporter.errors import UsageError
 
-    try:
-        return parse_r(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--r {text}: "))
+    return _as_argument_error(parse_r, text)
 
 
 def _add_export(sub):
@@ -77,11 +74,101 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_build(sub):
+    p = sub.add_parser(
+        "build",
+        help="build a TensorRT engine from an exported model",
+        description="Build a TensorRT engine (full TensorRT when importable, TensorRT-RTX otherwise) with an "
+        "optimisation profile over the batch axis and a timing cache; write a sidecar manifest beside it.",
+    )
+    p.add_argument("onnx", help="an .onnx written by tokenfuse export (its .json manifest is read when present)")
+    p.add_argument("-o", "--output", required=True, help="the .engine path; the sidecar goes beside it as .engine.json")
+    p.add_argument("--batch", default="1:8:32", type=_batch_profile, help="min:opt:max batch sizes of the profile (default 1:8:32)")
+    p.add_argument("--plugins", default="auto", help="auto (load the plugin library when the model needs it), none, or a library PATH")
+    p.add_argument("--timing-cache", help="timing cache file (default: ~/.cache/tokenfuse/timing-<flavour>-<version>.cache)")
+    p.set_defaults(run=_run_build)
+
+
+def _batch_profile(text):
+    from .engines.build import parse_batch
+
+    return _as_argument_error(parse_batch, text)
+
+
+def _batch_list(text):
+    from .engines.bench import parse_batches
+
+    return _as_argument_error(parse_batches, text)
+
+
+def _as_argument_error(parse, text):
+    from .exporter.errors import UsageError
+
+    try:
+        return parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def _run_build(args) -> int:
+    from .engines.build import build_engine
+
+    sidecar = build_engine(args.onnx, args.output, batch=args.batch, plugins=args.plugins, timing_cache=args.timing_cache)
+    trt = sidecar["tensorrt"]
+    print(f"wrote {args.output}: {trt['flavour']} {trt['version']}, batch {args.batch[0]}:{args.batch[1]}:{args.batch[2]}")
+    return 0
+
+
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench",
+        help="benchmark a merged model against its unmerged baseline",
+        description="Run the merged model and the unmerged baseline interleaved in one run (exporting the baseline "
+        "with --method none when none is given); report latency percentiles, throughput and the speedup beside "
+        "the FLOPs-ratio ideal.",
+    )
+    p.add_argument("model", help="an .onnx (ONNX Runtime) or .engine (TensorRT)")
+    p.add_argument("--baseline", help="the unmerged model (default: export MODEL's model with --method none)")
+    p.add_argument("--batch", default="1,8,32", type=_batch_list, help="batch sizes (default 1,8,32)")
+    p.add_argument("--backend", choices=("ort", "trt"), help="ort for .onnx, trt for .engine (default: from the file)")
+    p.add_argument("--providers", help="ONNX Runtime providers, comma separated (default: TensorRT, CUDA, CPU as available)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--min-rounds", type=int, default=20, help="rounds before the medians may be called stable (default 20)")
+    p.add_argument("--seconds", type=float, default=60.0, help="time limit per batch size (default 60)")
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--plot", help="write a PNG plot of latency and speedup")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from pathlib import Path
+
+    from .engines import bench
+    from .exporter.errors import UsageError
+
+    suffix = Path(args.model).suffix
+    if args.backend and (args.backend == "trt") != (suffix in (".engine", ".plan")):
+        raise UsageError(f"--backend {args.backend} does not run a {suffix} file; ort runs .onnx, trt runs .engine")
+    report = bench.bench(
+        args.model, baseline=args.baseline, batches=args.batch,
+        providers=args.providers.split(",") if args.providers else None, threads=args.threads,
+        min_rounds=args.min_rounds, max_seconds=args.seconds,
+    )
+    print(bench.markdown(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        bench.plot(report, Path(args.plot))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenfuse", description="Token-merged transformers as validated ONNX, ready for TensorRT.")
     p.add_argument("--version", action="version", version=f"tokenfuse {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_export(sub)
+    _add_build(sub)
+    _add_bench(sub)
     return p
 
 

@@ -14,7 +14,6 @@ import platform
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from .adapters import Adapter
 from .budgets import BudgetReport
 from .encoder import MergeSettings
 from .errors import UsageError
+from .files import atomic_outputs
 
 DEFAULT_OPSET = 18
 # Validation fails above these (fp32): the ONNX file must compute what the PyTorch model computes.
@@ -64,27 +64,6 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
         if node.op_type == "TopK":
             problems.append(f"TopK ({node.name}): K must be checked < {TOPK_LIMIT}")
     return problems
-
-
-@contextmanager
-def _atomic_outputs(*paths: Path):
-    """Yield temporary paths beside `paths`; rename them into place only if the block succeeds."""
-    temps = []
-    try:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            temps.append(Path(tmp))
-        yield temps
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp, path in zip(temps, paths):
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
 
 
 def trace(adapter: Adapter, settings: MergeSettings, path: Path, opset: int) -> onnx.ModelProto:
@@ -253,7 +232,7 @@ def export_onnx(
     if weight_bytes >= PROTOBUF_LIMIT:
         raise UsageError(f"{adapter.name} has {weight_bytes / 2**30:.1f} GiB of weights; ONNX files over 2 GiB (external data) are not supported yet")
     manifest_path = output.with_suffix(".json")
-    with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work, _atomic_outputs(output, manifest_path) as (tmp_onnx, tmp_json):
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work, atomic_outputs(output, manifest_path) as (tmp_onnx, tmp_json):
         traced_path = Path(work, "traced.onnx")
         started = time.time()
         log(f"[1/3] tracing {adapter.name} ({settings.method.name}) to ONNX opset {opset} ...")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 import json
 import subprocess
 import sys
@@ -88,21 +89,13 @@ BAD = {
 def test_bad_input_one_line_nonzero_nothing_written(case, files, minilm_path, tmp_path, capsys):
     args = [a.format(**files, minilm=minilm_path) for a in BAD[case]]
     out = tmp_path / "out" / "model.onnx"
-    with pytest.raises(SystemExit) if case in ("unknown method", "r of one", "r of zero", "r not a number", "bad schedule") else _no_exit():
+    with pytest.raises(SystemExit) if case in ("unknown method", "r of one", "r of zero", "r not a number", "bad schedule") else nullcontext():
         code, _, err = _run(["export", *args, "-o", str(out)], tmp_path, capsys)
         assert code != 0
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("tokenfuse: error:"), err
         assert "Traceback" not in err
     assert not out.parent.exists() or not any(out.parent.iterdir())
-
-
-class _no_exit:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_argparse_errors_are_one_line_with_exit_2(tmp_path):

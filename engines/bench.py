@@ -1,0 +1,214 @@
+"""`tokenfuse bench`: the merged model against its unmerged baseline, interleaved in one run.
+
+Machines here are shared and noisy, so the two models alternate call by call (each sees the same
+noise), warm-up is excluded, and rounds continue until both medians are stable. The measured
+speedup is reported beside the ideal from the FLOPs ratio in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..exporter.errors import UsageError
+from .runtime import Runner, load
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--batch {text!r}: give comma-separated batch sizes, e.g. 1,8,32")
+    if not batches or min(batches) < 1:
+        raise UsageError(f"--batch {text!r}: batch sizes must be >= 1")
+    return batches
+
+
+def random_feeds(runner: Runner, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs shaped as the model takes them: normal pixels, or full-length random token ids."""
+    feeds = {}
+    for spec in runner.inputs:
+        shape = [batch] + list(spec["shape"][1:])
+        if spec["dtype"].startswith("int"):
+            feeds[spec["name"]] = (np.ones(shape) if spec["name"] == "attention_mask" else rng.integers(1000, 2000, shape)).astype(spec["dtype"])
+        else:
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(spec["dtype"])
+    return feeds
+
+
+def _rss_mib() -> float:
+    with open(f"/proc/{os.getpid()}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine() -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__}
+
+
+def _percentiles(samples: list[float]) -> dict:
+    ms = np.array(samples) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)), "runs": len(ms)}
+
+
+def measure_pair(runners: dict[str, Runner], batch: int, *, warmup: int, min_rounds: int, max_seconds: float, tolerance: float, progress) -> dict:
+    """Alternate the runners call by call until each median moves less than `tolerance` over 10 rounds."""
+    rng = np.random.default_rng(batch)
+    feeds = {name: random_feeds(r, batch, rng) for name, r in runners.items()}
+    for _ in range(warmup):
+        for name, runner in runners.items():
+            runner.run(feeds[name])
+    samples = {name: [] for name in runners}
+    history, started, stable = [], time.perf_counter(), False
+    while True:
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            runner.run(feeds[name])
+            samples[name].append(time.perf_counter() - t0)
+        progress.update(1)
+        history.append({name: statistics.median(s) for name, s in samples.items()})
+        rounds = len(history)
+        if rounds >= max(min_rounds, 11):
+            stable = all(abs(history[-1][n] - history[-11][n]) <= tolerance * history[-1][n] for n in runners)
+        if stable or time.perf_counter() - started > max_seconds:
+            break
+    return {name: {**_percentiles(s), "throughput_per_s": batch / float(np.median(s))} for name, s in samples.items()} | {"stable": stable}
+
+
+def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Path:
+    """The given baseline, or the same model exported with --method none (from its manifest)."""
+    if baseline:
+        return Path(baseline)
+    manifest_file = model.with_suffix(".json")
+    if not manifest_file.is_file():
+        raise UsageError(f"{model}: no manifest beside it, so the baseline cannot be exported; pass --baseline")
+    manifest = json.loads(manifest_file.read_text())
+    if model.suffix != ".onnx":
+        raise UsageError("an engine's baseline must be given with --baseline (build one from a --method none export)")
+    from ..exporter import export
+
+    settings = manifest["settings"]
+    target = workdir / "baseline-none.onnx"
+    log(f"exporting the unmerged baseline of {manifest['model']} (--method none) to {target}")
+    export(
+        manifest["model"], target, method="none", weights=settings.get("weights"), seq_len=settings.get("seq_len"),
+        tower=settings.get("tower", "vision"), validate=False, log=lambda *_: None,
+    )
+    return target
+
+
+def bench(
+    model: str | Path,
+    *,
+    baseline: str | None = None,
+    batches: tuple[int, ...] = (1, 8, 32),
+    providers=None,
+    threads: int | None = None,
+    warmup: int = 3,
+    min_rounds: int = 20,
+    max_seconds: float = 60.0,
+    tolerance: float = 0.01,
+    log=print,
+) -> dict:
+    """Benchmark `model` against its baseline at each batch size; returns the report (see README)."""
+    from tqdm import tqdm
+
+    model = Path(model)
+    if not model.is_file():
+        raise UsageError(f"{model}: no such file")
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-bench-") as work:
+        baseline_path = ensure_baseline(model, baseline, Path(work), log)
+        rss = {"start": _rss_mib()}
+        runners = {"merged": load(model, providers=providers, threads=threads)}
+        rss["merged"] = _rss_mib()
+        runners["baseline"] = load(baseline_path, providers=providers, threads=threads)
+        rss["baseline"] = _rss_mib()
+        merged_manifest = runners["merged"].manifest or {}
+        base_manifest = runners["baseline"].manifest or {}
+        ratio = merged_manifest.get("budget", {}).get("flops_ratio")
+        base_ratio = base_manifest.get("budget", {}).get("flops_ratio", 1.0)
+        ideal = (base_ratio / ratio) if ratio else None
+        results = []
+        for batch in batches:
+            with tqdm(desc=f"batch {batch}", unit="round", leave=False, disable=None) as progress:
+                pair = measure_pair(runners, batch, warmup=warmup, min_rounds=min_rounds, max_seconds=max_seconds, tolerance=tolerance, progress=progress)
+            speedup = pair["baseline"]["p50_ms"] / pair["merged"]["p50_ms"]
+            results.append({
+                "batch": batch, **pair, "speedup": speedup, "flops_ideal_speedup": ideal,
+                "realised_fraction_of_ideal": speedup / ideal if ideal else None,
+            })
+        return {
+            "model": str(model),
+            "baseline": str(baseline) if baseline else f"{merged_manifest.get('model')} --method none (exported by bench)",
+            "method": merged_manifest.get("method"),
+            "flops_ratio": ratio,
+            "backend": runners["merged"].backend,
+            "providers": getattr(runners["merged"], "providers", None),
+            "threads": threads,
+            "machine": machine(),
+            "memory_mib": {"rss_after_loading_merged": rss["merged"] - rss["start"], "rss_after_loading_baseline": rss["baseline"] - rss["merged"]},
+            "results": results,
+            "settings": {"warmup": warmup, "min_rounds": min_rounds, "max_seconds": max_seconds, "tolerance": tolerance},
+        }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"{report['method']} vs unmerged on {report['backend']} ({', '.join(report['providers'] or [])}), "
+        f"{report['machine']['cpu']} ({report['machine']['cores']} cores)",
+        "",
+        "| batch | merged p50 / p90 / p99 ms | baseline p50 / p90 / p99 ms | merged /s | baseline /s | speedup | FLOPs ideal | realised | stable |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        m, b = row["merged"], row["baseline"]
+        ideal = f"{row['flops_ideal_speedup']:.2f}x" if row["flops_ideal_speedup"] else "n/a"
+        realised = f"{row['realised_fraction_of_ideal']:.0%}" if row["realised_fraction_of_ideal"] else "n/a"
+        lines.append(
+            f"| {row['batch']} | {m['p50_ms']:.1f} / {m['p90_ms']:.1f} / {m['p99_ms']:.1f} | {b['p50_ms']:.1f} / {b['p90_ms']:.1f} / {b['p99_ms']:.1f} "
+            f"| {m['throughput_per_s']:.1f} | {b['throughput_per_s']:.1f} | {row['speedup']:.2f}x | {ideal} | {realised} | {'yes' if row['stable'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    batches = [str(r["batch"]) for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(len(rows))
+    left.bar(x - 0.2, [r["baseline"]["p50_ms"] for r in rows], 0.4, label="unmerged")
+    left.bar(x + 0.2, [r["merged"]["p50_ms"] for r in rows], 0.4, label=report["method"])
+    left.set(xticks=x, xticklabels=batches, xlabel="batch", ylabel="p50 latency (ms)", title="latency")
+    left.legend()
+    right.plot(batches, [r["speedup"] for r in rows], "o-", label="measured")
+    if rows[0]["flops_ideal_speedup"]:
+        right.axhline(rows[0]["flops_ideal_speedup"], linestyle="--", color="gray", label="FLOPs ideal")
+    right.axhline(1.0, color="black", linewidth=0.5)
+    right.set(xlabel="batch", ylabel="speedup vs unmerged", title="speedup")
+    right.legend()
+    fig.suptitle(f"{Path(report['model']).name}: {report['backend']}, {report['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,179 @@
+"""`tokenfuse build`: a TensorRT engine from an exported model, with a sidecar manifest.
+
+The sidecar (`vit.engine.json`) says what the engine needs at run time: the TensorRT flavour and
+version, the GPUs it targets, the plugin library (by hash), its bindings, and the export manifest
+it came from. The runtime checks it before it deserialises anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..exporter.errors import UsageError
+from ..exporter.files import atomic_outputs
+from .tensorrt import load_tensorrt
+
+CUSTOM_OPS = {"SimilarityEnergyMerge"}
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """`1:8:32` (min:opt:max) or a single size."""
+    try:
+        sizes = tuple(int(part) for part in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--batch {text!r}: give min:opt:max batch sizes, e.g. 1:8:32")
+    if len(sizes) == 1:
+        sizes = sizes * 3
+    if len(sizes) != 3 or not 1 <= sizes[0] <= sizes[1] <= sizes[2]:
+        raise UsageError(f"--batch {text!r}: give 1 <= min <= opt <= max, e.g. 1:8:32")
+    return sizes
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_timing_cache(flavour: str, version: str) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenfuse"
+    return root / f"timing-{flavour.lower()}-{version}.cache"
+
+
+def _uses_custom_ops(onnx_path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(node.op_type in CUSTOM_OPS for node in model.graph.node)
+
+
+def _load_plugins(trt, plugins: str | None, onnx_path: Path) -> dict | None:
+    """Load the plugin library when given (or, with `auto`, when the model needs it)."""
+    if plugins in (None, "none"):
+        return None
+    if plugins == "auto":
+        if not _uses_custom_ops(onnx_path):
+            return None
+        raise UsageError(
+            f"{onnx_path} has tokenfuse plugin nodes but no plugin library was found; "
+            "export with the default lowering or pass --plugins PATH"
+        )
+    library = Path(plugins)
+    if not library.is_file():
+        raise UsageError(f"--plugins {plugins}: no such file")
+    try:
+        trt.get_plugin_registry().load_library(str(library))
+    except Exception as exc:
+        raise UsageError(f"--plugins {plugins}: TensorRT could not load it ({exc})")
+    return {"path": str(library.resolve()), "sha256": file_sha256(library)}
+
+
+def _bindings(network, trt) -> list[dict]:
+    out = []
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        out.append({"name": t.name, "io": "input", "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)})
+    for i in range(network.num_outputs):
+        t = network.get_output(i)
+        out.append({"name": t.name, "io": "output", "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)})
+    return out
+
+
+def _targets(trt, config, flavour: str) -> dict:
+    if flavour == "TensorRT-RTX":
+        count = config.num_compute_capabilities
+        chosen = [str(config.get_compute_capability(i)).split(".")[-1] for i in range(count)]
+        supported = [name for name in trt.ComputeCapability.__members__ if name.startswith("SM")]
+        return {"compute_capabilities": chosen or supported, "note": "TensorRT-RTX ahead-of-time build"}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return {"gpu": torch.cuda.get_device_name(), "compute_capabilities": [f"SM{major}{minor}"]}
+    except ImportError:
+        pass
+    return {"gpu": "the GPU this engine was built on", "compute_capabilities": []}
+
+
+def build_engine(
+    onnx_path: str | Path,
+    output: str | Path,
+    *,
+    batch: tuple[int, int, int] = (1, 8, 32),
+    plugins: str | None = "auto",
+    timing_cache: str | Path | None = None,
+    log=print,
+) -> dict:
+    """Build `output` (.engine) and its sidecar `output + .json`; return the sidecar."""
+    onnx_path, output = Path(onnx_path), Path(output)
+    if not onnx_path.is_file():
+        raise UsageError(f"{onnx_path}: no such file; export one with tokenfuse export")
+    manifest_path = onnx_path.with_suffix(".json")
+    export_manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    trt, flavour = load_tensorrt()
+    log(f"[1/3] parsing {onnx_path} with {flavour} {trt.__version__}")
+    plugin = _load_plugins(trt, plugins, onnx_path)
+
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise UsageError(f"{onnx_path}: TensorRT's ONNX parser rejected the model: {errors}")
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.shape[0] != -1:
+            raise UsageError(f"{onnx_path}: input {tensor.name} has no dynamic batch axis; export it with tokenfuse export")
+        rest = list(tensor.shape)[1:]
+        profile.set_shape(tensor.name, *([b] + rest for b in batch))
+    config.add_optimization_profile(profile)
+
+    cache_path = None
+    if flavour == "TensorRT":  # TensorRT-RTX has no timing cache (its cache calls are no-ops)
+        cache_path = Path(timing_cache) if timing_cache else default_timing_cache(flavour, trt.__version__)
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
+
+    log(f"[2/3] building for batch {batch[0]}:{batch[1]}:{batch[2]} (timing cache: {cache_path or 'none in ' + flavour})")
+    started = time.time()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise UsageError(f"{onnx_path}: {flavour} could not build an engine; run with TOKENFUSE_DEBUG=1 for its log")
+    log(f"      built in {time.time() - started:.1f}s, {serialized.nbytes / 2**20:.1f} MiB")
+
+    sidecar = {
+        "tokenfuse_version": __version__,
+        "tensorrt": {"flavour": flavour, "module": trt.__name__, "version": trt.__version__},
+        "target": _targets(trt, config, flavour),
+        "batch_profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+        "plugin_library": plugin,
+        "timing_cache": str(cache_path) if cache_path else None,
+        "bindings": _bindings(network, trt),
+        "onnx": {"path": str(onnx_path.resolve()), "sha256": file_sha256(onnx_path)},
+        "export_manifest": export_manifest,
+        "built_on": {"machine": platform.machine(), "python": platform.python_version()},
+    }
+    log(f"[3/3] writing {output} and {output.name}.json")
+    with atomic_outputs(output, sidecar_path(output)) as (tmp_engine, tmp_sidecar):
+        tmp_engine.write_bytes(bytes(serialized))
+        tmp_sidecar.write_text(json.dumps(sidecar, indent=2) + "\n")
+    if cache_path:
+        with atomic_outputs(cache_path) as (tmp_cache,):
+            tmp_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return sidecar
+
+
+def sidecar_path(engine: Path) -> Path:
+    return engine.with_name(engine.name + ".json")

@@ -1,0 +1,167 @@
+"""One API to run a tokenfuse model: an .onnx through ONNX Runtime, an .engine through TensorRT.
+
+    runner = tokenfuse.engines.load("vit.onnx")          # or "vit.engine"
+    outputs = runner.run({"pixel_values": images})       # numpy or torch in, numpy out
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..exporter.errors import UsageError
+from .build import file_sha256, sidecar_path
+from .tensorrt import load_tensorrt
+
+ORT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(value)
+
+
+class Runner:
+    """Named inputs in, named outputs out; `inputs`/`outputs` describe the bindings."""
+
+    backend = ""
+    inputs: list[dict]
+    outputs: list[dict]
+    manifest: dict | None
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def check_feeds(self, feeds: dict) -> dict[str, np.ndarray]:
+        arrays = {}
+        for spec in self.inputs:
+            if spec["name"] not in feeds:
+                raise UsageError(f"missing input {spec['name']!r}; the model takes {', '.join(i['name'] for i in self.inputs)}")
+            array = _numpy(feeds[spec["name"]])
+            expected = spec["shape"][1:]
+            if list(array.shape[1:]) != list(expected):
+                raise UsageError(f"input {spec['name']} has shape {list(array.shape)}, expected [batch, {', '.join(map(str, expected))}]")
+            arrays[spec["name"]] = array.astype(spec["dtype"], copy=False)
+        return arrays
+
+
+class OrtRunner(Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, providers=None, threads: int | None = None):
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        chosen = [p for p in (providers or ORT_PROVIDERS) if p in available]
+        if not chosen:
+            raise UsageError(f"none of the providers {providers} is available; this onnxruntime has {available}")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        except Exception as exc:
+            raise UsageError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})")
+        self.providers = self.session.get_providers()
+        manifest = path.with_suffix(".json")
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+        self.inputs = [_ort_binding(i) for i in self.session.get_inputs()]
+        self.outputs = [_ort_binding(o) for o in self.session.get_outputs()]
+
+    def run(self, feeds):
+        arrays = self.check_feeds(feeds)
+        values = self.session.run(None, arrays)
+        return dict(zip((o["name"] for o in self.outputs), values))
+
+
+def _ort_binding(value) -> dict:
+    dtypes = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+    shape = [d if isinstance(d, int) else -1 for d in value.shape]
+    return {"name": value.name, "dtype": dtypes.get(value.type, "float32"), "shape": shape}
+
+
+class TrtRunner(Runner):
+    """A TensorRT engine on the GPU; device buffers are reused per batch size, one CUDA stream."""
+
+    backend = "tensorrt"
+
+    def __init__(self, path: Path, plugins: str | None = None):
+        sidecar_file = sidecar_path(path)
+        if not sidecar_file.is_file():
+            raise UsageError(f"{path}: no sidecar {sidecar_file.name}; rebuild the engine with tokenfuse build")
+        sidecar = json.loads(sidecar_file.read_text())
+        trt, flavour = load_tensorrt()
+        built = sidecar["tensorrt"]
+        if (built["flavour"], built["version"]) != (flavour, trt.__version__):
+            raise UsageError(
+                f"{path} was built with {built['flavour']} {built['version']}, this is {flavour} {trt.__version__}; "
+                "rebuild it with tokenfuse build"
+            )
+        library = sidecar.get("plugin_library")
+        if library:
+            given = Path(plugins or library["path"])
+            if not given.is_file() or file_sha256(given) != library["sha256"]:
+                raise UsageError(f"{path} needs the plugin library {library['path']} (sha256 {library['sha256'][:12]}); pass --plugins PATH")
+            trt.get_plugin_registry().load_library(str(given))
+        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        data = path.read_bytes()
+        _, diagnostics = runtime.get_engine_validity(data[: runtime.engine_header_size])
+        if diagnostics:
+            raise UsageError(f"{path}: not a valid {flavour} engine (corrupt or truncated); rebuild it with tokenfuse build")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"{path}: TensorRT engines run on an NVIDIA GPU and this machine has none; run the .onnx with ONNX Runtime instead")
+        self.engine = runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise UsageError(f"{path}: TensorRT cannot deserialise it (corrupt, or built for another GPU: {sidecar['target']}); rebuild it")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.manifest = sidecar.get("export_manifest")
+        self.inputs = [b for b in sidecar["bindings"] if b["io"] == "input"]
+        self.outputs = [b for b in sidecar["bindings"] if b["io"] == "output"]
+        self.profile = sidecar["batch_profile"]
+        self._buffers: dict[int, dict] = {}
+        self.torch = torch
+
+    def _buffers_for(self, batch: int) -> dict:
+        if batch not in self._buffers:
+            torch = self.torch
+            dtypes = {"float": torch.float32, "float32": torch.float32, "half": torch.float16, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+            self._buffers[batch] = {
+                b["name"]: torch.empty([batch] + list(b["shape"][1:]), dtype=dtypes[b["dtype"]], device="cuda")
+                for b in self.inputs + self.outputs
+            }
+        return self._buffers[batch]
+
+    def run(self, feeds):
+        arrays = self.check_feeds(feeds)
+        batch = len(next(iter(arrays.values())))
+        if not self.profile["min"] <= batch <= self.profile["max"]:
+            raise UsageError(f"batch {batch} is outside the engine's profile {self.profile['min']}..{self.profile['max']}; rebuild with --batch")
+        buffers = self._buffers_for(batch)
+        with self.torch.cuda.stream(self.stream):
+            for spec in self.inputs:
+                buffers[spec["name"]].copy_(self.torch.from_numpy(arrays[spec["name"]]), non_blocking=True)
+                self.context.set_input_shape(spec["name"], tuple(buffers[spec["name"]].shape))
+            for name, tensor in buffers.items():
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return {b["name"]: buffers[b["name"]].cpu().numpy() for b in self.outputs}
+
+
+def load(path: str | Path, *, providers=None, plugins: str | None = None, threads: int | None = None) -> Runner:
+    """A runner for an .onnx (ONNX Runtime) or an .engine (TensorRT)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    if path.suffix == ".onnx":
+        return OrtRunner(path, providers, threads)
+    if path.suffix in (".engine", ".plan"):
+        return TrtRunner(path, plugins)
+    raise UsageError(f"{path}: give an .onnx (ONNX Runtime) or an .engine (TensorRT)")

@@ -1,0 +1,153 @@
+"""Engines on a CPU-only machine: TensorRT-RTX builds, ONNX Runtime runs, bench, and every refusal."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+import json
+
+import numpy as np
+import pytest
+
+from tokenfuse.cli import main
+from tokenfuse.engines import bench as bench_module
+from tokenfuse.engines.build import build_engine, parse_batch, sidecar_path
+from tokenfuse.engines.runtime import load
+from tokenfuse.exporter import export
+from tokenfuse.exporter.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small ViT exported merged (pitome r=0.9), with its manifest."""
+    root = tmp_path_factory.mktemp("engines")
+    path = root / "tiny.onnx"
+    export("timm:vit_tiny_patch16_224", path, method="pitome", r=0.9, log=lambda *_: None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("built")
+    out = root / "tiny.engine"
+    sidecar = build_engine(tiny, out, batch=(1, 2, 4), timing_cache=root / "timing.cache", log=lambda *_: None)
+    return out, sidecar, root
+
+
+def test_build_writes_engine_sidecar_and_timing_cache(tiny, engine):
+    out, sidecar, root = engine
+    assert out.stat().st_size > 1_000_000
+    # TensorRT-RTX has no timing cache (its cache calls are no-ops); full TensorRT writes one
+    assert on_disk_timing(out) is None and not (root / "timing.cache").exists()
+    on_disk = json.loads(sidecar_path(out).read_text())
+    assert on_disk == sidecar
+    assert on_disk["tensorrt"]["flavour"] == "TensorRT-RTX" and on_disk["tensorrt"]["version"]
+    assert on_disk["batch_profile"] == {"min": 1, "opt": 2, "max": 4}
+    assert "SM80" in on_disk["target"]["compute_capabilities"]
+    assert on_disk["plugin_library"] is None
+    names = {b["name"]: b for b in on_disk["bindings"]}
+    assert names["pixel_values"]["io"] == "input" and names["pixel_values"]["shape"] == [-1, 3, 224, 224]
+    assert names["logits"]["io"] == "output" and names["last_hidden_state"]["shape"] == [-1, 60, 192]
+    assert on_disk["export_manifest"] == json.loads(tiny.with_suffix(".json").read_text())
+
+
+def on_disk_timing(engine_path):
+    return json.loads(sidecar_path(engine_path).read_text())["timing_cache"]
+
+
+@pytest.mark.parametrize("text, expected", [("1:8:32", (1, 8, 32)), ("4", (4, 4, 4))])
+def test_parse_batch(text, expected):
+    assert parse_batch(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8:1:32", "0:1:2", "a:b:c", "1:2"])
+def test_parse_batch_refuses(text):
+    with pytest.raises(UsageError):
+        parse_batch(text)
+
+
+def test_build_refusals(tiny, tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        build_engine(tmp_path / "missing.onnx", tmp_path / "x.engine", log=lambda *_: None)
+    with pytest.raises(UsageError, match="--plugins"):
+        build_engine(tiny, tmp_path / "x.engine", plugins=str(tmp_path / "nope.so"), log=lambda *_: None)
+    assert not (tmp_path / "x.engine").exists()
+
+
+def test_onnx_runner_runs_and_checks_inputs(tiny):
+    runner = load(tiny)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    out = runner.run({"pixel_values": pixels})
+    assert out["logits"].shape == (2, 1000) and out["token_sizes"].shape == (2, 60, 1)
+    assert out["token_sizes"].sum(axis=(1, 2)).tolist() == [197.0, 197.0]
+    import torch
+
+    again = runner.run({"pixel_values": torch.from_numpy(pixels)})  # torch in, same numbers out
+    assert np.array_equal(again["logits"], out["logits"])
+    with pytest.raises(UsageError, match="missing input"):
+        runner.run({})
+    with pytest.raises(UsageError, match="expected"):
+        runner.run({"pixel_values": pixels[:, :, :100]})
+
+
+def test_engine_runner_refusals_on_a_cpu_machine(engine, tmp_path):
+    out, sidecar, _ = engine
+    with pytest.raises(UsageError, match="no NVIDIA GPU|has none"):
+        load(out)
+    corrupt = tmp_path / "corrupt.engine"
+    corrupt.write_bytes(b"\0garbage" * 1000)
+    sidecar_path(corrupt).write_text(json.dumps(sidecar))
+    with pytest.raises(UsageError, match="not a valid"):
+        load(corrupt)
+    old = tmp_path / "old.engine"
+    old.write_bytes(out.read_bytes())
+    sidecar_path(old).write_text(json.dumps({**sidecar, "tensorrt": {**sidecar["tensorrt"], "version": "9.0.0"}}))
+    with pytest.raises(UsageError, match="rebuild it with tokenfuse build"):
+        load(old)
+    lonely = tmp_path / "lonely.engine"
+    lonely.write_bytes(out.read_bytes())
+    with pytest.raises(UsageError, match="no sidecar"):
+        load(lonely)
+    needs_plugin = tmp_path / "plugin.engine"
+    needs_plugin.write_bytes(out.read_bytes())
+    sidecar_path(needs_plugin).write_text(json.dumps({**sidecar, "plugin_library": {"path": "/nope/libx.so", "sha256": "ab" * 32}}))
+    with pytest.raises(UsageError, match="plugin library"):
+        load(needs_plugin)
+
+
+def test_bench_exports_the_baseline_and_reports_against_the_flops_ideal(tiny, tmp_path):
+    report = bench_module.bench(tiny, batches=(1, 2), min_rounds=3, max_seconds=3, log=lambda *_: None)
+    manifest = json.loads(tiny.with_suffix(".json").read_text())
+    assert report["method"] == "pitome" and report["flops_ratio"] == manifest["budget"]["flops_ratio"] < 1
+    assert [row["batch"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["merged"]["runs"] == row["baseline"]["runs"] >= 3
+        assert row["merged"]["p50_ms"] <= row["merged"]["p90_ms"] <= row["merged"]["p99_ms"]
+        assert row["flops_ideal_speedup"] == pytest.approx(1 / report["flops_ratio"])
+        assert row["realised_fraction_of_ideal"] == pytest.approx(row["speedup"] / row["flops_ideal_speedup"])
+    table = bench_module.markdown(report)
+    assert table.count("\n| ") == 3 and "FLOPs ideal" in table
+    bench_module.plot(report, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_build_and_bench(tiny, tmp_path, capsys):
+    engine_out = tmp_path / "cli.engine"
+    assert main(["build", str(tiny), "-o", str(engine_out), "--batch", "1:1:2", "--timing-cache", str(tmp_path / "t.cache")]) == 0
+    assert engine_out.is_file() and sidecar_path(engine_out).is_file()
+    report_file, plot_file = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", str(tiny), "--baseline", str(tiny), "--batch", "1", "--min-rounds", "3", "--seconds", "2",
+                 "--json", str(report_file), "--plot", str(plot_file)]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and plot_file.is_file()
+    assert json.loads(report_file.read_text())["results"][0]["batch"] == 1
+
+
+@pytest.mark.parametrize("args", [["build", "missing.onnx", "-o", "x.engine"], ["bench", "missing.onnx"], ["build", "m.onnx", "-o", "x.engine", "--batch", "9:1:2"]])
+def test_cli_engine_errors_are_one_line(args, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) if "--batch" in args else nullcontext():
+        code = main(args)
+        assert code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tokenfuse: error:")
+    assert not (tmp_path / "x.engine").exists()
