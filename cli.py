@@ -162,6 +162,63 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _add_serve(sub):
+    p = sub.add_parser(
+        "serve",
+        help="serve embeddings and logits over HTTP with dynamic batching",
+        description="Serve MODEL over HTTP (FastAPI): POST images to /v1/embed/images or texts to /v1/embed/texts; "
+        "GET /health, /metrics (Prometheus), /docs (OpenAPI).",
+    )
+    p.add_argument("model", help="an .onnx or .engine written by tokenfuse (its manifest says how to preprocess)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="most examples per model call (default 32)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5 ms)")
+    p.add_argument("--queue-size", type=int, default=256, help="examples that may wait; beyond it requests get 429 (default 256)")
+    p.add_argument("--providers", help="ONNX Runtime providers, comma separated")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from .engines.serve import serve
+
+    if args.max_batch < 1 or args.queue_size < 1 or args.max_delay_ms < 0:
+        from .exporter.errors import UsageError
+
+        raise UsageError("--max-batch and --queue-size must be >= 1, --max-delay-ms >= 0")
+    print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs)")
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+          queue_size=args.queue_size, providers=args.providers.split(",") if args.providers else None, threads=args.threads)
+    return 0
+
+
+def _add_triton(sub):
+    p = sub.add_parser(
+        "triton-repo",
+        help="write a Triton Inference Server model repository",
+        description="Write a Triton model repository for MODEL (.onnx: onnxruntime_onnx, .engine: tensorrt_plan) with "
+        "dynamic batching and instance groups; a plugin library the engine needs is copied and preloaded.",
+    )
+    p.add_argument("model", help="an .onnx or .engine written by tokenfuse")
+    p.add_argument("-o", "--output", required=True, help="the repository directory (new or empty)")
+    p.add_argument("--name", help="model name in the repository (default: the file's stem)")
+    p.add_argument("--max-batch", type=int, default=32, help="max_batch_size (default 32; at most an engine's profile max)")
+    p.add_argument("--instances", type=int, default=1, help="instances per GPU (default 1)")
+    p.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="instance kind (default gpu)")
+    p.add_argument("--max-delay-us", type=int, default=5000, help="dynamic batching queue delay (default 5000 us)")
+    p.set_defaults(run=_run_triton)
+
+
+def _run_triton(args) -> int:
+    from .engines.triton import write_repository
+
+    folder = write_repository(args.model, args.output, name=args.name, max_batch=args.max_batch, instances=args.instances,
+                              kind=args.kind, delay_us=args.max_delay_us)
+    print(f"wrote {folder}/config.pbtxt; start with: tritonserver --model-repository={args.output} (see its README.md)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenfuse", description="Token-merged transformers as validated ONNX, ready for TensorRT.")
     p.add_argument("--version", action="version", version=f"tokenfuse {__version__}")
@@ -169,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_build(sub)
     _add_bench(sub)
+    _add_serve(sub)
+    _add_triton(sub)
     return p
 
 

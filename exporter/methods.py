@@ -15,7 +15,7 @@ Conventions shared by all methods (see README "Methods"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,6 @@ class MethodConfig:
             )
         if not 0.0 <= self.margin < 1.0:
             raise ValueError(f"PiToMe margin must be in [0, 1), got {self.margin}")
-
-    def with_name(self, name: str) -> "MethodConfig":
-        return replace(self, name=name)
 
     def turbo_weight(self, layer: int) -> float:
         """Turbo's alpha' = beta^|gamma - layer| * alpha * 30 (the authors' code)."""

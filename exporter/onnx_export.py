@@ -9,7 +9,6 @@ only when everything passed, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import tempfile
 import time

@@ -172,7 +172,6 @@ def _plan_pitome(metric, r, protected, layer, num_layers, margin, alpha, variant
     n = metric.shape[0]
     cos = _cos(metric)
     pos = list(range(protected, n))  # the T non-protected tokens
-    t = len(pos)
     m = margin - margin * layer / num_layers
     cos_tt = cos[np.ix_(pos, pos)]
     energy = _pitome_energy(cos_tt, m, alpha, gaussian=(variant == "text"))

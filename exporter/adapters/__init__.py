@@ -42,7 +42,6 @@ class Adapter:
     family = ""
     metric = "keys"  # what similarity is measured on, by default
     prop_attn = True  # proportional attention by default (off for MAE-style models)
-    outputs_doc = ""
 
     def __init__(self, model: torch.nn.Module, name: str):
         self.model = model

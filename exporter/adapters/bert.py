@@ -19,7 +19,6 @@ DEFAULT_SEQ_LEN = 128
 
 class Bert(TextAdapter):
     family = "hf-bert"
-    outputs_doc = "embedding (size-weighted mean over real tokens), last_hidden_state, token_sizes, token_mask"
 
     def __init__(self, model, name, seq_len: int | None):
         super().__init__(model, name)

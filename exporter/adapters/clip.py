@@ -28,7 +28,6 @@ def _pre_norm_views(layers, heads):
 class ClipVision(Adapter):
     family = "hf-clip-vision"
     metric = "hidden"  # the PiToMe authors measure CLIP similarity on the hidden states
-    outputs_doc = "pooler_output (and image_embeds with a projection), last_hidden_state, token_sizes"
 
     def __init__(self, model, name):
         super().__init__(model, name)
@@ -91,7 +90,6 @@ class ClipText(TextAdapter):
 
     family = "hf-clip-text"
     metric = "hidden"
-    outputs_doc = "pooler_output (and text_embeds with a projection), last_hidden_state, token_sizes, token_mask"
 
     def __init__(self, model, name, seq_len: int | None):
         super().__init__(model, name)

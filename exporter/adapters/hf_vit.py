@@ -9,7 +9,6 @@ from . import Adapter, attention_view, image_inputs, image_spec
 
 class HfViT(Adapter):
     family = "hf-vit"
-    outputs_doc = "logits (classification models) or pooler_output when the model has a pooler, last_hidden_state, token_sizes"
 
     def __init__(self, model, name):
         super().__init__(model, name)

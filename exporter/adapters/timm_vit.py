@@ -10,7 +10,6 @@ from . import Adapter, image_inputs, image_spec, load_state_dict, unsupported
 
 class TimmViT(Adapter):
     family = "timm-vit"
-    outputs_doc = "logits (or embedding for a head-less model), last_hidden_state, token_sizes"
 
     def __init__(self, model, name):
         super().__init__(model, name)
