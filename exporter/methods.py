@@ -118,15 +118,17 @@ def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
 
 
 def row_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the last axis in the same order for every row, by halving with elementwise adds.
+    """Sum over the last axis in the same order for every row: zero-pad to a power of two, then
+    add neighbouring pairs until one value is left.
 
     A library reduction may order the additions differently for different rows, so equal rows
     could get sums an ulp apart and an exact tie would no longer break by position.
     """
+    n = int(t.shape[-1])  # the token count is static, also while tracing
+    width = 1 << max(n - 1, 0).bit_length()
+    t = F.pad(t, (0, width - n))
     while t.shape[-1] > 1:
-        half = t.shape[-1] // 2
-        head = t[..., :half] + t[..., half : 2 * half]
-        t = torch.cat([head, t[..., 2 * half :]], dim=-1) if t.shape[-1] % 2 else head
+        t = t[..., 0::2] + t[..., 1::2]
     return t[..., 0]
 
 
