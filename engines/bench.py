@@ -43,12 +43,29 @@ def random_feeds(runner: Runner, batch: int, rng: np.random.Generator) -> dict[s
     return feeds
 
 
-def _rss_mib() -> float:
-    with open(f"/proc/{os.getpid()}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+def _status_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process, in MiB (Linux)."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float("nan")
+
+
+def peak_call_mib(runner: Runner, feeds: dict) -> float | None:
+    """Peak resident memory one call adds above the resident memory before it (Linux: the
+    high-water mark is reset through /proc/self/clear_refs). None where that is not possible."""
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return None
+    before = _status_mib("VmRSS")
+    runner.run(feeds)
+    return _status_mib("VmHWM") - before
 
 
 def machine() -> dict:
@@ -75,6 +92,7 @@ def measure_pair(runners: dict[str, Runner], batch: int, *, warmup: int, min_rou
     for _ in range(warmup):
         for name, runner in runners.items():
             runner.run(feeds[name])
+    peaks = {name: peak_call_mib(runner, feeds[name]) for name, runner in runners.items()}
     samples = {name: [] for name in runners}
     history, started, stable = [], time.perf_counter(), False
     while True:
@@ -89,7 +107,10 @@ def measure_pair(runners: dict[str, Runner], batch: int, *, warmup: int, min_rou
             stable = all(abs(history[-1][n] - history[-11][n]) <= tolerance * history[-1][n] for n in runners)
         if stable or time.perf_counter() - started > max_seconds:
             break
-    return {name: {**_percentiles(s), "throughput_per_s": batch / float(np.median(s))} for name, s in samples.items()} | {"stable": stable}
+    return {
+        name: {**_percentiles(s), "throughput_per_s": batch / float(np.median(s)), "peak_call_mib": peaks[name]}
+        for name, s in samples.items()
+    } | {"stable": stable}
 
 
 def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Path:
@@ -135,11 +156,11 @@ def bench(
         raise UsageError(f"{model}: no such file")
     with tempfile.TemporaryDirectory(prefix="tokenfuse-bench-") as work:
         baseline_path = ensure_baseline(model, baseline, Path(work), log)
-        rss = {"start": _rss_mib()}
+        rss = {"start": _status_mib("VmRSS")}
         runners = {"merged": load(model, providers=providers, threads=threads)}
-        rss["merged"] = _rss_mib()
+        rss["merged"] = _status_mib("VmRSS")
         runners["baseline"] = load(baseline_path, providers=providers, threads=threads)
-        rss["baseline"] = _rss_mib()
+        rss["baseline"] = _status_mib("VmRSS")
         merged_manifest = runners["merged"].manifest or {}
         base_manifest = runners["baseline"].manifest or {}
         ratio = merged_manifest.get("budget", {}).get("flops_ratio")
@@ -174,8 +195,8 @@ def markdown(report: dict) -> str:
         f"{report['method']} vs unmerged on {report['backend']} ({', '.join(report['providers'] or [])}), "
         f"{report['machine']['cpu']} ({report['machine']['cores']} cores)",
         "",
-        "| batch | merged p50 / p90 / p99 ms | baseline p50 / p90 / p99 ms | merged /s | baseline /s | speedup | FLOPs ideal | realised | stable |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | merged p50 / p90 / p99 ms | baseline p50 / p90 / p99 ms | merged /s | baseline /s | peak MiB merged / baseline | speedup | FLOPs ideal | realised | stable |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
         m, b = row["merged"], row["baseline"]
@@ -183,9 +204,14 @@ def markdown(report: dict) -> str:
         realised = f"{row['realised_fraction_of_ideal']:.0%}" if row["realised_fraction_of_ideal"] else "n/a"
         lines.append(
             f"| {row['batch']} | {m['p50_ms']:.1f} / {m['p90_ms']:.1f} / {m['p99_ms']:.1f} | {b['p50_ms']:.1f} / {b['p90_ms']:.1f} / {b['p99_ms']:.1f} "
-            f"| {m['throughput_per_s']:.1f} | {b['throughput_per_s']:.1f} | {row['speedup']:.2f}x | {ideal} | {realised} | {'yes' if row['stable'] else 'no'} |"
+            f"| {m['throughput_per_s']:.1f} | {b['throughput_per_s']:.1f} | {_mib(m['peak_call_mib'])} / {_mib(b['peak_call_mib'])} "
+            f"| {row['speedup']:.2f}x | {ideal} | {realised} | {'yes' if row['stable'] else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def _mib(value) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def plot(report: dict, path: Path):

@@ -122,6 +122,7 @@ def test_bench_exports_the_baseline_and_reports_against_the_flops_ideal(tiny, tm
     for row in report["results"]:
         assert row["merged"]["runs"] == row["baseline"]["runs"] >= 3
         assert row["merged"]["p50_ms"] <= row["merged"]["p90_ms"] <= row["merged"]["p99_ms"]
+        assert row["merged"]["peak_call_mib"] >= 0 and row["baseline"]["peak_call_mib"] >= 0
         assert row["flops_ideal_speedup"] == pytest.approx(1 / report["flops_ratio"])
         assert row["realised_fraction_of_ideal"] == pytest.approx(row["speedup"] / row["flops_ideal_speedup"])
     table = bench_module.markdown(report)
