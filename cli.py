@@ -55,6 +55,7 @@ def _add_export(sub):
     knobs.add_argument("--turbo-threshold", type=int, default=40, help="Turbo: no merging in a layer with fewer input tokens (default 40)")
     out = p.add_argument_group("output")
     out.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default 18)")
+    out.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="compute precision; fp16 keeps similarity, energy, softmax sums and sizes in fp32 (default fp32)")
     out.add_argument("--no-validate", dest="validate", action="store_false", help="skip the ONNX Runtime vs PyTorch check")
     out.add_argument("--seed", type=int, help="seed of the validation inputs (default: fresh)")
     p.set_defaults(run=_run_export)
@@ -66,7 +67,7 @@ def _run_export(args) -> int:
     knobs = ("min_tokens", "prop_attn", "metric", "margin", "alpha", "pitome_variant", "turbo_alpha", "turbo_beta", "turbo_gamma", "turbo_threshold")
     result = export(
         args.model, args.output, method=args.method, r=args.r, schedule=args.schedule, weights=args.weights,
-        seq_len=args.seq_len, tower=args.tower, opset=args.opset, validate=args.validate, seed=args.seed,
+        seq_len=args.seq_len, tower=args.tower, opset=args.opset, dtype=args.dtype, validate=args.validate, seed=args.seed,
         **{k: getattr(args, k) for k in knobs},
     )
     budget = result["budget"]

@@ -45,8 +45,11 @@ def patch(model: torch.nn.Module, method: str = "pitome", r: float | int | None 
 
 def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", r=None, schedule=None,
            weights: str | None = None, seq_len: int | None = None, tower: str = "vision", opset: int = DEFAULT_OPSET,
-           validate: bool = True, seed: int | None = None, log=print, **options) -> dict:
-    """What `tokenfuse export` does: load, plan the budget, export, validate, write .onnx + .json."""
+           dtype: str = "fp32", validate: bool = True, seed: int | None = None, log=print, **options) -> dict:
+    """What `tokenfuse export` does: load, plan the budget, export, validate, write .onnx + .json.
+
+    Given an Adapter, its model is converted in place to `dtype`.
+    """
     adapter = model if isinstance(model, Adapter) else load_model(model, weights=weights, seq_len=seq_len, tower=tower)
     merge_options = MergeOptions(method=method, r=r, schedule=tuple(schedule) if schedule else None, **options)
     settings, report = merge_options.resolve(adapter)
@@ -60,4 +63,4 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
     }
     if adapter.is_text:
         extra["seq_len"] = adapter.shape().tokens
-    return export_onnx(adapter, settings, report, Path(output), opset=opset, run_validation=validate, seed=seed, extra=extra, log=log)
+    return export_onnx(adapter, settings, report, Path(output), opset=opset, dtype=dtype, run_validation=validate, seed=seed, extra=extra, log=log)

@@ -54,9 +54,14 @@ class TokenState:
     slots: list[Tensor] = field(default_factory=list)  # each merging layer's dst_slot
     replay: list[Tensor] | None = None  # slots to apply instead of the decided ones (validation)
 
+    @classmethod
+    def start(cls, x: Tensor, **fields) -> "TokenState":
+        """Every token stands for one patch; sizes stay fp32 whatever the model's dtype."""
+        return cls(size=torch.ones(x.shape[0], x.shape[1], 1, device=x.device), **fields)
+
 
 def attention_bias(state: TokenState, prop_attn: bool) -> Tensor | None:
-    """Additive attention bias: log(size) for proportional attention, -BIG on padding keys
+    """Additive attention bias (fp32): log(size) for proportional attention, -BIG on padding keys
     ([B,1,1,N]), and -BIG on later keys for causal models ([B,1,N,N])."""
     bias = None
     if prop_attn and state.merged:
@@ -79,11 +84,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, pool_row: bool,
 
     Written as MatMul-Add-Softmax-MatMul, the pattern TensorRT fuses into one attention kernel.
     """
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    logits = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()  # softmax sums in fp32
     if bias is not None:
         logits = logits + bias
     probs = logits.softmax(-1)
-    out = (probs @ v).transpose(1, 2).flatten(2)
+    out = (probs.to(v.dtype) @ v).transpose(1, 2).flatten(2)
     if not pool_row:
         return out, None
     if frozen is None:
@@ -148,6 +153,7 @@ def split_heads(t: Tensor, heads: int) -> Tensor:
 
 
 def weighted_mean(x: Tensor, size: Tensor, keep: Tensor | None = None) -> Tensor:
-    """Mean over tokens weighted by size (and by `keep` [B,N] when given): pooling that a merge preserves."""
+    """Mean over tokens weighted by size (and by `keep` [B,N] when given): pooling that a merge
+    preserves. Computed in fp32, returned in x's dtype."""
     w = size if keep is None else size * keep.unsqueeze(-1).to(size.dtype)
-    return (x * w).sum(1) / w.sum(1)
+    return ((x.float() * w).sum(1) / w.sum(1)).to(x.dtype)

@@ -78,12 +78,12 @@ class TokenMerge:
         return (self.dst_slot.unsqueeze(-2) == slots.unsqueeze(-1)).to(dtype)
 
     def merge(self, x: torch.Tensor, size: torch.Tensor):
-        """Size-weighted mean of the tokens sharing a slot; sizes add up."""
+        """Size-weighted mean of the tokens sharing a slot (in fp32); sizes (fp32) add up."""
         if self.identity:
             return x, size
-        assign = self._assignment(x.dtype)
+        assign = self._assignment(size.dtype)
         new_size = assign @ size
-        return (assign @ (x * size)) / new_size, new_size
+        return ((assign @ (x.float() * size)) / new_size).to(x.dtype), new_size
 
     def merge_padded(self, x: torch.Tensor, size: torch.Tensor, valid: torch.Tensor):
         """Merge with an attention mask (`valid` [B, N] bool, False = padding).
@@ -94,13 +94,13 @@ class TokenMerge:
         """
         if self.identity:
             return x, size, valid
-        assign = self._assignment(x.dtype)
-        real = valid.unsqueeze(-1).to(x.dtype)
+        assign = self._assignment(size.dtype)
+        real = valid.unsqueeze(-1).to(size.dtype)
         weight = size * (real + 1e-6 * (1.0 - real))
         real_size = assign @ (size * real)
         new_valid = real_size[..., 0] > 0
         new_size = torch.where(real_size > 0, real_size, assign @ size)
-        return (assign @ (x * weight)) / (assign @ weight), new_size, new_valid
+        return ((assign @ (x.float() * weight)) / (assign @ weight)).to(x.dtype), new_size, new_valid
 
     def merge_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """A slot's causal position is its latest member's, so no query sees a later token."""

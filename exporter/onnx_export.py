@@ -27,11 +27,14 @@ from .errors import UsageError
 from .files import atomic_outputs
 
 DEFAULT_OPSET = 18
-# Validation fails above these (fp32): the ONNX file must compute what the PyTorch model computes.
-MAX_ABS_ERROR = 1e-3
-MIN_COSINE = 0.9999
+# Validation fails outside these. In fp32 the ONNX file must compute what PyTorch computes; in
+# fp16 the two runtimes round differently, so the error is taken relative to the output's scale.
 # Merge decisions may differ only at near-ties; a lower share means the graph decides differently.
-MIN_AGREEMENT = 0.95
+TOLERANCES = {
+    "fp32": {"max_abs_error": 1e-3, "max_rel_error": None, "cosine_min": 0.9999, "merge_agreement": 0.95},
+    "fp16": {"max_abs_error": None, "max_rel_error": 2e-2, "cosine_min": 0.999, "merge_agreement": 0.75},
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TOPK_LIMIT = 3840  # TensorRT's largest TopK K
 PROTOBUF_LIMIT = 2**31 - 2**24  # one ONNX protobuf, with room for the graph itself
 
@@ -107,17 +110,20 @@ def strip_slots(model: onnx.ModelProto) -> onnx.ModelProto:
     return shipped
 
 
-def _compare(expected: dict, got: dict) -> tuple[float, float]:
-    """Max abs error over all outputs, and the smallest per-sample cosine of the primary output."""
-    error = max(float(np.abs(got[name].astype(np.float64) - value.numpy()).max()) for name, value in expected.items())
+def _compare(expected: dict, got: dict) -> tuple[float, float, float]:
+    """Max abs error over all outputs, the same relative to each output's largest value, and the
+    smallest per-sample cosine of the primary output."""
+    errors = {name: float(np.abs(got[name].astype(np.float64) - value.numpy()).max()) for name, value in expected.items()}
+    error = max(errors.values())
+    relative = max(errors[name] / max(float(np.abs(value.numpy()).max()), 1e-12) for name, value in expected.items())
     primary = next(iter(expected))
     ref = expected[primary].numpy().reshape(len(got[primary]), -1).astype(np.float64)
     out = got[primary].reshape(len(ref), -1).astype(np.float64)
     cosine = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
-    return error, float(cosine.min())
+    return error, relative, float(cosine.min())
 
 
-def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, batches=(1, 3), seed: int | None = None) -> dict:
+def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, batches=(1, 3), seed: int | None = None, dtype: str = "fp32") -> dict:
     """ONNX Runtime (CPU) vs the merged PyTorch model on fresh random inputs at each batch size.
 
     Merge decisions are discrete: where two scores tie to within float rounding, ONNX Runtime and
@@ -144,10 +150,11 @@ def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, batches
             free, _ = adapter.run(settings, inputs)
             replayed, state = adapter.run(settings, inputs, replay=ort_slots)
         agree = [float((mine == theirs).float().mean()) for mine, theirs in zip(state.slots, ort_slots)]
-        error, cosine = _compare(replayed, got)
-        free_error, free_cosine = _compare(free, got)
+        error, relative, cosine = _compare(replayed, got)
+        free_error, _, free_cosine = _compare(free, got)
         report["batches"][str(batch)] = {
             "max_abs_error": error,
+            "max_rel_error": relative,
             "cosine_min": cosine,
             "merge_agreement": min(agree, default=1.0),
             "merge_agreement_by_layer": agree,
@@ -155,15 +162,17 @@ def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, batches
             "free_running_cosine_min": free_cosine,
         }
     per_batch = list(report["batches"].values())
-    for key, pick in (("max_abs_error", max), ("cosine_min", min), ("merge_agreement", min),
+    for key, pick in (("max_abs_error", max), ("max_rel_error", max), ("cosine_min", min), ("merge_agreement", min),
                       ("free_running_max_abs_error", max), ("free_running_cosine_min", min)):
         report[key] = pick(b[key] for b in per_batch)
-    report["tolerance"] = {"max_abs_error": MAX_ABS_ERROR, "cosine_min": MIN_COSINE, "merge_agreement": MIN_AGREEMENT}
-    report["passed"] = (
-        report["max_abs_error"] <= MAX_ABS_ERROR
-        and report["cosine_min"] >= MIN_COSINE
-        and report["merge_agreement"] >= MIN_AGREEMENT
-    )
+    limits = TOLERANCES[dtype]
+    report["tolerance"] = limits
+    report["failures"] = [
+        f"{key} {report[key]:.3g} ({'at least' if key in ('cosine_min', 'merge_agreement') else 'at most'} {limit})"
+        for key, limit in limits.items()
+        if limit is not None and (report[key] < limit if key in ("cosine_min", "merge_agreement") else report[key] > limit)
+    ]
+    report["passed"] = not report["failures"]
     return report
 
 
@@ -218,11 +227,15 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     run_validation: bool = True,
+    dtype: str = "fp32",
     seed: int | None = None,
     extra: dict | None = None,
     log=print,
 ) -> dict:
     """Write `output` (.onnx) and its manifest (.json beside it); return the manifest."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose {' or '.join(DTYPES)}")
+    adapter.model.to(DTYPES[dtype])
     if opset < 17:
         raise UsageError(f"--opset {opset}: tokenfuse needs opset >= 17 (LayerNormalization)")
     if output.suffix != ".onnx":
@@ -245,19 +258,15 @@ def export_onnx(
         validation = None
         if run_validation:
             started = time.time()
-            log("[2/3] validating in ONNX Runtime (CPU) against PyTorch at batch 1 and 3 ...")
-            validation = validate(adapter, settings, traced_path, seed=seed)
+            log(f"[2/3] validating in ONNX Runtime (CPU) against PyTorch ({dtype}) at batch 1 and 3 ...")
+            validation = validate(adapter, settings, traced_path, seed=seed, dtype=dtype)
             log(
                 f"      merge decisions agreeing {validation['merge_agreement']:.4f}; with the same decisions: "
-                f"max abs error {validation['max_abs_error']:.2e}, cosine {validation['cosine_min']:.6f}; "
+                f"max abs error {validation['max_abs_error']:.2e} (relative {validation['max_rel_error']:.1e}), cosine {validation['cosine_min']:.6f}; "
                 f"free-running: max abs error {validation['free_running_max_abs_error']:.2e} ({time.time() - started:.1f}s)"
             )
             if not validation["passed"]:
-                raise UsageError(
-                    f"validation failed: decisions agreeing {validation['merge_agreement']:.4f} (limit {MIN_AGREEMENT}), "
-                    f"max abs error {validation['max_abs_error']:.2e} (limit {MAX_ABS_ERROR:.0e}), "
-                    f"cosine {validation['cosine_min']:.6f} (limit {MIN_COSINE}); nothing written"
-                )
+                raise UsageError(f"validation failed: {'; '.join(validation['failures'])}; nothing written")
         else:
             log("[2/3] validation skipped (--no-validate)")
 
@@ -265,5 +274,6 @@ def export_onnx(
         shipped = strip_slots(traced)
         onnx.save(shipped, str(tmp_onnx))
         result = manifest(adapter, settings, report, shipped, opset, validation, extra or {})
+        result["dtype"] = dtype
         tmp_json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -146,3 +146,17 @@ def test_none_equals_the_original_minilm(adapters, exported):
     assert np.abs((got["last_hidden_state"] - original.numpy()) * mask.numpy()).max() <= 1e-5
     pooled = (original * mask).sum(1) / mask.sum(1)  # sentence-transformers' mean pooling
     assert np.abs(got["embedding"] - pooled.numpy()).max() <= 1e-5
+
+
+def test_fp16_export_validates_keeps_fp32_io_and_builds(tmp_path, minilm_path):
+    """fp16 computes in half precision but keeps similarity, energy, softmax sums and sizes in
+    fp32; inputs and outputs stay fp32. TensorRT's strongly typed build takes the graph's types."""
+    path = tmp_path / "vit16.onnx"
+    manifest = export("timm:vit_base_patch16_224", path, method="pitome", r=0.9, dtype="fp16", seed=3, log=lambda *_: None)
+    assert manifest["dtype"] == "fp16" and manifest["validation"]["passed"], manifest["validation"]
+    assert manifest["validation"]["max_rel_error"] <= 2e-2 and manifest["validation"]["cosine_min"] >= 0.999
+    assert {o["dtype"] for o in manifest["inputs"] + manifest["outputs"]} == {"float32"}
+    graph = onnx.load(str(path))
+    weights = [i for i in graph.graph.initializer if len(i.dims) == 2 and min(i.dims) >= 768]
+    assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+    assert build_serialized(path, batch=(1, 2, 2))

@@ -140,10 +140,14 @@ class Adapter:
 
         `replay` (one dst_slot per merging layer) applies given merge decisions instead of deciding.
         """
+        dtype = next(self.model.parameters()).dtype
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         x, state = self.embed(inputs)
         state.replay = replay
         x = run_encoder(self.views(), x, state, settings)
-        return self.outputs(x, state), state
+        outputs = self.outputs(x, state)
+        # inputs and outputs stay fp32 whatever the model computes in
+        return {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}, state
 
 
 class TextAdapter(Adapter):

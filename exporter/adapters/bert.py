@@ -69,7 +69,7 @@ class Bert(TextAdapter):
         ids = inputs["input_ids"]
         x = self.model.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
         valid = inputs["attention_mask"] > 0
-        return x, TokenState(size=x.new_ones(x.shape[0], x.shape[1], 1), valid=valid)
+        return x, TokenState.start(x, valid=valid)
 
     def outputs(self, x, state):
         return {

@@ -70,7 +70,7 @@ class ClipVision(Adapter):
 
     def embed(self, inputs):
         x = self.tower.pre_layrnorm(self.tower.embeddings(inputs["pixel_values"]))
-        return x, TokenState(size=x.new_ones(x.shape[0], x.shape[1], 1))
+        return x, TokenState.start(x)
 
     def outputs(self, x, state):
         pooled = self.tower.post_layernorm(x[:, 0])
@@ -148,8 +148,8 @@ class ClipText(TextAdapter):
         else:
             eos = (ids == self.config.eos_token_id).to(torch.int32).argmax(-1)
         positions = torch.arange(ids.shape[1], device=ids.device)
-        return x, TokenState(
-            size=x.new_ones(x.shape[0], x.shape[1], 1),
+        return x, TokenState.start(
+            x,
             valid=inputs["attention_mask"] > 0,
             positions=positions.to(x.dtype).expand(ids.shape[0], -1),
             frozen=positions == eos.unsqueeze(-1),

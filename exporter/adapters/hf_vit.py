@@ -62,7 +62,7 @@ class HfViT(Adapter):
 
     def embed(self, inputs):
         x = self.vit.embeddings(inputs["pixel_values"])
-        return x, TokenState(size=x.new_ones(x.shape[0], x.shape[1], 1))
+        return x, TokenState.start(x)
 
     def outputs(self, x, state):
         x = self.vit.layernorm(x)

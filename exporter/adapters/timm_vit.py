@@ -72,7 +72,7 @@ class TimmViT(Adapter):
     def embed(self, inputs):
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(inputs["pixel_values"]))))
-        return x, TokenState(size=x.new_ones(x.shape[0], x.shape[1], 1))
+        return x, TokenState.start(x)
 
     def outputs(self, x, state):
         m = self.model
