@@ -116,7 +116,8 @@ def test_failed_export_leaves_no_partial_files(tmp_path, monkeypatch, capsys):
     from tokenfuse.exporter import onnx_export
 
     def failing(*args, **kwargs):
-        return {"max_abs_error": 1.0, "cosine_min": 0.5, "merge_agreement": 0.0, "free_running_max_abs_error": 1.0, "passed": False}
+        return {"max_abs_error": 1.0, "max_rel_error": 1.0, "cosine_min": 0.5, "merge_agreement": 0.0,
+                "free_running_max_abs_error": 1.0, "passed": False, "failures": ["max_abs_error 1 (at most 0.001)"]}
 
     monkeypatch.setattr(onnx_export, "validate", failing)
     code, _, err = _run(["export", "--model", "timm:vit_tiny_patch16_224", "-o", str(tmp_path / "m.onnx")], tmp_path, capsys)
