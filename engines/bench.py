@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..exporter.errors import UsageError
-from .runtime import Runner, load
+from .runtime import OrtRunner, Runner, load
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -55,16 +55,40 @@ def _status_mib(field: str) -> float:
     return float("nan")
 
 
-def peak_call_mib(runner: Runner, feeds: dict) -> float | None:
-    """Peak resident memory one call adds above the resident memory before it (Linux: the
-    high-water mark is reset through /proc/self/clear_refs). None where that is not possible."""
+def _return_free_memory():
+    """Ask glibc to hand freed memory back, so the next call's buffers show in the resident size."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_probe(path: Path, runner: Runner, threads: int | None):
+    """A runner whose calls allocate their own buffers, to measure one call's peak; None where
+    the peak is measured otherwise (TensorRT) or not at all (GPU providers)."""
+    if runner.backend != "onnxruntime" or runner.providers[0] != "CPUExecutionProvider":
+        return None
+    return OrtRunner(path, ["CPUExecutionProvider"], threads, arena=False)
+
+
+def peak_call_mib(runner: Runner, probe: Runner | None, feeds: dict) -> float | None:
+    """Peak memory of one call: the TensorRT engine's activation memory, or on CPU the resident
+    memory an arena-free call adds at its peak (Linux: the high-water mark is reset through
+    /proc/self/clear_refs)."""
+    if runner.backend == "tensorrt":
+        return runner.engine.device_memory_size / 2**20
+    if probe is None:
+        return None
+    _return_free_memory()
     try:
         with open(f"/proc/{os.getpid()}/clear_refs", "w") as clear:
             clear.write("5")
     except OSError:
         return None
     before = _status_mib("VmRSS")
-    runner.run(feeds)
+    probe.run(feeds)
     return _status_mib("VmHWM") - before
 
 
@@ -85,14 +109,14 @@ def _percentiles(samples: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)), "runs": len(ms)}
 
 
-def measure_pair(runners: dict[str, Runner], batch: int, *, warmup: int, min_rounds: int, max_seconds: float, tolerance: float, progress) -> dict:
+def measure_pair(runners: dict[str, Runner], probes: dict, batch: int, *, warmup: int, min_rounds: int, max_seconds: float, tolerance: float, progress) -> dict:
     """Alternate the runners call by call until each median moves less than `tolerance` over 10 rounds."""
     rng = np.random.default_rng(batch)
     feeds = {name: random_feeds(r, batch, rng) for name, r in runners.items()}
     for _ in range(warmup):
         for name, runner in runners.items():
             runner.run(feeds[name])
-    peaks = {name: peak_call_mib(runner, feeds[name]) for name, runner in runners.items()}
+    peaks = {name: peak_call_mib(runner, probes[name], feeds[name]) for name, runner in runners.items()}
     samples = {name: [] for name in runners}
     history, started, stable = [], time.perf_counter(), False
     while True:
@@ -161,6 +185,8 @@ def bench(
         rss["merged"] = _status_mib("VmRSS")
         runners["baseline"] = load(baseline_path, providers=providers, threads=threads)
         rss["baseline"] = _status_mib("VmRSS")
+        paths = {"merged": model, "baseline": baseline_path}
+        probes = {name: memory_probe(paths[name], runner, threads) for name, runner in runners.items()}
         merged_manifest = runners["merged"].manifest or {}
         base_manifest = runners["baseline"].manifest or {}
         ratio = merged_manifest.get("budget", {}).get("flops_ratio")
@@ -169,7 +195,7 @@ def bench(
         results = []
         for batch in batches:
             with tqdm(desc=f"batch {batch}", unit="round", leave=False, disable=None) as progress:
-                pair = measure_pair(runners, batch, warmup=warmup, min_rounds=min_rounds, max_seconds=max_seconds, tolerance=tolerance, progress=progress)
+                pair = measure_pair(runners, probes, batch, warmup=warmup, min_rounds=min_rounds, max_seconds=max_seconds, tolerance=tolerance, progress=progress)
             speedup = pair["baseline"]["p50_ms"] / pair["merged"]["p50_ms"]
             results.append({
                 "batch": batch, **pair, "speedup": speedup, "flops_ideal_speedup": ideal,

@@ -51,7 +51,7 @@ class Runner:
 class OrtRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, providers=None, threads: int | None = None):
+    def __init__(self, path: Path, providers=None, threads: int | None = None, arena: bool = True):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -62,6 +62,9 @@ class OrtRunner(Runner):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        if not arena:  # every call allocates and frees its own buffers (for measuring them)
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
         try:
             self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:

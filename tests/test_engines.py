@@ -122,6 +122,8 @@ def test_bench_exports_the_baseline_and_reports_against_the_flops_ideal(tiny, tm
     for row in report["results"]:
         assert row["merged"]["runs"] == row["baseline"]["runs"] >= 3
         assert row["merged"]["p50_ms"] <= row["merged"]["p90_ms"] <= row["merged"]["p99_ms"]
+        # measured (resident-set growth of one arena-free call), not compared: on a tiny model the
+        # allocator's noise is as large as the difference
         assert row["merged"]["peak_call_mib"] >= 0 and row["baseline"]["peak_call_mib"] >= 0
         assert row["flops_ideal_speedup"] == pytest.approx(1 / report["flops_ratio"])
         assert row["realised_fraction_of_ideal"] == pytest.approx(row["speedup"] / row["flops_ideal_speedup"])
