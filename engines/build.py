@@ -104,17 +104,16 @@ def _targets(trt, config, flavour: str) -> dict:
     return {"gpu": "the GPU this engine was built on", "compute_capabilities": []}
 
 
-def build_engine(
+def compile_engine(
     onnx_path: str | Path,
-    output: str | Path,
     *,
     batch: tuple[int, int, int] = (1, 8, 32),
     plugins: str | None = "auto",
     timing_cache: str | Path | None = None,
     log=print,
-) -> dict:
-    """Build `output` (.engine) and its sidecar `output + .json`; return the sidecar."""
-    onnx_path, output = Path(onnx_path), Path(output)
+) -> tuple[bytes, dict]:
+    """Parse and build `onnx_path` with one profile over the batch axis: (engine bytes, sidecar)."""
+    onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise UsageError(f"{onnx_path}: no such file; export one with tokenfuse export")
     manifest_path = onnx_path.with_suffix(".json")
@@ -165,13 +164,22 @@ def build_engine(
         "export_manifest": export_manifest,
         "built_on": {"machine": platform.machine(), "python": platform.python_version()},
     }
-    log(f"[3/3] writing {output} and {output.name}.json")
-    with atomic_outputs(output, sidecar_path(output)) as (tmp_engine, tmp_sidecar):
-        tmp_engine.write_bytes(bytes(serialized))
-        tmp_sidecar.write_text(json.dumps(sidecar, indent=2) + "\n")
     if cache_path:
         with atomic_outputs(cache_path) as (tmp_cache,):
             tmp_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized), sidecar
+
+
+def build_engine(onnx_path: str | Path, output: str | Path, *, log=print, **options) -> dict:
+    """Build `output` (.engine) and its sidecar `output + .json`; return the sidecar.
+
+    `options` are compile_engine's: batch, plugins, timing_cache."""
+    output = Path(output)
+    engine, sidecar = compile_engine(onnx_path, log=log, **options)
+    log(f"[3/3] writing {output} and {output.name}.json")
+    with atomic_outputs(output, sidecar_path(output)) as (tmp_engine, tmp_sidecar):
+        tmp_engine.write_bytes(engine)
+        tmp_sidecar.write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 
 

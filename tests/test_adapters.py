@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from tokenfuse.engines.tensorrt import build_serialized
+from tokenfuse.engines.build import compile_engine
 from tokenfuse.exporter import export, load_model, patch
 from tokenfuse.exporter.adapters import adapter_for
 from tokenfuse.exporter.settings import MergeOptions
@@ -64,7 +64,7 @@ def test_hf_merged_exports_validate_and_build(hf_dirs, name, tower, method, tmp_
     assert manifest["validation"]["passed"], manifest["validation"]
     assert manifest["validation"]["max_abs_error"] <= 1e-4
     assert manifest["schedule"][-1] < manifest["budget"]["layers"][0]["tokens_in"]
-    assert build_serialized(out, batch=(1, 2, 2))
+    assert compile_engine(out, batch=(1, 2, 2), log=lambda *_: None)[0]
 
 
 def _timm_models():

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tokenfuse.engines.tensorrt import build_serialized
+from tokenfuse.engines.build import compile_engine
 from tokenfuse.exporter import export, load_model
 from tokenfuse.exporter.settings import MergeOptions
 
@@ -99,7 +99,7 @@ def test_graph_is_tensorrt_ready_and_builds_with_tensorrt_rtx(exported, model, m
     assert not ops & {"Sort", "TopK", "ScatterND", "ScatterElements", "If", "Loop"}, ops
     for value in graph.graph.input:
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
-    engine = build_serialized(path, batch=(1, 2, 4))
+    engine, _ = compile_engine(path, batch=(1, 2, 4), log=lambda *_: None)
     assert len(engine) > 1_000_000
 
 
@@ -159,4 +159,4 @@ def test_fp16_export_validates_keeps_fp32_io_and_builds(tmp_path, minilm_path):
     graph = onnx.load(str(path))
     weights = [i for i in graph.graph.initializer if len(i.dims) == 2 and min(i.dims) >= 768]
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
-    assert build_serialized(path, batch=(1, 2, 2))
+    assert compile_engine(path, batch=(1, 2, 2), log=lambda *_: None)[0]
