@@ -73,6 +73,7 @@ def _timm_models():
         "avg-pool": timm.create_model("vit_tiny_patch16_224", img_size=64, global_pool="avg", class_token=False, num_classes=7),
         "register-tokens": timm.create_model("vit_tiny_patch16_224", img_size=64, reg_tokens=4),
         "head-less": timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0),
+        "one-channel": timm.create_model("vit_tiny_patch16_224", img_size=56, patch_size=4, in_chans=1, num_classes=10, depth=2),
     }
 
 
@@ -82,7 +83,7 @@ def test_timm_variants_none_equals_original_and_merged_validates(name, tmp_path)
     model = _timm_models()[name].eval()
     adapter = adapter_for(model)
     assert adapter.protected == model.num_prefix_tokens
-    pixels = torch.randn(2, 3, 64, 64)
+    pixels = torch.randn(2, adapter.channels, *adapter.image_size)
     settings, _ = MergeOptions(method="none").resolve(adapter)
     with torch.no_grad():
         ours, _ = adapter.run(settings, {"pixel_values": pixels})

@@ -101,8 +101,8 @@ class Adapter:
         return {
             "kind": "image",
             "size": list(size),
-            "mean": list(processor.get("image_mean", default_mean)),
-            "std": list(processor.get("image_std", default_std)),
+            "mean": list(processor.get("image_mean", default_mean))[: self.channels],
+            "std": list(processor.get("image_std", default_std))[: self.channels],
             "interpolation": "bicubic" if processor.get("resample", 3) == 3 else "bilinear",
             "crop_pct": 1.0,
         }
@@ -148,6 +148,19 @@ class Adapter:
         outputs = self.outputs(x, state)
         # inputs and outputs stay fp32 whatever the model computes in
         return {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}, state
+
+
+class ImageAdapter(Adapter):
+    """Vision encoders: `pixel_values` [batch, channels, height, width]."""
+
+    image_size: tuple[int, int]
+    channels: int = 3
+
+    def input_specs(self):
+        return [InputSpec("pixel_values", ("batch", self.channels, *self.image_size), torch.float32)]
+
+    def random_inputs(self, batch, generator):
+        return {"pixel_values": torch.randn(batch, self.channels, *self.image_size, generator=generator)}
 
 
 class TextAdapter(Adapter):
@@ -196,14 +209,6 @@ def text_spec(seq_len: int) -> list[InputSpec]:
         InputSpec("input_ids", ("batch", seq_len), torch.int64),
         InputSpec("attention_mask", ("batch", seq_len), torch.int64),
     ]
-
-
-def image_inputs(size: tuple[int, int], batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.randn(batch, 3, *size, generator=generator)}
-
-
-def image_spec(size: tuple[int, int]) -> list[InputSpec]:
-    return [InputSpec("pixel_values", ("batch", 3, *size), torch.float32)]
 
 
 def attention_view(q, k, v, out, heads: int, mlp, pre_norm=None, post_attn_norm=None, post_mlp_norm=None):

@@ -6,7 +6,7 @@ import torch
 
 from ..budgets import Shape
 from ..encoder import TokenState
-from . import Adapter, TextAdapter, attention_view, image_inputs, image_spec, random_text
+from . import ImageAdapter, TextAdapter, attention_view, random_text
 
 
 # OpenAI CLIP's normalisation, used when the directory has no preprocessor_config.json
@@ -25,7 +25,7 @@ def _pre_norm_views(layers, heads):
     ]
 
 
-class ClipVision(Adapter):
+class ClipVision(ImageAdapter):
     family = "hf-clip-vision"
     metric = "hidden"  # the PiToMe authors measure CLIP similarity on the hidden states
 
@@ -61,12 +61,6 @@ class ClipVision(Adapter):
 
     def preprocess(self):
         return self.hf_preprocess("image", CLIP_MEAN, CLIP_STD)
-
-    def input_specs(self):
-        return image_spec(self.image_size)
-
-    def random_inputs(self, batch, generator):
-        return image_inputs(self.image_size, batch, generator)
 
     def embed(self, inputs):
         x = self.tower.pre_layrnorm(self.tower.embeddings(inputs["pixel_values"]))

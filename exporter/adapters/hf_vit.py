@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ..budgets import Shape
 from ..encoder import TokenState
-from . import Adapter, attention_view, image_inputs, image_spec
+from . import ImageAdapter, attention_view
 
 
-class HfViT(Adapter):
+class HfViT(ImageAdapter):
     family = "hf-vit"
 
     def __init__(self, model, name):
@@ -16,6 +16,7 @@ class HfViT(Adapter):
         self.vit = model.vit if self.classifier is not None else model
         config = self.vit.config
         self.image_size = (config.image_size, config.image_size)
+        self.channels = config.num_channels
         self.heads = config.num_attention_heads
 
     @classmethod
@@ -53,12 +54,6 @@ class HfViT(Adapter):
                 )
             )
         return views
-
-    def input_specs(self):
-        return image_spec(self.image_size)
-
-    def random_inputs(self, batch, generator):
-        return image_inputs(self.image_size, batch, generator)
 
     def embed(self, inputs):
         x = self.vit.embeddings(inputs["pixel_values"])

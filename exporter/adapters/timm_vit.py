@@ -5,10 +5,10 @@ from __future__ import annotations
 from ..budgets import Shape
 from ..encoder import BlockView, TokenState, weighted_mean
 from ..errors import UsageError
-from . import Adapter, image_inputs, image_spec, load_state_dict, unsupported
+from . import ImageAdapter, load_state_dict, unsupported
 
 
-class TimmViT(Adapter):
+class TimmViT(ImageAdapter):
     family = "timm-vit"
 
     def __init__(self, model, name):
@@ -18,6 +18,7 @@ class TimmViT(Adapter):
         self.distilled = isinstance(model, VisionTransformerDistilled)
         self.protected = model.num_prefix_tokens
         self.image_size = tuple(model.patch_embed.img_size)
+        self.channels = model.patch_embed.proj.in_channels
 
     @classmethod
     def accepts(cls, model):
@@ -54,20 +55,14 @@ class TimmViT(Adapter):
         return {
             "kind": "image",
             "size": list(self.image_size),
-            "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
-            "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
+            "mean": list(cfg.get("mean", (0.485, 0.456, 0.406)))[: self.channels],
+            "std": list(cfg.get("std", (0.229, 0.224, 0.225)))[: self.channels],
             "interpolation": cfg.get("interpolation", "bicubic"),
             "crop_pct": cfg.get("crop_pct", 0.9),
         }
 
     def views(self) -> list[BlockView]:
         return [_block_view(block) for block in self.model.blocks]
-
-    def input_specs(self):
-        return image_spec(self.image_size)
-
-    def random_inputs(self, batch, generator):
-        return image_inputs(self.image_size, batch, generator)
 
     def embed(self, inputs):
         m = self.model
