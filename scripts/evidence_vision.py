@@ -9,14 +9,13 @@ sizes) and its test-set top-1 is measured in ONNX Runtime on all 10,000 test ima
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
+from evidence_common import settings, sweep_parser, write_report
 from train_fashion_vit import MODEL_ARGS, create_model, load_split
 
 
@@ -32,11 +31,8 @@ def top1(onnx_path: Path, images: torch.Tensor, labels: torch.Tensor, batch: int
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sweep_parser(__doc__, "docs/evidence-vision.json")
     parser.add_argument("--weights", default="scripts/fashion_vit.pth")
-    parser.add_argument("--out", default="docs/evidence-vision.json")
-    parser.add_argument("--r", default="0.95,0.9,0.85,0.8", help="kept fractions to sweep")
-    parser.add_argument("--methods", default="tome,pitome,crossget,turbo")
     args = parser.parse_args(argv)
 
     from tokenfuse.exporter import export
@@ -45,8 +41,7 @@ def main(argv=None):
     images, labels = load_split("test")
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        settings = [("none", None)] + [(m, float(r)) for m in args.methods.split(",") for r in args.r.split(",")]
-        for method, r in settings:
+        for method, r in settings(args):
             started = time.time()
             model = create_model()
             model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
@@ -71,8 +66,7 @@ def main(argv=None):
         "runtime": "ONNX Runtime, CPU",
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":
