@@ -134,6 +134,7 @@ def _add_bench(sub):
     p.add_argument("--backend", choices=("ort", "trt"), help="ort for .onnx, trt for .engine (default: from the file)")
     p.add_argument("--providers", help="ONNX Runtime providers, comma separated (default: TensorRT, CUDA, CPU as available)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--plugins", help="the plugin library an engine needs (default: the path in its sidecar)")
     p.add_argument("--min-rounds", type=int, default=20, help="rounds before the medians may be called stable (default 20)")
     p.add_argument("--seconds", type=float, default=60.0, help="time limit per batch size (default 60)")
     p.add_argument("--json", help="write the report as JSON")
@@ -152,7 +153,7 @@ def _run_bench(args) -> int:
         raise UsageError(f"--backend {args.backend} does not run a {suffix} file; ort runs .onnx, trt runs .engine")
     report = bench.bench(
         args.model, baseline=args.baseline, batches=args.batch,
-        providers=args.providers.split(",") if args.providers else None, threads=args.threads,
+        providers=args.providers.split(",") if args.providers else None, threads=args.threads, plugins=args.plugins,
         min_rounds=args.min_rounds, max_seconds=args.seconds,
     )
     print(bench.markdown(report))
@@ -178,6 +179,7 @@ def _add_serve(sub):
     p.add_argument("--queue-size", type=int, default=256, help="examples that may wait; beyond it requests get 429 (default 256)")
     p.add_argument("--providers", help="ONNX Runtime providers, comma separated")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--plugins", help="the plugin library an engine needs (default: the path in its sidecar)")
     p.set_defaults(run=_run_serve)
 
 
@@ -190,7 +192,8 @@ def _run_serve(args) -> int:
         raise UsageError("--max-batch and --queue-size must be >= 1, --max-delay-ms >= 0")
     print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs)")
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-          queue_size=args.queue_size, providers=args.providers.split(",") if args.providers else None, threads=args.threads)
+          queue_size=args.queue_size, providers=args.providers.split(",") if args.providers else None, threads=args.threads,
+          plugins=args.plugins)
     return 0
 
 

@@ -166,6 +166,7 @@ def bench(
     batches: tuple[int, ...] = (1, 8, 32),
     providers=None,
     threads: int | None = None,
+    plugins: str | None = None,
     warmup: int = 3,
     min_rounds: int = 20,
     max_seconds: float = 60.0,
@@ -181,9 +182,9 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="tokenfuse-bench-") as work:
         baseline_path = ensure_baseline(model, baseline, Path(work), log)
         rss = {"start": _status_mib("VmRSS")}
-        runners = {"merged": load(model, providers=providers, threads=threads)}
+        runners = {"merged": load(model, providers=providers, threads=threads, plugins=plugins)}
         rss["merged"] = _status_mib("VmRSS")
-        runners["baseline"] = load(baseline_path, providers=providers, threads=threads)
+        runners["baseline"] = load(baseline_path, providers=providers, threads=threads, plugins=plugins)
         rss["baseline"] = _status_mib("VmRSS")
         paths = {"merged": model, "baseline": baseline_path}
         probes = {name: memory_probe(paths[name], runner, threads) for name, runner in runners.items()}

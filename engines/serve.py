@@ -129,14 +129,14 @@ class Preprocessor:
         return {"input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64)}
 
 
-def create_app(model: str | Path, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_size: int = 256, providers=None, threads=None):
+def create_app(model: str | Path, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_size: int = 256, providers=None, threads=None, plugins=None):
     """The FastAPI application serving `model` (.onnx or .engine)."""
     from fastapi import FastAPI, File, HTTPException, UploadFile
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from pydantic import BaseModel, Field
 
-    runner = load(model, providers=providers, threads=threads)
+    runner = load(model, providers=providers, threads=threads, plugins=plugins)
     manifest = runner.manifest or {}
     preprocess = Preprocessor(manifest)
     if preprocess.kind is None:
