@@ -141,12 +141,12 @@ def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Pa
     """The given baseline, or the same model exported with --method none (from its manifest)."""
     if baseline:
         return Path(baseline)
+    if model.suffix != ".onnx":
+        raise UsageError("an engine's baseline must be given with --baseline (build one from a --method none export)")
     manifest_file = model.with_suffix(".json")
     if not manifest_file.is_file():
         raise UsageError(f"{model}: no manifest beside it, so the baseline cannot be exported; pass --baseline")
     manifest = json.loads(manifest_file.read_text())
-    if model.suffix != ".onnx":
-        raise UsageError("an engine's baseline must be given with --baseline (build one from a --method none export)")
     from ..exporter import export
 
     settings = manifest["settings"]

@@ -76,7 +76,7 @@ def _load_plugins(trt, plugins: str | None, onnx_path: Path) -> dict | None:
     return {"path": str(library.resolve()), "sha256": file_sha256(library)}
 
 
-def _bindings(network, trt) -> list[dict]:
+def _bindings(network) -> list[dict]:
     out = []
     for i in range(network.num_inputs):
         t = network.get_input(i)
@@ -159,7 +159,7 @@ def compile_engine(
         "batch_profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
         "plugin_library": plugin,
         "timing_cache": str(cache_path) if cache_path else None,
-        "bindings": _bindings(network, trt),
+        "bindings": _bindings(network),
         "onnx": {"path": str(onnx_path.resolve()), "sha256": file_sha256(onnx_path)},
         "export_manifest": export_manifest,
         "built_on": {"machine": platform.machine(), "python": platform.python_version()},

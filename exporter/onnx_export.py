@@ -34,6 +34,7 @@ TOLERANCES = {
     "fp32": {"max_abs_error": 1e-3, "max_rel_error": None, "cosine_min": 0.9999, "merge_agreement": 0.95},
     "fp16": {"max_abs_error": None, "max_rel_error": 2e-2, "cosine_min": 0.999, "merge_agreement": 0.75},
 }
+LOWER_BOUNDS = {"cosine_min", "merge_agreement"}  # the other tolerances are upper bounds
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TOPK_LIMIT = 3840  # TensorRT's largest TopK K
 PROTOBUF_LIMIT = 2**31 - 2**24  # one ONNX protobuf, with room for the graph itself
@@ -113,9 +114,12 @@ def strip_slots(model: onnx.ModelProto) -> onnx.ModelProto:
 def _compare(expected: dict, got: dict) -> tuple[float, float, float]:
     """Max abs error over all outputs, the same relative to each output's largest value, and the
     smallest per-sample cosine of the primary output."""
-    errors = {name: float(np.abs(got[name].astype(np.float64) - value.numpy()).max()) for name, value in expected.items()}
+    errors, relative = {}, 0.0
+    for name, value in expected.items():
+        ref = value.numpy()
+        errors[name] = float(np.abs(got[name].astype(np.float64) - ref).max())
+        relative = max(relative, errors[name] / max(float(np.abs(ref).max()), 1e-12))
     error = max(errors.values())
-    relative = max(errors[name] / max(float(np.abs(value.numpy()).max()), 1e-12) for name, value in expected.items())
     primary = next(iter(expected))
     ref = expected[primary].numpy().reshape(len(got[primary]), -1).astype(np.float64)
     out = got[primary].reshape(len(ref), -1).astype(np.float64)
@@ -168,9 +172,9 @@ def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, batches
     limits = TOLERANCES[dtype]
     report["tolerance"] = limits
     report["failures"] = [
-        f"{key} {report[key]:.3g} ({'at least' if key in ('cosine_min', 'merge_agreement') else 'at most'} {limit})"
+        f"{key} {report[key]:.3g} ({'at least' if key in LOWER_BOUNDS else 'at most'} {limit})"
         for key, limit in limits.items()
-        if limit is not None and (report[key] < limit if key in ("cosine_min", "merge_agreement") else report[key] > limit)
+        if limit is not None and (report[key] < limit if key in LOWER_BOUNDS else report[key] > limit)
     ]
     report["passed"] = not report["failures"]
     return report
@@ -188,7 +192,7 @@ def io_spec(model: onnx.ModelProto) -> dict:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def manifest(adapter: Adapter, settings: MergeSettings, report: BudgetReport, model: onnx.ModelProto, opset: int, validation, extra: dict) -> dict:
+def manifest(adapter: Adapter, settings: MergeSettings, report: BudgetReport, model: onnx.ModelProto, opset: int, dtype: str, validation, extra: dict) -> dict:
     method = settings.method
     return {
         "tokenfuse_version": __version__,
@@ -212,6 +216,7 @@ def manifest(adapter: Adapter, settings: MergeSettings, report: BudgetReport, mo
         "schedule": list(settings.schedule),
         "preprocess": adapter.preprocess(),
         "opset": opset,
+        "dtype": dtype,
         "lowering": "onnx",
         **io_spec(model),
         "validation": validation,
@@ -273,7 +278,6 @@ def export_onnx(
         log(f"[3/3] writing {output} and {manifest_path.name}")
         shipped = strip_slots(traced)
         onnx.save(shipped, str(tmp_onnx))
-        result = manifest(adapter, settings, report, shipped, opset, validation, extra or {})
-        result["dtype"] = dtype
+        result = manifest(adapter, settings, report, shipped, opset, dtype, validation, extra or {})
         tmp_json.write_text(json.dumps(result, indent=2) + "\n")
     return result
