@@ -1,0 +1,76 @@
+/*
+ * CUDA kernels of SimilarityEnergyMerge, apart from the TensorRT plugin class so that a test
+ * harness (ctypes, a PyTorch extension) can call them without TensorRT.
+ */
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+namespace tokenfuse
+{
+
+enum class MergeMethod : int32_t
+{
+    kTOME = 0,
+    kPITOME = 1,
+    kCROSSGET = 2,
+    kTURBO = 3,
+};
+
+enum class PitomeVariant : int32_t
+{
+    kPLAIN = 0, // ELU energy, A/B alternate along the energy ranking
+    kBSM = 1,   // ELU energy ranking, then ToMe's bipartite soft matching along it
+    kTEXT = 2,  // Gaussian energy, A = the r highest energies, B = the next r
+};
+
+//! Tokens per batch element that one thread block handles (the matching lives in shared memory).
+constexpr int32_t kMaxTokens = 1024;
+
+//! One merge step: N tokens of width C (metric width D) in, K = N - r out.
+struct MergeParams
+{
+    MergeMethod method;
+    PitomeVariant variant;
+    int32_t batch;
+    int32_t tokens;     // N
+    int32_t outTokens;  // K
+    int32_t channels;   // C
+    int32_t metricDim;  // D
+    int32_t protectedTokens;
+    float margin;       // PiToMe margin of this layer (already decayed)
+    float alpha;        // PiToMe ELU alpha
+    float turboWeight;  // Turbo's alpha' of this layer
+};
+
+//! The most tokens `method` can remove from `tokens` in one step (as the exporter's max_removable).
+int32_t maxRemovable(MergeMethod method, int32_t tokens, int32_t protectedTokens);
+
+//! Scratch memory the launch needs: unit metric rows and the slot membership lists.
+size_t mergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t metricDim);
+
+//! Match and merge: `slots` [B, N] gets each input token's output slot, `outX` [B, K, C] the
+//! size-weighted means and `outSize` [B, K] the summed sizes. `clsAttn` is read by turbo only.
+template <typename T>
+cudaError_t launchSimilarityEnergyMerge(MergeParams const& params, T const* x, T const* metric, float const* size,
+    float const* clsAttn, T* outX, float* outSize, int32_t* slots, void* workspace, cudaStream_t stream);
+
+} // namespace tokenfuse
+
+#define TOKENFUSE_API __attribute__((visibility("default")))
+
+extern "C"
+{
+//! C entry points for harnesses (ctypes): fp32 and fp16 inputs, same arguments as the template.
+TOKENFUSE_API cudaError_t tokenfuseMergeFloat(tokenfuse::MergeParams const* params, float const* x, float const* metric,
+    float const* size, float const* clsAttn, float* outX, float* outSize, int32_t* slots, void* workspace,
+    cudaStream_t stream);
+TOKENFUSE_API cudaError_t tokenfuseMergeHalf(tokenfuse::MergeParams const* params, __half const* x, __half const* metric,
+    float const* size, float const* clsAttn, __half* outX, float* outSize, int32_t* slots, void* workspace,
+    cudaStream_t stream);
+TOKENFUSE_API size_t tokenfuseMergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t metricDim);
+}
