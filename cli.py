@@ -58,6 +58,9 @@ def _add_export(sub):
     out.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="compute precision; fp16 keeps similarity, energy, softmax sums and sizes in fp32 (default fp32)")
     out.add_argument("--no-validate", dest="validate", action="store_false", help="skip the ONNX Runtime vs PyTorch check")
     out.add_argument("--seed", type=int, help="seed of the validation inputs (default: fresh)")
+    out.add_argument("--lowering", choices=("onnx", "plugin"), default="onnx",
+                     help="onnx: each merge as standard ONNX ops (default); plugin: one SimilarityEnergyMerge node per merge "
+                     "for the tokenfuse TensorRT plugin, with a reference ONNX function so ONNX Runtime still runs it")
     p.set_defaults(run=_run_export)
 
 
@@ -68,7 +71,7 @@ def _run_export(args) -> int:
     result = export(
         args.model, args.output, method=args.method, r=args.r, schedule=args.schedule, weights=args.weights,
         seq_len=args.seq_len, tower=args.tower, opset=args.opset, dtype=args.dtype, validate=args.validate, seed=args.seed,
-        **{k: getattr(args, k) for k in knobs},
+        lowering=args.lowering, **{k: getattr(args, k) for k in knobs},
     )
     budget = result["budget"]
     print(f"wrote {args.output}: {result['method']}, tokens {budget['layers'][0]['tokens_in']} -> {result['schedule'][-1]}, FLOPs ratio {budget['flops_ratio']:.3f}")
@@ -223,6 +226,43 @@ def _run_triton(args) -> int:
     return 0
 
 
+def _add_plugin(sub):
+    p = sub.add_parser(
+        "plugin",
+        help="build the TensorRT plugin library or print where it is",
+        description="The SimilarityEnergyMerge TensorRT plugin (plugins/README.md): `build` compiles it with CMake and "
+        "nvcc; `path` prints the library for --plugins, trtexec --dynamicPlugins or load_library.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="compile the plugin library (CMake, nvcc, TensorRT headers)")
+    build.add_argument("--build-dir", help="where the library goes (default: $TOKENFUSE_PLUGIN_DIR or ~/.cache/tokenfuse/plugins-VERSION)")
+    build.add_argument("--tensorrt-root", help="TensorRT install whose headers to use (default: $TENSORRT_ROOT, the system, "
+                       "JetPack, then the kernel-lens package)")
+    build.add_argument("--cuda-archs", help="CMake CUDA architectures (default: 75-real;80-real;86-real;87-real;89-real;90-real;90-virtual)")
+    build.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (default: all cores)")
+    path = actions.add_parser("path", help="print the built library's path (exit 2 when it is not built)")
+    path.add_argument("--build-dir", help="where the library was built (default as for build)")
+    p.set_defaults(run=_run_plugin)
+
+
+def _run_plugin(args) -> int:
+    from pathlib import Path
+
+    from . import plugins
+    from .exporter.errors import UsageError
+
+    build_dir = Path(args.build_dir) if args.build_dir else None
+    if args.action == "build":
+        plugins.build(build_dir, architectures=args.cuda_archs or plugins.DEFAULT_ARCHITECTURES,
+                      tensorrt_root=args.tensorrt_root, jobs=args.jobs)
+        return 0
+    library = plugins.library_path(build_dir)
+    if library is None:
+        raise UsageError(f"no plugin library in {build_dir or plugins.default_build_dir()}; run: tokenfuse plugin build")
+    print(library)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenfuse", description="Token-merged transformers as validated ONNX, ready for TensorRT.")
     p.add_argument("--version", action="version", version=f"tokenfuse {__version__}")
@@ -232,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_serve(sub)
     _add_triton(sub)
+    _add_plugin(sub)
     return p
 
 

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,11 +64,16 @@ def _load_plugins(trt, plugins: str | None, onnx_path: Path) -> dict | None:
     if plugins == "auto":
         if not _uses_custom_ops(onnx_path):
             return None
-        raise UsageError(
-            f"{onnx_path} has tokenfuse plugin nodes but no plugin library was found; "
-            "export with the default lowering or pass --plugins PATH"
-        )
-    library = Path(plugins)
+        from ..plugins import library_path
+
+        library = library_path()
+        if library is None:
+            raise UsageError(
+                f"{onnx_path} has tokenfuse plugin nodes but no plugin library was found; "
+                "run `tokenfuse plugin build`, pass --plugins PATH, or export with --lowering onnx"
+            )
+    else:
+        library = Path(plugins)
     if not library.is_file():
         raise UsageError(f"--plugins {plugins}: no such file")
     try:
@@ -74,6 +81,35 @@ def _load_plugins(trt, plugins: str | None, onnx_path: Path) -> dict | None:
     except Exception as exc:
         raise UsageError(f"--plugins {plugins}: TensorRT could not load it ({exc})")
     return {"path": str(library.resolve()), "sha256": file_sha256(library)}
+
+
+# Run in a child process: TensorRT-RTX may abort the whole process while importing a plugin node.
+_PARSE_WITH_PLUGIN = """
+import sys, tensorrt_rtx as trt
+trt.get_plugin_registry().load_library(sys.argv[1])
+logger = trt.Logger(trt.Logger.INFO)
+builder = trt.Builder(logger)
+network = builder.create_network(0)
+parser = trt.OnnxParser(network, logger)
+sys.exit(0 if parser.parse_from_file(sys.argv[2]) else 3)
+"""
+
+
+def parse_with_plugin(onnx_path: Path, library: Path) -> subprocess.CompletedProcess:
+    """Parse `onnx_path` with TensorRT-RTX and `library` loaded, in a child process."""
+    return subprocess.run([sys.executable, "-c", _PARSE_WITH_PLUGIN, str(library), str(onnx_path)], capture_output=True, text=True)
+
+
+def _check_plugin_import(onnx_path: Path, library: Path, version: str) -> None:
+    """TensorRT-RTX 1.7 without a GPU finds and creates the plugin, then aborts (std::terminate)
+    inside its ONNX parser before adding the layer (plugins/README.md): turn that into an error."""
+    done = parse_with_plugin(onnx_path, library)
+    if done.returncode < 0:
+        raise UsageError(
+            f"TensorRT-RTX {version} aborted (signal {-done.returncode}) while importing the SimilarityEnergyMerge "
+            "plugin node, after it had created the plugin; build this model with full TensorRT (pip install tensorrt "
+            "on a GPU machine), or export it with --lowering onnx"
+        )
 
 
 def _bindings(network) -> list[dict]:
@@ -121,6 +157,8 @@ def compile_engine(
     trt, flavour = load_tensorrt()
     log(f"[1/3] parsing {onnx_path} with {flavour} {trt.__version__}")
     plugin = _load_plugins(trt, plugins, onnx_path)
+    if plugin is not None and flavour == "TensorRT-RTX":
+        _check_plugin_import(onnx_path, Path(plugin["path"]), trt.__version__)
 
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from .errors import UsageError
 from .methods import METHODS, MethodConfig, TokenMerge, match
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .settings import MergeOptions
+
+LOWERINGS = ("onnx", "plugin")
 
 __all__ = ["patch", "export", "load_model", "match", "MethodConfig", "MergeOptions", "TokenMerge", "METHODS", "UsageError"]
 
@@ -45,14 +48,24 @@ def patch(model: torch.nn.Module, method: str = "pitome", r: float | int | None 
 
 def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", r=None, schedule=None,
            weights: str | None = None, seq_len: int | None = None, tower: str = "vision", opset: int = DEFAULT_OPSET,
-           dtype: str = "fp32", validate: bool = True, seed: int | None = None, log=print, **options) -> dict:
+           dtype: str = "fp32", validate: bool = True, seed: int | None = None, lowering: str = "onnx", log=print,
+           **options) -> dict:
     """What `tokenfuse export` does: load, plan the budget, export, validate, write .onnx + .json.
 
-    Given an Adapter, its model is converted in place to `dtype`.
+    Given an Adapter, its model is converted in place to `dtype`. `lowering` is how each merge is
+    written: standard ONNX ops, or one SimilarityEnergyMerge node for the TensorRT plugin.
     """
+    if lowering not in LOWERINGS:
+        raise UsageError(f"--lowering {lowering!r}: choose {' or '.join(LOWERINGS)}")
     adapter = model if isinstance(model, Adapter) else load_model(model, weights=weights, seq_len=seq_len, tower=tower)
+    if lowering == "plugin" and adapter.is_text:
+        raise UsageError(f"--lowering plugin supports image encoders; {adapter.name} is a text encoder (padding masks, "
+                         "causal positions), export it with --lowering onnx")
+    if lowering == "plugin" and method == "none":
+        raise UsageError("--lowering plugin needs a merge method; --method none has no merge to lower")
     merge_options = MergeOptions(method=method, r=r, schedule=tuple(schedule) if schedule else None, **options)
     settings, report = merge_options.resolve(adapter)
+    settings = dataclasses.replace(settings, lowering=lowering)
     log(report.table())
     extra = {
         "r": r,

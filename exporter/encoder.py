@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .methods import BIG, MethodConfig, TokenMerge, match
+from .plugin_lowering import MergeNode, merge_op
 
 Tensor = torch.Tensor
 
@@ -40,6 +41,7 @@ class MergeSettings:
     protected: int = 1  # leading tokens that never merge (CLS, distillation token)
     prop_attn: bool = True  # add log(size) to the attention logits
     metric: str = "keys"  # keys (mean over heads) | hidden (the hidden states)
+    lowering: str = "onnx"  # how an export writes each merge: onnx ops | plugin (one SimilarityEnergyMerge node)
 
 
 @dataclass
@@ -110,33 +112,47 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
 
     if merging:
         metric = k.mean(1) if settings.metric == "keys" else x
-        plan = match(
-            settings.method,
-            metric,
-            x.shape[1] - n_out,
-            protected=settings.protected,
-            layer=layer,
-            num_layers=len(settings.schedule),
-            cls_attn=cls_attn,
-            valid=state.valid,
-            frozen=state.frozen,
-        )
-        state.slots.append(plan.dst_slot)
-        if state.replay is not None:  # decide (recorded above), but apply the given decision
-            plan = TokenMerge(state.replay[len(state.slots) - 1], n_out)
-        if state.valid is None:
-            x, state.size = plan.merge(x, state.size)
-        else:
-            x, state.size, state.valid = plan.merge_padded(x, state.size, state.valid)
-        if state.positions is not None:
-            state.positions = plan.merge_positions(state.positions)
-        if state.frozen is not None:
-            state.frozen = (torch.arange(n_out, device=x.device) == n_out - 1).expand(x.shape[0], n_out)
-        state.merged = True
+        x = _merge(settings, layer, n_out, x, metric, cls_attn, state)
 
     x = x + view.mlp(x)
     if view.post_mlp_norm is not None:
         x = view.post_mlp_norm(x)
+    return x
+
+
+def _merge(settings: MergeSettings, layer: int, n_out: int, x: Tensor, metric: Tensor, cls_attn, state: TokenState) -> Tensor:
+    """Merge x down to n_out tokens, updating the state; records the decision in state.slots."""
+    if settings.lowering == "plugin" and state.replay is None:
+        # One op, exported as a SimilarityEnergyMerge node (no padding, positions or frozen tokens).
+        rule = settings.method.for_layer(layer, len(settings.schedule))
+        node = MergeNode(rule, n_out, settings.protected)
+        x, state.size, slots = merge_op(node, x, metric, state.size, cls_attn)
+        state.slots.append(slots)
+        state.merged = True
+        return x
+    plan = match(
+        settings.method,
+        metric,
+        x.shape[1] - n_out,
+        protected=settings.protected,
+        layer=layer,
+        num_layers=len(settings.schedule),
+        cls_attn=cls_attn,
+        valid=state.valid,
+        frozen=state.frozen,
+    )
+    state.slots.append(plan.dst_slot)
+    if state.replay is not None:  # decide (recorded above), but apply the given decision
+        plan = TokenMerge(state.replay[len(state.slots) - 1], n_out)
+    if state.valid is None:
+        x, state.size = plan.merge(x, state.size)
+    else:
+        x, state.size, state.valid = plan.merge_padded(x, state.size, state.valid)
+    if state.positions is not None:
+        state.positions = plan.merge_positions(state.positions)
+    if state.frozen is not None:
+        state.frozen = (torch.arange(n_out, device=x.device) == n_out - 1).expand(x.shape[0], n_out)
+    state.merged = True
     return x
 
 

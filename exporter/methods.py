@@ -58,6 +58,31 @@ class MethodConfig:
         """Turbo's alpha' = beta^|gamma - layer| * alpha * 30 (the authors' code)."""
         return self.turbo_beta ** abs(self.turbo_gamma - layer) * self.turbo_alpha * 30.0
 
+    def for_layer(self, layer: int, num_layers: int) -> "LayerRule":
+        """The knobs of one layer's merge, with the layer-dependent ones worked out."""
+        variant = self.pitome_variant
+        if variant == "bsm-early":
+            variant = "bsm" if layer < num_layers // 2 else "plain"
+        return LayerRule(
+            name=self.name,
+            margin=self.margin - self.margin * layer / num_layers,
+            alpha=self.alpha,
+            variant=variant,
+            turbo_weight=self.turbo_weight(layer),
+        )
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """One layer's merge rule: everything `match_step` needs besides the tokens, and exactly the
+    attributes of the SimilarityEnergyMerge plugin node (with K and the protected count)."""
+
+    name: str
+    margin: float = 0.9  # PiToMe margin of this layer
+    alpha: float = 1.0
+    variant: str = "plain"  # PiToMe: plain | bsm | text
+    turbo_weight: float = 30.0
+
 
 class TokenMerge:
     """A merge decision: input token i goes to output slot `dst_slot[b, i]` of `num_out` slots."""
@@ -190,13 +215,13 @@ def _tome(sim, r, protected, free, penalty=None):
     return _bipartite(sim, r, protected, is_a, is_b, pos, penalty)
 
 
-def _pitome(sim, r, protected, free, cfg, layer, num_layers, valid):
+def _pitome(sim, r, protected, free, rule, valid):
     pos = torch.arange(sim.shape[-1], device=sim.device)
-    margin = cfg.margin - cfg.margin * layer / num_layers
-    if cfg.pitome_variant == "text":
+    margin = rule.margin
+    if rule.variant == "text":
         affinity = torch.exp(-(((1.0 - sim) / (1.0 - margin)) ** 2) / 2.0)
     else:
-        affinity = F.elu(sim - margin, alpha=cfg.alpha)
+        affinity = F.elu(sim - margin, alpha=rule.alpha)
     counted = free if valid is None else free & valid
     weights = counted.to(sim.dtype).unsqueeze(-2)
     energy = row_sum(affinity * weights) / weights.sum(-1)
@@ -204,13 +229,13 @@ def _pitome(sim, r, protected, free, cfg, layer, num_layers, valid):
         energy = torch.where(valid, energy, BIG)
     rank = rank_among(energy, free, descending=True)
 
-    if cfg.pitome_variant == "bsm-early" and layer < num_layers // 2:
+    if rule.variant == "bsm":
         is_a = free & (rank % 2 == 0)
         is_b = free & (rank % 2 == 1)
         return _bipartite(sim, r, protected, is_a, is_b, rank)
 
     mergeable = free & (rank < 2 * r)
-    if cfg.pitome_variant == "text":
+    if rule.variant == "text":
         is_a, is_b = mergeable & (rank < r), mergeable & (rank >= r)
     else:
         is_a, is_b = mergeable & (rank % 2 == 0), mergeable & (rank % 2 == 1)
@@ -267,24 +292,38 @@ def match(
     `frozen` ([B, N] bool, one per row) marks a token at a data-dependent position (CLIP text's
     EOS) that never merges and moves to the last slot.
     """
+    return match_step(cfg.for_layer(layer, num_layers), metric, r, protected=protected, cls_attn=cls_attn, valid=valid, frozen=frozen)
+
+
+def match_step(
+    rule: LayerRule,
+    metric: torch.Tensor,
+    r: int,
+    *,
+    protected: int = 1,
+    cls_attn: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    frozen: torch.Tensor | None = None,
+) -> TokenMerge:
+    """`match` for one layer's resolved rule (what the SimilarityEnergyMerge node computes)."""
     batch, n, _ = metric.shape
-    if r <= 0 or cfg.name == "none":
+    if r <= 0 or rule.name == "none":
         return TokenMerge.keep_all(batch, n, metric.device)
-    limit = max_removable(cfg.name, n, protected + (frozen is not None))
+    limit = max_removable(rule.name, n, protected + (frozen is not None))
     if r > limit:
-        raise ValueError(f"{cfg.name} can remove at most {limit} of {n} tokens in one layer, asked for {r}")
+        raise ValueError(f"{rule.name} can remove at most {limit} of {n} tokens in one layer, asked for {r}")
     sim = separate_padding(cosine_similarity(metric.float()), valid)
     free = (torch.arange(n, device=metric.device) >= protected).expand(batch, n)
     if frozen is not None:
         free = free & ~frozen
-    if cfg.name == "tome":
+    if rule.name == "tome":
         slot = _tome(sim, r, protected, free)
-    elif cfg.name == "turbo":
+    elif rule.name == "turbo":
         if cls_attn is None:
             raise ValueError("turbo needs the CLS attention row (cls_attn)")
-        slot = _tome(sim, r, protected, free, penalty=cfg.turbo_weight(layer) * cls_attn.float())
-    elif cfg.name == "pitome":
-        slot = _pitome(sim, r, protected, free, cfg, layer, num_layers, valid)
+        slot = _tome(sim, r, protected, free, penalty=rule.turbo_weight * cls_attn.float())
+    elif rule.name == "pitome":
+        slot = _pitome(sim, r, protected, free, rule, valid)
     else:
         slot = _crossget(sim, r, protected, free)
     if frozen is not None:

@@ -25,6 +25,7 @@ from .budgets import BudgetReport
 from .encoder import MergeSettings
 from .errors import UsageError
 from .files import atomic_outputs
+from . import plugin_lowering
 
 DEFAULT_OPSET = 18
 # Validation fails outside these. In fp32 the ONNX file must compute what PyTorch computes; in
@@ -80,7 +81,7 @@ def trace(adapter: Adapter, settings: MergeSettings, path: Path, opset: int) -> 
     slot_names = [f"merge_slots.{i}" for i in range(len(state.slots))]
     dynamic = {spec.name: {0: "batch"} for spec in specs}
     dynamic.update({name: {0: "batch"} for name in names + slot_names})
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), plugin_lowering.recording() as merge_nodes:
         warnings.simplefilter("ignore")
         # The TorchScript exporter: fast on small CPUs and exact for static token budgets.
         torch.onnx.export(
@@ -99,6 +100,9 @@ def trace(adapter: Adapter, settings: MergeSettings, path: Path, opset: int) -> 
         for dim, size in zip(list(value.type.tensor_type.shape.dim)[1:], tensor.shape[1:]):
             dim.Clear()
             dim.dim_value = size
+    if settings.lowering == "plugin":
+        plugin_lowering.attach_functions(model, merge_nodes, opset)
+        onnx.save(model, str(path))
     return model
 
 
@@ -217,11 +221,18 @@ def manifest(adapter: Adapter, settings: MergeSettings, report: BudgetReport, mo
         "preprocess": adapter.preprocess(),
         "opset": opset,
         "dtype": dtype,
-        "lowering": "onnx",
+        "lowering": settings.lowering,
+        **({"plugin": plugin_info(model)} if settings.lowering == "plugin" else {}),
         **io_spec(model),
         "validation": validation,
         "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "python": platform.python_version()},
     }
+
+
+def plugin_info(model: onnx.ModelProto) -> dict:
+    """What an engine build needs to know about the plugin nodes."""
+    nodes = [n for n in model.graph.node if n.op_type == plugin_lowering.OP_TYPE]
+    return {"op_type": plugin_lowering.OP_TYPE, "namespace": plugin_lowering.DOMAIN, "version": plugin_lowering.VERSION, "nodes": len(nodes)}
 
 
 def export_onnx(

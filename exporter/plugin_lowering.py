@@ -1,0 +1,188 @@
+"""The plugin lowering: each merge step as one `tokenfuse::SimilarityEnergyMerge` node.
+
+TensorRT's ONNX parser turns the node into the tokenfuse plugin (plugin name = op_type,
+`plugin_namespace` / `plugin_version` attributes, the other attributes become plugin fields).
+Every node also has an ONNX local function of the same name (one overload per node) whose body is
+this module's reference implementation exported as standard ops, so ONNX Runtime, or TensorRT
+without the plugin library, still runs the file.
+
+Node: inputs x [B,N,C], metric [B,N,D], size [B,N,1] fp32 and, for turbo, the CLS attention row
+[B,N] fp32; outputs merged x [B,K,C], merged size [B,K,1] fp32 and each input token's slot [B,N]
+int32. Attributes: method, K, protected, margin, alpha, variant, turbo_weight (a `LayerRule`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .methods import LayerRule, match_step
+
+DOMAIN = "tokenfuse"
+OP_TYPE = "SimilarityEnergyMerge"
+VERSION = "1"
+MIN_IR_VERSION = 10  # function overloads
+
+
+@dataclass(frozen=True)
+class MergeNode:
+    """One node's attributes."""
+
+    rule: LayerRule
+    out_tokens: int  # K
+    protected: int
+
+    def __post_init__(self):
+        # Float attributes are float32 (ONNX FLOAT, the plugin's fields): every lowering computes with those.
+        rule = self.rule
+        as32 = {k: float(np.float32(getattr(rule, k))) for k in ("margin", "alpha", "turbo_weight")}
+        object.__setattr__(self, "rule", dataclasses.replace(rule, **as32))
+
+    def attributes(self) -> dict:
+        return {
+            "method": self.rule.name,
+            "K": self.out_tokens,
+            "protected": self.protected,
+            "margin": float(self.rule.margin),
+            "alpha": float(self.rule.alpha),
+            "variant": self.rule.variant,
+            "turbo_weight": float(self.rule.turbo_weight),
+        }
+
+    @classmethod
+    def from_node(cls, node: onnx.NodeProto) -> "MergeNode":
+        """Read a node's attributes back (what the plugin's creator does with its fields)."""
+        a = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+        text = {k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()}
+        rule = LayerRule(name=text["method"], margin=a["margin"], alpha=a["alpha"], variant=text["variant"], turbo_weight=a["turbo_weight"])
+        return cls(rule, int(a["K"]), int(a["protected"]))
+
+
+def reference(node: MergeNode, x, metric, size, cls_attn=None):
+    """What the node computes: match, then the size-weighted merge; slots as int32."""
+    plan = match_step(node.rule, metric, x.shape[1] - node.out_tokens, protected=node.protected, cls_attn=cls_attn)
+    merged, merged_size = plan.merge(x, size)
+    return merged, merged_size, plan.dst_slot.to(torch.int32)
+
+
+_recorded: list | None = None  # (node, x, metric) of each node traced, while `recording()`
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the nodes a trace emits, in order, with example inputs for their function bodies."""
+    global _recorded
+    _recorded = []
+    try:
+        yield _recorded
+    finally:
+        _recorded = None
+
+
+class _MergeOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, metric, size, cls_attn, node):
+        if _recorded is not None:
+            _recorded.append((node, x.detach().clone(), metric.detach().clone()))
+        return reference(node, x, metric, size, cls_attn)
+
+    @staticmethod
+    def symbolic(g, x, metric, size, cls_attn, node):
+        inputs = [x, metric, size] + ([cls_attn] if node.rule.name == "turbo" else [])
+        a = node.attributes()
+        outputs = g.op(
+            f"{DOMAIN}::{OP_TYPE}",
+            *inputs,
+            method_s=a["method"],
+            K_i=a["K"],
+            protected_i=a["protected"],
+            margin_f=a["margin"],
+            alpha_f=a["alpha"],
+            variant_s=a["variant"],
+            turbo_weight_f=a["turbo_weight"],
+            plugin_namespace_s=DOMAIN,
+            plugin_version_s=VERSION,
+            outputs=3,
+        )
+        # Output types and static sizes, which TorchScript cannot infer for a custom op.
+        batch, n, channels = x.type().varyingSizes() or (None, None, None)
+        outputs[0].setType(x.type().with_sizes([batch, node.out_tokens, channels]))
+        outputs[1].setType(size.type().with_sizes([batch, node.out_tokens, 1]))
+        outputs[2].setType(size.type().with_dtype(torch.int32).with_sizes([batch, n]))
+        return outputs
+
+
+def merge_op(node: MergeNode, x, metric, size, cls_attn=None):
+    """The merge as one traceable op: (merged x, merged size, slots)."""
+    return _MergeOp.apply(x, metric, size, cls_attn, node)
+
+
+class _Reference(torch.nn.Module):
+    def __init__(self, node: MergeNode):
+        super().__init__()
+        self.node = node
+
+    def forward(self, x, metric, size, *cls_attn):
+        return reference(self.node, x, metric, size, *cls_attn)
+
+
+def input_names(node: MergeNode) -> list[str]:
+    return ["x", "metric", "size"] + (["cls_attn"] if node.rule.name == "turbo" else [])
+
+
+OUTPUT_NAMES = ["merged_x", "merged_size", "slots"]
+
+
+def reference_model(node: MergeNode, x: torch.Tensor, metric: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """The reference implementation of one node as a standalone ONNX model (dynamic batch)."""
+    n = x.shape[1]
+    inputs = [x, metric, torch.ones(x.shape[0], n, 1)]
+    if node.rule.name == "turbo":
+        inputs.append(torch.rand(x.shape[0], n).softmax(-1))
+    names = input_names(node)
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-node-") as work, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        path = Path(work, "node.onnx")
+        torch.onnx.export(
+            _Reference(node), tuple(inputs), str(path), dynamo=False, opset_version=opset, input_names=names,
+            output_names=OUTPUT_NAMES, dynamic_axes={name: {0: "batch"} for name in names + OUTPUT_NAMES},
+        )
+        return onnx.load(str(path))
+
+
+def as_function(model: onnx.ModelProto, overload: str) -> onnx.FunctionProto:
+    """A standalone model's graph as the local function `tokenfuse::SimilarityEnergyMerge`."""
+    constants = [
+        onnx.helper.make_node("Constant", [], [init.name], value=init) for init in model.graph.initializer
+    ]
+    return onnx.helper.make_function(
+        DOMAIN, OP_TYPE,
+        inputs=[v.name for v in model.graph.input],
+        outputs=[v.name for v in model.graph.output],
+        nodes=constants + list(model.graph.node),
+        opset_imports=list(model.opset_import),
+        overload=overload,
+    )
+
+
+def attach_functions(model: onnx.ModelProto, recorded: list, opset: int) -> int:
+    """Give every plugin node of `model` its reference function; returns the number of nodes."""
+    nodes = [n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
+    if len(nodes) != len(recorded):
+        raise RuntimeError(f"traced {len(recorded)} merge steps but the graph has {len(nodes)} {OP_TYPE} nodes")
+    for index, (onnx_node, (node, x, metric)) in enumerate(zip(nodes, recorded)):
+        overload = f"layer{index}"
+        onnx_node.overload = overload
+        model.functions.append(as_function(reference_model(node, x, metric, opset), overload))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    model.ir_version = max(model.ir_version, MIN_IR_VERSION)
+    return len(nodes)

@@ -1,0 +1,281 @@
+"""The SimilarityEnergyMerge plugin on a machine without a GPU: the library compiles with nvcc,
+loads into TensorRT-RTX, its build-time interface answers (C++ check), the node's CPU reference
+equals the exporter's PyTorch merge and an independent NumPy reference, `--lowering plugin`
+exports validate in ONNX Runtime, and an engine build stops where plugins/README.md says."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from reference import reference_plan
+from tokenfuse import plugins
+from tokenfuse.cli import main
+from tokenfuse.engines.build import build_engine, parse_with_plugin
+from tokenfuse.exporter import export
+from tokenfuse.exporter.errors import UsageError
+from tokenfuse.exporter.methods import LayerRule, MethodConfig
+from tokenfuse.exporter.plugin_lowering import (
+    DOMAIN, OP_TYPE, MergeNode, as_function, input_names, reference, reference_model,
+)
+
+RULES = [
+    LayerRule("tome"),
+    LayerRule("crossget"),
+    LayerRule("turbo", turbo_weight=12.5),
+    LayerRule("pitome", margin=0.675, variant="plain"),
+    LayerRule("pitome", margin=0.45, alpha=0.5, variant="bsm"),
+    LayerRule("pitome", margin=0.6, variant="text"),
+]
+RULE_IDS = ["tome", "crossget", "turbo", "pitome-plain", "pitome-bsm", "pitome-text"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory) -> Path:
+    """The plugin library, compiled for every target architecture with the kernel-lens headers."""
+    return plugins.build(tmp_path_factory.mktemp("plugin-build"), log=lambda *_: None)
+
+
+def _fields(trt, attributes: dict):
+    fields = []
+    for name, value in attributes.items():
+        if isinstance(value, str):
+            fields.append(trt.PluginField(name, np.frombuffer(value.encode(), np.int8).copy(), trt.PluginFieldType.CHAR))
+        elif isinstance(value, int):
+            fields.append(trt.PluginField(name, np.array([value], np.int32), trt.PluginFieldType.INT32))
+        else:
+            fields.append(trt.PluginField(name, np.array([value], np.float32), trt.PluginFieldType.FLOAT32))
+    return trt.PluginFieldCollection(fields)
+
+
+def test_library_exports_the_loading_entry_points(library):
+    loaded = ctypes.CDLL(str(library))
+    for symbol in ("getCreators", "setLoggerFinder", "tokenfuseMergeFloat", "tokenfuseMergeHalf", "tokenfuseMergeWorkspaceSize"):
+        assert hasattr(loaded, symbol), symbol
+    loaded.tokenfuseMergeWorkspaceSize.restype = ctypes.c_size_t
+    # unit metric [2,197,64] fp32 + offsets [2,198] + members [2,197], each 256-byte aligned
+    assert loaded.tokenfuseMergeWorkspaceSize(2, 197, 64) == 100864 + 1792 + 1792
+
+
+def fatbin_entries(data: bytes) -> list[tuple[str, int]]:
+    """(kind, sm) of every image in a binary's CUDA fat binaries (header magic 0xBA55ED50)."""
+    magic, entries = struct.pack("<I", 0xBA55ED50), []
+    start = data.find(magic)
+    while start != -1:
+        header_size, total = struct.unpack_from("<HQ", data, start + 6)
+        offset, end = start + header_size, start + header_size + total
+        while offset < end:
+            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, offset)
+            entries.append(({1: "ptx", 2: "cubin"}.get(kind, str(kind)), struct.unpack_from("<I", data, offset + 28)[0]))
+            offset += entry_header + size
+        start = data.find(magic, end)
+    return entries
+
+
+def test_library_holds_code_for_every_target(library):
+    """sm_75 .. sm_90 machine code (sm_87 = Jetson Orin) plus PTX, as the CMake project asks."""
+    entries = fatbin_entries(library.read_bytes())
+    assert sorted(set(entries)) == [("cubin", sm) for sm in (75, 80, 86, 87, 89, 90)] + [("ptx", 90)]
+
+
+def test_loads_into_tensorrt_rtx_and_creates_every_method(library):
+    trt = pytest.importorskip("tensorrt_rtx")
+    registry = trt.get_plugin_registry()
+    assert registry.load_library(str(library)) is not None
+    creator = registry.get_creator(OP_TYPE, "1", DOMAIN)
+    assert creator is not None
+    assert [f.name for f in creator.field_names] == ["method", "variant", "K", "protected", "margin", "alpha", "turbo_weight"]
+    for rule in RULES:
+        node = MergeNode(rule, out_tokens=150, protected=1)
+        plugin = creator.create_plugin("check", _fields(trt, node.attributes()), trt.TensorRTPhase.BUILD)
+        assert plugin is not None, rule
+        core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+        assert (core.plugin_name, core.plugin_version, core.plugin_namespace) == (OP_TYPE, "1", DOMAIN)
+        assert plugin.get_capability_interface(trt.PluginCapabilityType.BUILD).num_outputs == 3
+    assert creator.create_plugin("bad", _fields(trt, {"method": "median", "K": 3}), trt.TensorRTPhase.BUILD) is None
+
+
+def test_build_interface_answers_correctly(library, tmp_path):
+    """tests/cpp/plugin_check.cpp calls the plugin's C++ interfaces directly (TensorRT-RTX's Python
+    bindings cannot call a C++ plugin's build methods, and its network has no addPluginV3)."""
+    headers = plugins._kernel_lens_headers()
+    assert headers is not None
+    program = tmp_path / "plugin_check"
+    subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-isystem", str(headers), "-I/usr/local/cuda/include",
+                    str(REPO / "tests" / "cpp" / "plugin_check.cpp"), "-ldl", "-o", str(program)], check=True)
+    done = subprocess.run([str(program), str(library)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "0 failed"
+    assert sum(line.startswith("ok ") for line in lines) == 6 * 22 + 7  # 22 checks per method, 7 shared
+
+
+def _inputs(rule: LayerRule, seed: int, n=197, c=48, d=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, n, c, generator=g).to(dtype)
+    metric = torch.randn(3, n, d, generator=g).to(dtype)
+    size = torch.randint(1, 4, (3, n, 1), generator=g).float()
+    cls_attn = torch.rand(3, n, generator=g).softmax(-1) if rule.name == "turbo" else None
+    return x, metric, size, cls_attn
+
+
+def _run_function(node: MergeNode, x, metric, size, cls_attn, opset=18):
+    """The node exactly as an exported model holds it: a custom node plus its local function."""
+    names = input_names(node)
+    function = as_function(reference_model(node, x, metric, opset), "layer0")
+    call = onnx.helper.make_node(OP_TYPE, names, ["merged_x", "merged_size", "slots"], domain=DOMAIN, overload="layer0",
+                                 **node.attributes(), plugin_namespace=DOMAIN, plugin_version="1")
+    elem = onnx.helper.np_dtype_to_tensor_dtype(x.numpy().dtype)
+    values = [x, metric, size] + ([cls_attn] if cls_attn is not None else [])
+    graph = onnx.helper.make_graph(
+        [call], "node",
+        [onnx.helper.make_tensor_value_info(n, elem if n in ("x", "metric") else onnx.TensorProto.FLOAT, None) for n in names],
+        [onnx.helper.make_tensor_value_info(n, t, None) for n, t in
+         (("merged_x", elem), ("merged_size", onnx.TensorProto.FLOAT), ("slots", onnx.TensorProto.INT32))],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, 1)],
+                                   functions=[function], ir_version=10)
+    node_again = MergeNode.from_node(call)
+    assert node_again == node
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {n: v.numpy() for n, v in zip(names, values)})
+
+
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_node_reference_equals_pytorch_and_numpy(rule, seed):
+    protected = 1 + seed
+    removed = (197 - protected) // 2 if rule.name == "pitome" else 60  # pitome at its most
+    node = MergeNode(rule, out_tokens=197 - removed, protected=protected)
+    x, metric, size, cls_attn = _inputs(rule, seed)
+    got_x, got_size, got_slots = _run_function(node, x, metric, size, cls_attn)
+    want_x, want_size, want_slots = reference(node, x, metric, size, cls_attn)
+    assert got_slots.dtype == np.int32 and got_slots.shape == (3, 197)
+    np.testing.assert_array_equal(got_slots, want_slots.numpy())
+    np.testing.assert_allclose(got_x, want_x.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got_size, want_size.numpy())
+    # The independent NumPy reference, given the node's attributes as one layer's knobs.
+    variant = {"plain": "plain", "text": "text", "bsm": "bsm-early"}[rule.variant]
+    slots, info = reference_plan(
+        rule.name, metric.double().numpy(), 197 - node.out_tokens, protected=node.protected, layer=0,
+        num_layers=2 if variant == "bsm-early" else 1, margin=rule.margin, alpha=rule.alpha, pitome_variant=variant,
+        cls_attn=None if cls_attn is None else cls_attn.double().numpy(), turbo_alpha=rule.turbo_weight / 30.0,
+        return_info=True,
+    )
+    if info["min_gap"] > 1e-5:  # fp32 and fp64 may order a closer pair differently
+        np.testing.assert_array_equal(got_slots, slots)
+
+
+def test_node_reference_in_fp16():
+    node = MergeNode(LayerRule("pitome", margin=0.9), out_tokens=120, protected=1)
+    x, metric, size, _ = _inputs(node.rule, 3, dtype=torch.float16)
+    got_x, got_size, got_slots = _run_function(node, x, metric, size, None)
+    want_x, want_size, want_slots = reference(node, x, metric, size)
+    assert got_x.dtype == np.float16 and got_size.dtype == np.float32
+    assert (got_slots == want_slots.numpy()).mean() > 0.95  # fp16 keys may round differently
+    same = (got_slots == want_slots.numpy()).all(-1)
+    np.testing.assert_allclose(got_x[same].astype(np.float32), want_x[same].float().numpy(), atol=2e-3)
+
+
+def test_layer_rules_match_the_per_layer_knobs():
+    cfg = MethodConfig(name="pitome", margin=0.9, pitome_variant="bsm-early", turbo_alpha=2.0, turbo_beta=0.5, turbo_gamma=1.0)
+    assert cfg.for_layer(3, 12) == LayerRule("pitome", margin=0.9 - 0.9 * 3 / 12, alpha=1.0, variant="bsm", turbo_weight=0.5**2 * 2.0 * 30)
+    assert cfg.for_layer(6, 12).variant == "plain"
+
+
+@pytest.fixture(scope="module")
+def vit_b_plugin(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plugin-export") / "vit.onnx"
+    manifest = export("timm:vit_base_patch16_224", path, method="pitome", r=0.9, lowering="plugin", seed=0, log=lambda *_: None)
+    return path, manifest
+
+
+def test_vit_b_plugin_export_validates_and_records_the_lowering(vit_b_plugin):
+    path, manifest = vit_b_plugin
+    model = onnx.load(str(path))
+    nodes = [n for n in model.graph.node if n.op_type == OP_TYPE]
+    assert len(nodes) == 12 and manifest["plugin"]["nodes"] == 12
+    assert manifest["lowering"] == "plugin" and manifest["validation"]["passed"]
+    assert manifest["validation"]["max_abs_error"] < 1e-4 and manifest["validation"]["merge_agreement"] >= 0.95
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attributes["plugin_namespace"] == b"tokenfuse" and attributes["plugin_version"] == b"1"
+    assert attributes["K"] == manifest["schedule"][0] and attributes["method"] == b"pitome"
+    assert len(model.functions) == 12 and {f.overload for f in model.functions} == {n.overload for n in nodes}
+    assert not any(o.name.startswith("merge_slots") for o in model.graph.output)
+    json.loads(path.with_suffix(".json").read_text())  # written beside it
+
+
+@pytest.mark.parametrize("method", ["tome", "crossget", "turbo"])
+def test_other_methods_export_with_the_plugin_lowering(method, tmp_path):
+    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", method=method, r=0.9, lowering="plugin", log=lambda *_: None)
+    assert manifest["validation"]["passed"] and manifest["plugin"]["nodes"] > 0
+
+
+def test_fp16_plugin_export_validates(tmp_path):
+    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", method="pitome", lowering="plugin", dtype="fp16", log=lambda *_: None)
+    assert manifest["validation"]["passed"] and manifest["dtype"] == "fp16"
+
+
+def test_tensorrt_rtx_stops_where_documented(vit_b_plugin, library, tmp_path):
+    """TensorRT-RTX 1.7 without a GPU parses up to the first plugin node, finds and creates the
+    plugin, then aborts inside its ONNX parser. If a later release gets further, the engine must
+    build with the plugin layer in it."""
+    path, _ = vit_b_plugin
+    done = parse_with_plugin(path, library)
+    log = done.stdout + done.stderr
+    assert "Successfully created plugin: SimilarityEnergyMerge" in log
+    out = tmp_path / "vit.engine"
+    if done.returncode == 0:
+        sidecar = build_engine(path, out, batch=(1, 2, 4), plugins=str(library), log=lambda *_: None)
+        assert out.is_file() and sidecar["plugin_library"]["path"] == str(library)
+    else:
+        assert done.returncode == -6 and "terminate called" in log
+        with pytest.raises(UsageError, match="aborted .* while importing the SimilarityEnergyMerge plugin node"):
+            build_engine(path, out, batch=(1, 2, 4), plugins=str(library), log=lambda *_: None)
+        assert not out.exists()
+
+
+def test_cli_plugin_path_and_refusals(library, vit_b_plugin, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TOKENFUSE_PLUGIN_DIR", str(library.parent))
+    assert main(["plugin", "path"]) == 0
+    assert capsys.readouterr().out.strip() == str(library)
+    monkeypatch.setenv("TOKENFUSE_PLUGIN_DIR", str(tmp_path / "empty"))
+    assert main(["plugin", "path"]) == 2
+    assert "run: tokenfuse plugin build" in capsys.readouterr().err
+    # a model with plugin nodes and no library built: build says what to do
+    assert main(["build", str(vit_b_plugin[0]), "-o", str(tmp_path / "x.engine")]) == 2
+    assert "no plugin library was found; run `tokenfuse plugin build`" in capsys.readouterr().err
+    assert not (tmp_path / "x.engine").exists()
+
+
+def test_plugin_build_names_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(plugins, "_kernel_lens_headers", lambda: None)
+    monkeypatch.delenv("TENSORRT_ROOT", raising=False)
+    with pytest.raises(UsageError, match="TensorRT headers .* not found"):
+        plugins.build(tmp_path, architectures="75-real", log=lambda *_: None)
+    assert not (tmp_path / plugins.LIBRARY_NAME).exists()
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "cmake" else real_which(name))
+    with pytest.raises(UsageError, match="cmake not found"):
+        plugins.build(tmp_path, log=lambda *_: None)
+
+
+def test_lowering_refusals(minilm_path, tmp_path):
+    with pytest.raises(UsageError, match="supports image encoders"):
+        export(f"hf:{minilm_path}", tmp_path / "t.onnx", lowering="plugin", log=lambda *_: None)
+    with pytest.raises(UsageError, match="needs a merge method"):
+        export("timm:vit_tiny_patch16_224", tmp_path / "n.onnx", method="none", lowering="plugin", log=lambda *_: None)
+    with pytest.raises(UsageError, match="--lowering 'graph'"):
+        export("timm:vit_tiny_patch16_224", tmp_path / "n.onnx", lowering="graph", log=lambda *_: None)
+    assert not list(tmp_path.iterdir())
