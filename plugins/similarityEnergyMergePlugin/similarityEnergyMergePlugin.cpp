@@ -64,34 +64,27 @@ std::string text(PluginField const& field)
     return value.substr(0, value.find('\0'));
 }
 
+//! A one-element field stored as `Narrow` (type tag `narrow`) or `Wide` (`wide`), read as T.
+template <typename T, typename Narrow, typename Wide>
+bool scalar(PluginField const& field, PluginFieldType narrow, PluginFieldType wide, T& value)
+{
+    if (field.length != 1 || (field.type != narrow && field.type != wide))
+    {
+        return false;
+    }
+    value = field.type == narrow ? static_cast<T>(*static_cast<Narrow const*>(field.data))
+                                 : static_cast<T>(*static_cast<Wide const*>(field.data));
+    return true;
+}
+
 bool integer(PluginField const& field, int32_t& value)
 {
-    if (field.type == PluginFieldType::kINT32 && field.length == 1)
-    {
-        value = *static_cast<int32_t const*>(field.data);
-        return true;
-    }
-    if (field.type == PluginFieldType::kINT64 && field.length == 1)
-    {
-        value = static_cast<int32_t>(*static_cast<int64_t const*>(field.data));
-        return true;
-    }
-    return false;
+    return scalar<int32_t, int32_t, int64_t>(field, PluginFieldType::kINT32, PluginFieldType::kINT64, value);
 }
 
 bool real(PluginField const& field, float& value)
 {
-    if (field.type == PluginFieldType::kFLOAT32 && field.length == 1)
-    {
-        value = *static_cast<float const*>(field.data);
-        return true;
-    }
-    if (field.type == PluginFieldType::kFLOAT64 && field.length == 1)
-    {
-        value = static_cast<float>(*static_cast<double const*>(field.data));
-        return true;
-    }
-    return false;
+    return scalar<float, float, double>(field, PluginFieldType::kFLOAT32, PluginFieldType::kFLOAT64, value);
 }
 
 //! Reads the fields into `out`; returns why they are invalid, or an empty string.
