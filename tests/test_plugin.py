@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -112,7 +113,8 @@ def test_build_interface_answers_correctly(library, tmp_path):
     headers = plugins._kernel_lens_headers()
     assert headers is not None
     program = tmp_path / "plugin_check"
-    subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-isystem", str(headers), "-I/usr/local/cuda/include",
+    cuda_include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")  # cuda_runtime_api.h, for the headers
+    subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-isystem", str(headers), "-I", str(cuda_include),
                     str(REPO / "tests" / "cpp" / "plugin_check.cpp"), "-ldl", "-o", str(program)], check=True)
     done = subprocess.run([str(program), str(library)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
