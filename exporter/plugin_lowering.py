@@ -173,8 +173,8 @@ def as_function(model: onnx.ModelProto, overload: str) -> onnx.FunctionProto:
     )
 
 
-def attach_functions(model: onnx.ModelProto, recorded: list, opset: int) -> int:
-    """Give every plugin node of `model` its reference function; returns the number of nodes."""
+def attach_functions(model: onnx.ModelProto, recorded: list, opset: int) -> None:
+    """Give every plugin node of `model` its reference function."""
     nodes = [n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
     if len(nodes) != len(recorded):
         raise RuntimeError(f"traced {len(recorded)} merge steps but the graph has {len(nodes)} {OP_TYPE} nodes")
@@ -185,4 +185,3 @@ def attach_functions(model: onnx.ModelProto, recorded: list, opset: int) -> int:
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     model.ir_version = max(model.ir_version, MIN_IR_VERSION)
-    return len(nodes)

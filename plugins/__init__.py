@@ -89,9 +89,8 @@ def build(build_dir: Path | None = None, *, architectures: str = DEFAULT_ARCHITE
     root = tensorrt_root or os.environ.get("TENSORRT_ROOT")
     if root:
         configure.append(f"-DTENSORRT_ROOT={root}")
-    fallback = _kernel_lens_headers()
-    if fallback is not None:
-        configure.append(f"-DKERNEL_LENS_INCLUDE_DIR={fallback}")
+    # Defined even when empty, so CMake does not look for kernel-lens in some other Python.
+    configure.append(f"-DKERNEL_LENS_INCLUDE_DIR={_kernel_lens_headers() or ''}")
     build_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cmake-", dir=build_dir) as scratch:
         steps = (
