@@ -32,7 +32,7 @@ def _add_export(sub):
         description="Export a token-merged model to ONNX (dynamic batch, static token budgets, TensorRT-importable ops), "
         "validate it in ONNX Runtime against PyTorch and write the manifest beside it.",
     )
-    p.add_argument("--model", required=True, help="timm:NAME (random init unless --weights) or hf:DIR (local Hugging Face directory)")
+    p.add_argument("--model", required=True, help="timm:NAME (timm's pretrained weights, from the Hugging Face cache or a download) or hf:DIR|ORG/NAME (a local Hugging Face directory or a hub id)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path; the manifest is written beside it as .json")
     p.add_argument("--method", default="pitome", choices=METHODS, help="merge method (default: pitome; none = unmerged baseline)")
     budget = p.add_argument_group("token budget")
@@ -41,6 +41,7 @@ def _add_export(sub):
     budget.add_argument("--min-tokens", type=int, help="never keep fewer tokens than this")
     model = p.add_argument_group("model")
     model.add_argument("--weights", help="state dict (.pth/.pt/.safetensors) for a timm model")
+    model.add_argument("--random-init", action="store_true", help="random weights for a timm model (no pretrained weights, no download)")
     model.add_argument("--seq-len", type=int, help="fixed sequence length of text models (default: 128 for BERT, the maximum, 77, for CLIP text)")
     model.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower to export (default vision)")
     model.add_argument("--metric", choices=("keys", "hidden"), help="similarity measured on attention keys or hidden states (default: keys; hidden for CLIP)")
@@ -69,7 +70,7 @@ def _run_export(args) -> int:
 
     knobs = ("min_tokens", "prop_attn", "metric", "margin", "alpha", "pitome_variant", "turbo_alpha", "turbo_beta", "turbo_gamma", "turbo_threshold")
     result = export(
-        args.model, args.output, method=args.method, r=args.r, schedule=args.schedule, weights=args.weights,
+        args.model, args.output, method=args.method, r=args.r, schedule=args.schedule, weights=args.weights, random_init=args.random_init,
         seq_len=args.seq_len, tower=args.tower, opset=args.opset, dtype=args.dtype, validate=args.validate, seed=args.seed,
         lowering=args.lowering, **{k: getattr(args, k) for k in knobs},
     )

@@ -153,7 +153,7 @@ def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Pa
     target = workdir / "baseline-none.onnx"
     log(f"exporting the unmerged baseline of {manifest['model']} (--method none) to {target}")
     export(
-        manifest["model"], target, method="none", weights=settings.get("weights"), seq_len=settings.get("seq_len"),
+        manifest["model"], target, method="none", weights=settings.get("weights"), random_init=settings.get("random_init", False), seq_len=settings.get("seq_len"),
         tower=settings.get("tower", "vision"), validate=False, log=lambda *_: None,
     )
     return target

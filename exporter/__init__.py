@@ -2,7 +2,7 @@
 
     from tokenfuse.exporter import patch, export
     model = patch(timm.create_model("vit_base_patch16_224"), method="pitome", r=0.9)
-    manifest = export("timm:vit_base_patch16_224", "vit.onnx", method="pitome", r=0.9)
+    manifest = export("timm:vit_base_patch16_224", "vit.onnx", method="pitome", r=0.9)  # timm's pretrained weights
 """
 
 from __future__ import annotations
@@ -47,17 +47,18 @@ def patch(model: torch.nn.Module, method: str = "pitome", r: float | int | None 
 
 
 def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", r=None, schedule=None,
-           weights: str | None = None, seq_len: int | None = None, tower: str = "vision", opset: int = DEFAULT_OPSET,
+           weights: str | None = None, random_init: bool = False, seq_len: int | None = None, tower: str = "vision", opset: int = DEFAULT_OPSET,
            dtype: str = "fp32", validate: bool = True, seed: int | None = None, lowering: str = "onnx", log=print,
            **options) -> dict:
     """What `tokenfuse export` does: load, plan the budget, export, validate, write .onnx + .json.
 
-    Given an Adapter, its model is converted in place to `dtype`. `lowering` is how each merge is
-    written: standard ONNX ops, or one SimilarityEnergyMerge node for the TensorRT plugin.
+    Given an Adapter, its model is converted in place to `dtype`. `random_init` asks for random
+    weights (timm models). `lowering` is how each merge is written: standard ONNX ops, or one
+    SimilarityEnergyMerge node for the TensorRT plugin.
     """
     if lowering not in LOWERINGS:
         raise UsageError(f"--lowering {lowering!r}: choose {' or '.join(LOWERINGS)}")
-    adapter = model if isinstance(model, Adapter) else load_model(model, weights=weights, seq_len=seq_len, tower=tower)
+    adapter = model if isinstance(model, Adapter) else load_model(model, weights=weights, random_init=random_init, seq_len=seq_len, tower=tower)
     if lowering == "plugin" and adapter.is_text:
         raise UsageError(f"--lowering plugin supports image encoders; {adapter.name} is a text encoder (padding masks, "
                          "causal positions), export it with --lowering onnx")
@@ -72,6 +73,8 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
         "requested_schedule": list(schedule) if schedule else None,
         "min_tokens": merge_options.min_tokens,
         "weights": str(Path(weights).resolve()) if weights else None,
+        "random_init": random_init,
+        "source": model if isinstance(model, str) else adapter.name,  # as named; "model" is where it was loaded from
         "tower": tower,
     }
     if adapter.is_text:

@@ -55,6 +55,7 @@ class TokenState:
     merged: bool = False  # has any layer merged yet (sizes no longer all 1)
     slots: list[Tensor] = field(default_factory=list)  # each merging layer's dst_slot
     replay: list[Tensor] | None = None  # slots to apply instead of the decided ones (validation)
+    mask: Tensor | None = None  # [B,N] the input attention mask (pooling by input position)
 
     @classmethod
     def start(cls, x: Tensor, **fields) -> "TokenState":

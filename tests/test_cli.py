@@ -22,7 +22,7 @@ def _run(args, tmp_path, capsys):
 def test_headline_command_through_the_installed_entry_point(tmp_path):
     out = tmp_path / "vit.onnx"
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "tokenfuse"), "export", "--model", "timm:vit_base_patch16_224", "--method", "pitome", "--r", "0.9", "-o", str(out)],
+        [str(Path(sys.executable).parent / "tokenfuse"), "export", "--model", "timm:vit_base_patch16_224", "--random-init", "--method", "pitome", "--r", "0.9", "-o", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -36,7 +36,7 @@ def test_headline_command_through_the_installed_entry_point(tmp_path):
 def test_export_no_validate_and_options_reach_the_manifest(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     code, stdout, _ = _run(
-        ["export", "--model", "timm:deit_tiny_distilled_patch16_224", "--method", "tome", "--r", "13",
+        ["export", "--model", "timm:deit_tiny_distilled_patch16_224", "--random-init", "--method", "tome", "--r", "13",
          "--no-prop-attn", "--metric", "hidden", "--no-validate", "-o", str(out)], tmp_path, capsys)
     assert code == 0
     manifest = json.loads(out.with_suffix(".json").read_text())
@@ -67,19 +67,19 @@ BAD = {
     "missing hf dir": ["--model", "hf:{missing}"],
     "unknown source": ["--model", "torchvision:vit_b_16"],
     "no source prefix": ["--model", "vit_base_patch16_224"],
-    "too large integer r": ["--model", "timm:vit_tiny_patch16_224", "--r", "120"],
-    "r of one": ["--model", "timm:vit_tiny_patch16_224", "--r", "1.0"],
-    "r of zero": ["--model", "timm:vit_tiny_patch16_224", "--r", "0"],
-    "r not a number": ["--model", "timm:vit_tiny_patch16_224", "--r", "lots"],
-    "short schedule": ["--model", "timm:vit_tiny_patch16_224", "--schedule", "180,160"],
-    "bad schedule": ["--model", "timm:vit_tiny_patch16_224", "--schedule", "180,x"],
-    "min tokens under protected": ["--model", "timm:vit_tiny_patch16_224", "--min-tokens", "1"],
+    "too large integer r": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--r", "120"],
+    "r of one": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--r", "1.0"],
+    "r of zero": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--r", "0"],
+    "r not a number": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--r", "lots"],
+    "short schedule": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--schedule", "180,160"],
+    "bad schedule": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--schedule", "180,x"],
+    "min tokens under protected": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--min-tokens", "1"],
     "corrupt weights": ["--model", "timm:vit_tiny_patch16_224", "--weights", "{corrupt}"],
     "mismatched weights": ["--model", "timm:vit_tiny_patch16_224", "--weights", "{wrong}"],
     "missing weights": ["--model", "timm:vit_tiny_patch16_224", "--weights", "{missing}"],
-    "unknown method": ["--model", "timm:vit_tiny_patch16_224", "--method", "fastest"],
-    "low opset": ["--model", "timm:vit_tiny_patch16_224", "--opset", "13"],
-    "bad margin": ["--model", "timm:vit_tiny_patch16_224", "--margin", "1.5"],
+    "unknown method": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--method", "fastest"],
+    "low opset": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--opset", "13"],
+    "bad margin": ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--margin", "1.5"],
     "seq len too long": ["--model", "hf:{minilm}", "--seq-len", "4096"],
     "tower of a non-CLIP model": ["--model", "hf:{minilm}", "--tower", "text"],
 }
@@ -106,7 +106,7 @@ def test_argparse_errors_are_one_line_with_exit_2(tmp_path):
 
 
 def test_wrong_output_suffix_refused(tmp_path, capsys):
-    code, _, err = _run(["export", "--model", "timm:vit_tiny_patch16_224", "-o", str(tmp_path / "model.trt")], tmp_path, capsys)
+    code, _, err = _run(["export", "--model", "timm:vit_tiny_patch16_224", "--random-init", "-o", str(tmp_path / "model.trt")], tmp_path, capsys)
     assert code == 2 and "must end in .onnx" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -120,6 +120,6 @@ def test_failed_export_leaves_no_partial_files(tmp_path, monkeypatch, capsys):
                 "free_running_max_abs_error": 1.0, "passed": False, "failures": ["max_abs_error 1 (at most 0.001)"]}
 
     monkeypatch.setattr(onnx_export, "validate", failing)
-    code, _, err = _run(["export", "--model", "timm:vit_tiny_patch16_224", "-o", str(tmp_path / "m.onnx")], tmp_path, capsys)
+    code, _, err = _run(["export", "--model", "timm:vit_tiny_patch16_224", "--random-init", "-o", str(tmp_path / "m.onnx")], tmp_path, capsys)
     assert code == 2 and "validation failed" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

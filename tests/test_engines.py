@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
     """A small ViT exported merged (pitome r=0.9), with its manifest."""
     root = tmp_path_factory.mktemp("engines")
     path = root / "tiny.onnx"
-    export("timm:vit_tiny_patch16_224", path, method="pitome", r=0.9, log=lambda *_: None)
+    export("timm:vit_tiny_patch16_224", path, random_init=True, method="pitome", r=0.9, log=lambda *_: None)
     return path
 
 

@@ -25,7 +25,7 @@ MODELS = ["vit", "minilm"]
 
 @pytest.fixture(scope="module")
 def adapters(minilm_path):
-    return {"vit": load_model("timm:vit_base_patch16_224"), "minilm": load_model(f"hf:{minilm_path}", seq_len=128)}
+    return {"vit": load_model("timm:vit_base_patch16_224", random_init=True), "minilm": load_model(f"hf:{minilm_path}", seq_len=128)}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_fp16_export_validates_keeps_fp32_io_and_builds(tmp_path, minilm_path):
     """fp16 computes in half precision but keeps similarity, energy, softmax sums and sizes in
     fp32; inputs and outputs stay fp32. TensorRT's strongly typed build takes the graph's types."""
     path = tmp_path / "vit16.onnx"
-    manifest = export("timm:vit_base_patch16_224", path, method="pitome", r=0.9, dtype="fp16", seed=3, log=lambda *_: None)
+    manifest = export("timm:vit_base_patch16_224", path, random_init=True, method="pitome", r=0.9, dtype="fp16", seed=3, log=lambda *_: None)
     assert manifest["dtype"] == "fp16" and manifest["validation"]["passed"], manifest["validation"]
     assert manifest["validation"]["max_rel_error"] <= 2e-2 and manifest["validation"]["cosine_min"] >= 0.999
     assert {o["dtype"] for o in manifest["inputs"] + manifest["outputs"]} == {"float32"}

@@ -199,7 +199,7 @@ def test_layer_rules_match_the_per_layer_knobs():
 @pytest.fixture(scope="module")
 def vit_b_plugin(tmp_path_factory):
     path = tmp_path_factory.mktemp("plugin-export") / "vit.onnx"
-    manifest = export("timm:vit_base_patch16_224", path, method="pitome", r=0.9, lowering="plugin", seed=0, log=lambda *_: None)
+    manifest = export("timm:vit_base_patch16_224", path, random_init=True, method="pitome", r=0.9, lowering="plugin", seed=0, log=lambda *_: None)
     return path, manifest
 
 
@@ -220,12 +220,12 @@ def test_vit_b_plugin_export_validates_and_records_the_lowering(vit_b_plugin):
 
 @pytest.mark.parametrize("method", ["tome", "crossget", "turbo"])
 def test_other_methods_export_with_the_plugin_lowering(method, tmp_path):
-    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", method=method, r=0.9, lowering="plugin", log=lambda *_: None)
+    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", random_init=True, method=method, r=0.9, lowering="plugin", log=lambda *_: None)
     assert manifest["validation"]["passed"] and manifest["plugin"]["nodes"] > 0
 
 
 def test_fp16_plugin_export_validates(tmp_path):
-    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", method="pitome", lowering="plugin", dtype="fp16", log=lambda *_: None)
+    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", random_init=True, method="pitome", lowering="plugin", dtype="fp16", log=lambda *_: None)
     assert manifest["validation"]["passed"] and manifest["dtype"] == "fp16"
 
 
@@ -277,7 +277,7 @@ def test_lowering_refusals(minilm_path, tmp_path, capsys):
     assert main(["export", "--model", f"hf:{minilm_path}", "-o", str(tmp_path / "t.onnx"), "--lowering", "plugin"]) == 2
     assert "supports image encoders" in capsys.readouterr().err
     with pytest.raises(UsageError, match="needs a merge method"):
-        export("timm:vit_tiny_patch16_224", tmp_path / "n.onnx", method="none", lowering="plugin", log=lambda *_: None)
+        export("timm:vit_tiny_patch16_224", tmp_path / "n.onnx", random_init=True, method="none", lowering="plugin", log=lambda *_: None)
     with pytest.raises(UsageError, match="--lowering 'graph'"):
-        export("timm:vit_tiny_patch16_224", tmp_path / "n.onnx", lowering="graph", log=lambda *_: None)
+        export("timm:vit_tiny_patch16_224", tmp_path / "n.onnx", random_init=True, lowering="graph", log=lambda *_: None)
     assert not list(tmp_path.iterdir())

@@ -50,7 +50,7 @@ class Server:
 @pytest.fixture(scope="module")
 def vision_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "tiny.onnx"
-    export("timm:vit_tiny_patch16_224", path, method="pitome", r=0.9, validate=False, log=lambda *_: None)
+    export("timm:vit_tiny_patch16_224", path, random_init=True, method="pitome", r=0.9, validate=False, log=lambda *_: None)
     return path
 
 

@@ -19,7 +19,7 @@ from tokenfuse.exporter.errors import UsageError
 def exported(tmp_path_factory, minilm_path):
     root = tmp_path_factory.mktemp("triton")
     vit, text = root / "vit.onnx", root / "minilm.onnx"
-    export("timm:vit_tiny_patch16_224", vit, method="tome", r=13, validate=False, log=lambda *_: None)
+    export("timm:vit_tiny_patch16_224", vit, random_init=True, method="tome", r=13, validate=False, log=lambda *_: None)
     export(f"hf:{minilm_path}", text, method="pitome", r=0.9, seq_len=64, validate=False, log=lambda *_: None)
     return vit, text
 

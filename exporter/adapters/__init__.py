@@ -7,7 +7,6 @@ turns the final tokens into outputs. The merge logic lives in `encoder` and `met
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,7 @@ class Adapter:
     family = ""
     metric = "keys"  # what similarity is measured on, by default
     prop_attn = True  # proportional attention by default (off for MAE-style models)
+    pooling = None  # a text encoder's `embedding` pooling (pooling.Pooling), recorded in the manifest
 
     def __init__(self, model: torch.nn.Module, name: str):
         self.model = model
@@ -241,19 +241,24 @@ def load_state_dict(path: str) -> dict:
     return state
 
 
-def load_model(spec: str, *, weights: str | None = None, seq_len: int | None = None, tower: str = "vision") -> Adapter:
-    """Create the adapter for a model named `timm:NAME` or `hf:PATH`."""
+def load_model(spec: str, *, weights: str | None = None, random_init: bool = False, seq_len: int | None = None,
+               tower: str = "vision") -> Adapter:
+    """Create the adapter for a model named `timm:NAME` (timm's pretrained weights, unless `weights`
+    or `random_init`) or `hf:PATH` (a local directory or a Hugging Face hub id ORG/NAME)."""
+    from ..sources import check_weight_choice, hf_directory
+
+    check_weight_choice(weights, random_init)
     prefix, _, rest = spec.partition(":")
     if not rest:
         raise UsageError(f"--model {spec!r}: name it timm:NAME or hf:PATH")
     if prefix == "timm":
         from .timm_vit import load_timm
 
-        adapter = load_timm(rest, weights)
+        adapter = load_timm(rest, weights, random_init)
     elif prefix == "hf":
-        if weights:
-            raise UsageError("--weights is for timm models; an hf: directory carries its own weights")
-        adapter = load_hf(rest, seq_len=seq_len, tower=tower)
+        if weights or random_init:
+            raise UsageError(f"--{'weights' if weights else 'random-init'} is for timm models; an hf: model carries its own weights")
+        adapter = load_hf(str(hf_directory(rest)), seq_len=seq_len, tower=tower)
     else:
         raise UsageError(f"--model {spec!r}: unknown source {prefix!r}; use timm:NAME or hf:PATH")
     adapter.model.float().eval()
@@ -262,8 +267,7 @@ def load_model(spec: str, *, weights: str | None = None, seq_len: int | None = N
 
 def load_hf(path: str, *, seq_len: int | None, tower: str) -> Adapter:
     if not Path(path, "config.json").is_file():
-        raise UsageError(f"hf:{path}: not a Hugging Face model directory (no config.json); models load offline from a local directory")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        raise UsageError(f"hf:{path}: not a Hugging Face model directory (no config.json); give a local model directory or a hub id ORG/NAME")
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..budgets import Shape
-from ..encoder import TokenState, weighted_mean
+from ..encoder import TokenState
+from ..pooling import read_pooling
 from . import TextAdapter, attention_view, random_text
 
 
@@ -24,6 +25,7 @@ class Bert(TextAdapter):
         super().__init__(model, name)
         self.set_seq_len(seq_len, DEFAULT_SEQ_LEN, model.config.max_position_embeddings)
         self.heads = model.config.num_attention_heads
+        self.pooling = read_pooling(self.directory)
 
     @classmethod
     def accepts(cls, model):
@@ -69,11 +71,11 @@ class Bert(TextAdapter):
         ids = inputs["input_ids"]
         x = self.model.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
         valid = inputs["attention_mask"] > 0
-        return x, TokenState.start(x, valid=valid)
+        return x, TokenState.start(x, valid=valid, mask=inputs["attention_mask"])
 
     def outputs(self, x, state):
         return {
-            "embedding": weighted_mean(x, state.size, state.valid),
+            "embedding": self.pooling(x, state),
             "last_hidden_state": x,
             "token_sizes": state.size,
             "token_mask": state.valid.to(torch.int64),

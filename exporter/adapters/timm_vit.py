@@ -116,7 +116,7 @@ def _check(model, name: str):
         raise UsageError(f"timm:{name}: dynamic image size models cannot have static token budgets; create it without dynamic_img_size")
 
 
-def load_timm(name: str, weights: str | None) -> TimmViT:
+def load_timm(name: str, weights: str | None, random_init: bool = False) -> TimmViT:
     import timm
 
     if not timm.is_model(name):
@@ -125,6 +125,10 @@ def load_timm(name: str, weights: str | None) -> TimmViT:
         raise UsageError(f"timm:{name}: unknown timm model{hint}; names are timm's, e.g. vit_base_patch16_224")
     model = timm.create_model(name, pretrained=False)
     _check(model, name)
+    if not (weights or random_init):
+        from ..sources import load_timm_pretrained
+
+        model = load_timm_pretrained(name, model)
     if weights:
         state = load_state_dict(weights)
         try:
