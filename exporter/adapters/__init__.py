@@ -308,17 +308,22 @@ def load_hf(path: str, *, seq_len: int | None, tower: str) -> Adapter:
 
 def load_by_structure(path: str, config, seq_len: int | None) -> Adapter:
     """The saved image classifier when the directory holds one (its head is supported), else the
-    base model; then the family whose modules the model has."""
+    base model; the family is picked on a weightless copy, so unsupported models load nothing."""
     import transformers
 
     classifiers = [a for a in config.architectures or [] if "ImageClassification" in a and hasattr(transformers, a)]
     cls = getattr(transformers, classifiers[0]) if classifiers else transformers.AutoModel
     try:
-        model = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+        with torch.device("meta"):
+            skeleton = cls(config) if classifiers else cls.from_config(config)
     except ValueError:  # a config AutoModel has no class for
         raise unsupported(f"hf:{path} (model_type {config.model_type!r})") from None
-    for family in hf_families():
-        if family.accepts(model):
-            name = f"hf:{path}"
-            return family(model, name, seq_len) if issubclass(family, TextAdapter) else family(model, name)
-    raise unsupported(f"hf:{path} ({type(model).__name__})")
+    family = next((f for f in hf_families() if f.accepts(skeleton)), None)
+    if family is None:
+        raise unsupported(f"hf:{path} ({type(skeleton).__name__})")
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+    except OSError as exc:
+        raise UsageError(f"hf:{path}: cannot load the weights ({str(exc).strip().splitlines()[0]})") from None
+    name = f"hf:{path}"
+    return family(model, name, seq_len) if issubclass(family, TextAdapter) else family(model, name)
