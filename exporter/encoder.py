@@ -30,6 +30,7 @@ class BlockView:
     pre_norm: Callable[[Tensor], Tensor] | None = None  # norm1 of pre-norm models
     post_attn_norm: Callable[[Tensor], Tensor] | None = None  # post-norm models
     post_mlp_norm: Callable[[Tensor], Tensor] | None = None
+    position_bias: Callable[[Tensor], Tensor] | None = None  # token positions [B,N] -> [B,H,N,N] (MPNet)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class TokenState:
     valid: Tensor | None = None  # [B,N] bool, False = padding
     positions: Tensor | None = None  # [B,N] causal positions (causal models only)
     frozen: Tensor | None = None  # [B,N] bool: the pooling token at a data-dependent position
+    token_positions: Tensor | None = None  # [B,N] fp32 positions for a relative position bias (MPNet)
     merged: bool = False  # has any layer merged yet (sizes no longer all 1)
     slots: list[Tensor] = field(default_factory=list)  # each merging layer's dst_slot
     replay: list[Tensor] | None = None  # slots to apply instead of the decided ones (validation)
@@ -106,7 +108,11 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
     h = x if view.pre_norm is None else view.pre_norm(x)
     q, k, v = view.qkv(h)
     need_row = merging and settings.method.name == "turbo"
-    attn, cls_attn = attend(q, k, v, attention_bias(state, settings.prop_attn), need_row, state.frozen)
+    bias = attention_bias(state, settings.prop_attn)
+    if view.position_bias is not None:
+        relative = view.position_bias(state.token_positions)
+        bias = relative if bias is None else bias + relative
+    attn, cls_attn = attend(q, k, v, bias, need_row, state.frozen)
     x = x + view.attn_out(attn)
     if view.post_attn_norm is not None:
         x = view.post_attn_norm(x)
@@ -145,6 +151,8 @@ def _merge(settings: MergeSettings, layer: int, n_out: int, x: Tensor, metric: T
     state.slots.append(plan.dst_slot)
     if state.replay is not None:  # decide (recorded above), but apply the given decision
         plan = TokenMerge(state.replay[len(state.slots) - 1], n_out)
+    if state.token_positions is not None:  # before the sizes change: the members' size-weighted mean
+        state.token_positions = _merge_tokens(plan, state.token_positions.unsqueeze(-1), state)[..., 0]
     if state.valid is None:
         x, state.size = plan.merge(x, state.size)
     else:
@@ -155,6 +163,13 @@ def _merge(settings: MergeSettings, layer: int, n_out: int, x: Tensor, metric: T
         state.frozen = (torch.arange(n_out, device=x.device) == n_out - 1).expand(x.shape[0], n_out)
     state.merged = True
     return x
+
+
+def _merge_tokens(plan: TokenMerge, t: Tensor, state: TokenState) -> Tensor:
+    """`t` merged as x is (size-weighted, padding kept out of real tokens), sizes left as they are."""
+    if state.valid is None:
+        return plan.merge(t, state.size)[0]
+    return plan.merge_padded(t, state.size, state.valid)[0]
 
 
 def run_encoder(views: list[BlockView], x: Tensor, state: TokenState, settings: MergeSettings) -> Tensor:
@@ -174,3 +189,10 @@ def weighted_mean(x: Tensor, size: Tensor, keep: Tensor | None = None) -> Tensor
     preserves. Computed in fp32, returned in x's dtype."""
     w = size if keep is None else size * keep.unsqueeze(-1).to(size.dtype)
     return ((x.float() * w).sum(1) / w.sum(1)).to(x.dtype)
+
+
+def pool_attention(q: Tensor, k: Tensor, v: Tensor, size: Tensor) -> Tensor:
+    """A pooling head's attention (learned queries q [B,H,M,d] over the final tokens): each token
+    counts by its size, softmax(q k^T / sqrt(d) + log size), so a merged token weighs what its
+    members did. Always on, like `weighted_mean`, whatever the blocks' proportional attention."""
+    return attend(q, k, v, size[..., 0].log()[:, None, None, :], pool_row=False)[0]

@@ -17,10 +17,13 @@ from ..encoder import BlockView, MergeSettings, TokenState, run_encoder
 from ..errors import UsageError
 
 SUPPORTED = (
-    "timm:<vit_*|deit_*|deit3_*> (timm VisionTransformer, incl. distilled and register-token models)",
-    "hf:<dir> with ViTModel / ViTForImageClassification",
+    "timm:<vit_*|deit_*|deit3_*> (timm VisionTransformer, incl. distilled, register-token and MAP-pooled/SigLIP models)",
+    "hf:<dir> with a ViT-like image encoder (ViT, DeiT incl. distilled, DINOv2 incl. registers)",
     "hf:<dir> with CLIP (vision or text tower)",
-    "hf:<dir> with BertModel (BERT-family encoders, e.g. all-MiniLM-L6-v2)",
+    "hf:<dir> with SigLIP (vision tower)",
+    "hf:<dir> with a BERT-like text encoder (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, e.g. all-MiniLM-L6-v2)",
+    "hf:<dir> with DistilBERT",
+    "hf:<dir> with MPNet",
 )
 
 
@@ -185,15 +188,32 @@ class TextAdapter(Adapter):
 
 def adapter_for(model: torch.nn.Module) -> Adapter:
     """The adapter for an already-built PyTorch model (used by `patch`)."""
-    from .bert import Bert
     from .clip import ClipText, ClipVision
-    from .hf_vit import HfViT
     from .timm_vit import TimmViT
 
-    for family in (TimmViT, HfViT, Bert, ClipVision, ClipText):
+    for family in (TimmViT, ClipVision, ClipText, *hf_families()):
         if family.accepts(model):
             return family.wrap(model)
     raise unsupported(type(model).__name__)
+
+
+def hf_families() -> tuple[type[Adapter], ...]:
+    """Hugging Face families recognised by the modules a model has, not by its model type."""
+    from .bert import Bert, DistilBert, MPNet
+    from .hf_vit import HfViT
+    from .siglip import SiglipVision
+
+    return (HfViT, SiglipVision, Bert, DistilBert, MPNet)
+
+
+def has_modules(model: torch.nn.Module, *paths: str) -> bool:
+    """Whether `model` has a submodule at each dotted path."""
+    try:
+        for path in paths:
+            model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def random_text(batch: int, seq_len: int, vocab: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -211,14 +231,15 @@ def text_spec(seq_len: int) -> list[InputSpec]:
     ]
 
 
-def attention_view(q, k, v, out, heads: int, mlp, pre_norm=None, post_attn_norm=None, post_mlp_norm=None):
+def attention_view(q, k, v, out, heads: int, mlp, pre_norm=None, post_attn_norm=None, post_mlp_norm=None, position_bias=None):
     """A BlockView from separate q/k/v/output projections (Hugging Face style)."""
     from ..encoder import split_heads
 
     def qkv(h):
         return split_heads(q(h), heads), split_heads(k(h), heads), split_heads(v(h), heads)
 
-    return BlockView(qkv=qkv, attn_out=out, mlp=mlp, pre_norm=pre_norm, post_attn_norm=post_attn_norm, post_mlp_norm=post_mlp_norm)
+    return BlockView(qkv=qkv, attn_out=out, mlp=mlp, pre_norm=pre_norm, post_attn_norm=post_attn_norm,
+                     post_mlp_norm=post_mlp_norm, position_bias=position_bias)
 
 
 def load_state_dict(path: str) -> dict:
@@ -278,14 +299,6 @@ def load_hf(path: str, *, seq_len: int | None, tower: str) -> Adapter:
     kind = config.model_type
     if tower != "vision" and kind not in ("clip", "clip_text_model"):
         raise UsageError(f"--tower {tower}: the tower choice applies to CLIP models only, hf:{path} is {kind!r}")
-    if kind == "vit":
-        from .hf_vit import load_hf_vit
-
-        return load_hf_vit(path, config)
-    if kind == "bert":
-        from .bert import load_bert
-
-        return load_bert(path, seq_len)
     if kind in ("clip", "clip_vision_model"):
         from .clip import load_clip_text, load_clip_vision
 
@@ -294,4 +307,27 @@ def load_hf(path: str, *, seq_len: int | None, tower: str) -> Adapter:
         from .clip import load_clip_text
 
         return load_clip_text(path, config, seq_len)
-    raise unsupported(f"hf:{path} (model_type {kind!r})")
+    return load_by_structure(path, config, seq_len)
+
+
+def load_by_structure(path: str, config, seq_len: int | None) -> Adapter:
+    """The saved image classifier when the directory holds one (its head is supported), else the
+    base model; the family is picked on a weightless copy, so unsupported models load nothing."""
+    import transformers
+
+    classifiers = [a for a in config.architectures or [] if "ImageClassification" in a and hasattr(transformers, a)]
+    cls = getattr(transformers, classifiers[0]) if classifiers else transformers.AutoModel
+    try:
+        with torch.device("meta"):
+            skeleton = cls(config) if classifiers else cls.from_config(config)
+    except ValueError:  # a config AutoModel has no class for
+        raise unsupported(f"hf:{path} (model_type {config.model_type!r})") from None
+    family = next((f for f in hf_families() if f.accepts(skeleton)), None)
+    if family is None:
+        raise unsupported(f"hf:{path} ({type(skeleton).__name__})")
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+    except OSError as exc:
+        raise UsageError(f"hf:{path}: cannot load the weights ({str(exc).strip().splitlines()[0]})") from None
+    name = f"hf:{path}"
+    return family(model, name, seq_len) if issubclass(family, TextAdapter) else family(model, name)

@@ -1,9 +1,10 @@
-"""timm VisionTransformer family: vit_*, deit_*, deit3_*, distilled and register-token models."""
+"""timm VisionTransformer family: vit_*, deit_*, deit3_*, distilled, register-token and MAP-pooled
+(`global_pool='map'`, SigLIP-style) models."""
 
 from __future__ import annotations
 
 from ..budgets import Shape
-from ..encoder import BlockView, TokenState, weighted_mean
+from ..encoder import BlockView, TokenState, pool_attention, weighted_mean
 from ..errors import UsageError
 from . import ImageAdapter, load_state_dict, unsupported
 
@@ -75,8 +76,11 @@ class TimmViT(ImageAdapter):
         if self.distilled:
             pooled = (m.head(x[:, 0]) + m.head_dist(x[:, 1])) / 2
         else:
-            if m.global_pool == "avg":
-                p = self.protected
+            p = self.protected
+            if m.attn_pool is not None:
+                p = 0 if m.pool_include_prefix else p
+                pooled = _attention_pool(m.attn_pool, x[:, p:], state.size[:, p:])
+            elif m.global_pool == "avg":
                 pooled = weighted_mean(x[:, p:], state.size[:, p:])
             else:
                 pooled = x[:, 0]
@@ -102,6 +106,18 @@ def _block_view(block) -> BlockView:
     )
 
 
+def _attention_pool(pool, x, size):
+    """timm's AttentionPoolLatent on merged tokens: the latent queries count each token by its size."""
+    b, n, c = x.shape
+    q = pool.q(pool.latent.expand(b, -1, -1)).reshape(b, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
+    k, v = pool.kv(x).reshape(b, n, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    x = pool_attention(pool.q_norm(q), pool.k_norm(k), v, size)
+    x = pool.proj(x)
+    if pool.mlp is not None:
+        x = x + pool.mlp(pool.norm(x))
+    return x[:, 0] if pool.pool == "token" else x.mean(1)
+
+
 def _check(model, name: str):
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
@@ -110,8 +126,11 @@ def _check(model, name: str):
     for block in model.blocks:
         if type(block) is not Block or type(block.attn) is not Attention or getattr(block.attn, "gate", None) is not None:
             raise unsupported(f"timm:{name} (block type {type(block).__name__}/{type(block.attn).__name__})")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
-        raise unsupported(f"timm:{name} (global pool {model.global_pool!r}; token and avg are supported)")
+    if model.global_pool not in ("token", "avg", "map"):
+        raise unsupported(f"timm:{name} (global pool {model.global_pool!r}; token, avg and map are supported)")
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and (pool.pos_embed is not None or pool.pool not in ("token", "avg")):
+        raise unsupported(f"timm:{name} (attention pool with a position embedding or pool {pool.pool!r})")
     if getattr(model, "dynamic_img_size", False):
         raise UsageError(f"timm:{name}: dynamic image size models cannot have static token budgets; create it without dynamic_img_size")
 
