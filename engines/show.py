@@ -255,7 +255,7 @@ def draw_text(words: list[str], maps: dict, path: Path, name: str, method: str, 
         if layer != shown:
             y += 1.4
             kept = len(word_groups(words, maps[layer]))
-            ax.text(0, -y, f"after layer {layer}: {kept} tokens", fontsize=9, weight="bold", va="center")
+            ax.text(0, -y, f"after layer {layer}: {kept} tokens hold the {len(words)} word pieces", fontsize=9, weight="bold", va="center")
             y += 1.1
             shown = layer
         colours = palette(int(maps[layer].max()) + 1)
