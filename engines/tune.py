@@ -247,14 +247,13 @@ def decreasing_schedule(tokens: int, layers: int, mean_r: int) -> tuple[int, ...
 
 
 def default_budgets(tokens: int, layers: int) -> list[Budget]:
-    """Kept ratios (PiToMe), two ToMe-style r, and a decreasing schedule, mildest first."""
-    budgets = [Budget(r=ratio, label=f"r={ratio}") for ratio in (0.95, 0.9, 0.85, 0.8)]
-    for share in (0.25, 0.5):
-        r = max(1, round(tokens * share / layers))
-        budgets.append(Budget(r=r, label=f"r={r}"))
+    """Kept ratios (PiToMe), two ToMe-style r and a decreasing schedule, coarse to fine: the first
+    few span the range, so a tune cut short by its time limit still has a front."""
+    ratio = {k: Budget(r=k, label=f"r={k}") for k in (0.95, 0.9, 0.85, 0.8)}
+    small, large = (max(1, round(tokens * share / layers)) for share in (0.25, 0.5))
     mean_r = max(1, round(tokens * 0.35 / layers))
-    budgets.append(Budget(schedule=decreasing_schedule(tokens, layers, mean_r), label=f"decreasing (mean r={mean_r})"))
-    return budgets
+    decreasing = Budget(schedule=decreasing_schedule(tokens, layers, mean_r), label=f"decreasing (mean r={mean_r})")
+    return [ratio[0.9], ratio[0.8], decreasing, Budget(r=large, label=f"r={large}"), ratio[0.95], ratio[0.85], Budget(r=small, label=f"r={small}")]
 
 
 def parse_budgets(text: str, tokens: int, layers: int) -> list[Budget]:
@@ -389,7 +388,7 @@ def tune(
             raise UsageError(f"--measure {measure}: this {'classifier' if classifier else 'embedding model'} is measured by {', '.join(allowed)}")
         if measure == "accuracy" and dataset.labels is None:
             raise UsageError("--measure accuracy needs labels (class subfolders, 'label' in JSONL or __label__ lines)")
-        fidelity(reference, reference, dataset.labels)  # labels that do not fit the model fail here, before the sweep
+        unmerged = fidelity(reference, reference, dataset.labels)  # labels that do not fit the model fail here, before the sweep
 
         configs = [(method, budget) for budget in grid for method in methods]
         with tqdm(configs, desc="tune", unit="config", disable=None) as progress:
@@ -431,7 +430,7 @@ def tune(
                  "labelled": dataset.labels is not None, "truncated_texts": truncated},
         "measure": measure,
         "target": {"max_drop": max_drop} if min_speedup is None else {"min_speedup": min_speedup},
-        "unmerged": fidelity(reference, reference, dataset.labels),
+        "unmerged": unmerged,
         "batch": batch,
         "machine": machine(),
         "rows": rows,

@@ -164,6 +164,8 @@ def test_fidelity_measures():
 def test_decreasing_schedule():
     assert T.decreasing_schedule(65, 3, 4) == (57, 53, 53)
     assert T.parse_budgets("0.9,4,dec:4", 65, 3)[2].schedule == (57, 53, 53)
+    labels = [b.label for b in T.default_budgets(65, 3)]
+    assert labels == ["r=0.9", "r=0.8", "decreasing (mean r=8)", "r=11", "r=0.95", "r=0.85", "r=5"]
     with pytest.raises(UsageError, match="dec:R needs an integer"):
         T.parse_budgets("dec:x", 65, 3)
 
