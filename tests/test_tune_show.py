@@ -83,6 +83,17 @@ def test_choose_meets_the_target_or_says_the_best_found():
         T.choose([row("a", 1.2, 0.004), row("c", 2.0, 0.05)], "agreement", 0.001, None)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"methods": ("tome", "fast")}, "--methods tome,fast: choose from pitome,tome,crossget,turbo"),
+    ({"max_drop": 0.01, "min_speedup": 1.5}, "give --max-drop or --min-speedup, not both"),
+    ({"batch": 0}, "--batch 0: must be >= 1"),
+    ({"measure": "f1"}, "--measure f1: choose one of"),
+])
+def test_tune_refuses_bad_options_before_any_work(tmp_path, options, message):
+    with pytest.raises(UsageError, match=message):
+        T.tune("hf:/nonexistent", tmp_path / "missing.txt", **options)
+
+
 # --- data readers -------------------------------------------------------------------------------
 
 def test_readers(tmp_path, images):
