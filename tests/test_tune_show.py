@@ -333,3 +333,19 @@ def test_show_bad_input(tmp_path, hf_dirs, images, capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_grayscale_model_gets_one_channel():
+    """A one-channel model (the Fashion-MNIST ViT) gets [B, 1, H, W] from an RGB or grayscale file."""
+    import io
+
+    from PIL import Image
+
+    from tokenfuse.engines.serve import Preprocessor
+
+    prep = Preprocessor({"preprocess": {"kind": "image", "size": [8, 8], "mean": [0.5], "std": [0.25], "interpolation": "bilinear", "crop_pct": 1.0}})
+    for mode in ("L", "RGB"):
+        buffer = io.BytesIO()
+        Image.new(mode, (8, 8), 255 if mode == "L" else (255, 255, 255)).save(buffer, format="PNG")
+        pixels = prep.image(buffer.getvalue())["pixel_values"]
+        assert pixels.shape == (1, 1, 8, 8) and np.allclose(pixels, (1.0 - 0.5) / 0.25)
