@@ -340,8 +340,10 @@ def tune(
     """Sweep methods x budgets on `data`; return the report (front, pick, export command).
 
     `model` is a spec (`timm:NAME`, `hf:DIR`) or an Adapter (for models the CLI cannot name; its
-    report then gives the Python `export` arguments instead of a command); `max_drop` and `min_speedup` are the two kinds of target (default: a
-    drop of at most 0.01). Raises UsageError, writing nothing, when no configuration meets it.
+    report then gives the Python `export` arguments instead of a command); `max_drop` and
+    `min_speedup` are the two kinds of target (default: a drop of at most 0.01). The unmerged model
+    is a candidate too (speedup 1, no drop): where no merge pays on this machine, it is the pick.
+    Raises UsageError, writing nothing, when no configuration meets the target.
     """
     from tqdm import tqdm
 
@@ -371,7 +373,7 @@ def tune(
     if truncated:
         log(f"note: {truncated} of {len(dataset.items)} texts are longer than the model's {shape.tokens} tokens and were cut (--seq-len)")
 
-    rows, skipped = [], []
+    rows, skipped = [], []  # rows: the unmerged model first, then every configuration measured
     with tempfile.TemporaryDirectory(prefix="tokenfuse-tune-") as work:
         quiet = lambda *_: None  # noqa: E731
         base_path = Path(work, "none.onnx")
@@ -389,6 +391,10 @@ def tune(
         if measure == "accuracy" and dataset.labels is None:
             raise UsageError("--measure accuracy needs labels (class subfolders, 'label' in JSONL or __label__ lines)")
         unmerged = fidelity(reference, reference, dataset.labels)  # labels that do not fit the model fail here, before the sweep
+        rows.append({
+            "method": "none", "budget": "unmerged", "flags": [], "export_kwargs": {"method": "none"},
+            "schedule": [shape.tokens] * shape.layers, "flops_ratio": 1.0, "speedup": 1.0, **unmerged, "drop": 0.0,
+        })
 
         configs = [(method, budget) for budget in grid for method in methods]
         with tqdm(configs, desc="tune", unit="config", disable=None) as progress:
@@ -462,7 +468,8 @@ def _kwargs(values: dict) -> str:
 def front_table(report: dict, pick: dict | None) -> str:
     measure = report["measure"]
     extra = [k for k in ("agreement", "accuracy", "cosine", "knn") if any(k in row for row in report["front"])]
-    lines = [f"Pareto front (speedup vs {measure}; {len(report['rows'])} configurations measured, {len(report['skipped'])} skipped):",
+    lines = [f"Pareto front (speedup vs {measure}; the unmerged model and {len(report['rows']) - 1} configurations measured, "
+             f"{len(report['skipped'])} skipped):",
              f"  {'':1} {'method':9} {'budget':26} {'speedup':>7} {'FLOPs':>6} " + " ".join(f"{k:>9}" for k in extra)]
     for row in report["front"]:
         mark = "*" if row is pick else " "

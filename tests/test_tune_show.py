@@ -193,22 +193,26 @@ def test_tune_end_to_end(tmp_path, hf_dirs, images, capsys):
     assert code == 0
     report = json.loads(out_json.read_text())
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the time limit stopped the sweep after the first configuration; the rest are listed as skipped
-    assert len(report["rows"]) == 1 and len(report["skipped"]) == 5
+    # the unmerged model, then the first configuration: the time limit stopped the sweep there
+    assert len(report["rows"]) == 2 and len(report["skipped"]) == 5
     assert {s["reason"] for s in report["skipped"]} == {"time limit"}
-    first = report["rows"][0]
+    unmerged, first = report["rows"]
+    assert (unmerged["method"], unmerged["speedup"], unmerged["drop"], unmerged["schedule"]) == ("none", 1.0, 0.0, [65, 65, 65])
     assert (first["method"], first["schedule"]) == ("tome", [61, 57, 53])
     assert report["data"] == {"path": str(images), "kind": "image", "items": 12, "labelled": True, "truncated_texts": 0}
     assert report["measure"] == "agreement" and 0.0 <= first["agreement"] <= 1.0 and "accuracy" in first
-    assert report["pick"]["method"] == "tome"
-    assert report["export_command"] == f"tokenfuse export --model {spec} -o tome.onnx --method tome --r 4"
+    # --max-drop 1.0 admits both: the pick is the faster one, on the front
+    pick = report["pick"]
+    assert pick == max(report["rows"], key=lambda r: r["speedup"]) and pick["on_front"]
+    flags = " --r 4" if pick["method"] == "tome" else ""
+    assert report["export_command"] == f"tokenfuse export --model {spec} -o {pick['method']}.onnx --method {pick['method']}{flags}"
     assert "Pareto front" in printed and report["export_command"] in printed
 
     # the printed command writes the configuration that was measured
     words = shlex.split(report["export_command"])[1:]
     words[words.index("-o") + 1] = str(tmp_path / "pick.onnx")
     assert main(words + ["--no-validate"]) == 0
-    assert json.loads((tmp_path / "pick.json").read_text())["schedule"] == first["schedule"]
+    assert json.loads((tmp_path / "pick.json").read_text())["schedule"] == pick["schedule"]
 
 
 def test_tune_embedding_model_with_labels(tmp_path, tiny_bert):
@@ -216,15 +220,16 @@ def test_tune_embedding_model_with_labels(tmp_path, tiny_bert):
     data.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(SENTENCES)))
     report = T.tune(f"hf:{tiny_bert}", data, methods=("tome",), budgets="2", seq_len=16, max_drop=1.0, seconds=0.5,
                     min_rounds=2, log=lambda *_: None)
-    (only,) = report["rows"]
+    unmerged, only = report["rows"]
     assert report["measure"] == "knn" and set(only) >= {"cosine", "knn", "accuracy", "unmerged_accuracy"}
     assert report["unmerged"]["knn"] == 1.0 and report["unmerged"]["cosine"] == pytest.approx(1.0)
-    assert report["export_command"].endswith("--r 2 --seq-len 16")
+    pick = report["pick"]["method"]
+    assert report["export_command"].endswith(f"--method {pick}{' --r 2' if pick == 'tome' else ''} --seq-len 16")
 
 
 @pytest.mark.parametrize("case, message", [
     ("few", "--data has 5 items; top-1 agreement needs at least 10"),
-    ("unreachable", "no budget reaches --min-speedup 1000.0: the fastest found is tome r=4"),
+    ("unreachable", "no budget reaches --min-speedup 1000.0: the fastest found is "),
     ("empty", "holds no texts"),
 ])
 def test_tune_bad_input_exits_2_and_writes_nothing(tmp_path, hf_dirs, images, capsys, case, message):
