@@ -152,6 +152,11 @@ def section(title: str, name: str, plot: bool) -> list[str]:
             f"- Pick: **{report['pick']['method']} {report['pick']['budget']}**: speedup {report['pick']['speedup']:.2f}x "
             f"(FLOPs ratio {report['pick']['flops_ratio']:.3f}), {report['measure']} drop {report['pick']['drop']:.4f}.",
         ]
+        merged = [row["speedup"] for row in report["rows"] if row["method"] != "none"]
+        if merged and max(merged) < 1.0:
+            lines.append(f"- No merged configuration was faster than the unmerged model here (measured speedups {min(merged):.2f}x to "
+                         f"{max(merged):.2f}x at batch {report['batch']}): the merge costs more than it saves on this model and "
+                         "machine, so tune picks the unmerged model.")
     else:
         lines += [f"- Exit code {run['exit_code']} after {run['wall_seconds']:.0f} s: `{run['stderr_tail'].strip().splitlines()[-1] if run['stderr_tail'].strip() else ''}`"]
     lines += ["", "Printed by the run:", "", "```", shorten(run["stdout"]).rstrip(), "```", ""]
