@@ -159,6 +159,12 @@ def section(title: str, name: str, plot: bool) -> list[str]:
                          "machine, so tune picks the unmerged model.")
     else:
         lines += [f"- Exit code {run['exit_code']} after {run['wall_seconds']:.0f} s: `{run['stderr_tail'].strip().splitlines()[-1] if run['stderr_tail'].strip() else ''}`"]
+    if report_file.is_file() and run["exit_code"] == 0:
+        measure = report["measure"]
+        lines += ["", "Every configuration measured (the front is a subset):", "",
+                  f"| method | budget | speedup | FLOPs ratio | {measure} | drop | on front | seconds |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['budget']} | {r['speedup']:.2f}x | {r['flops_ratio']:.3f} | {r[measure]:.4f} | {r['drop']:.4f} "
+                  f"| {'yes' if r['on_front'] else ''} | {r.get('seconds', '')} |" for r in report["rows"]]
     lines += ["", "Printed by the run:", "", "```", shorten(run["stdout"]).rstrip(), "```", ""]
     if plot and (DOCS / f"{name}.png").is_file():
         lines += [f"![{title}]({name}.png)", ""]
