@@ -264,6 +264,94 @@ def _run_plugin(args) -> int:
     return 0
 
 
+def _add_tune(sub):
+    p = sub.add_parser(
+        "tune",
+        help="choose a method and budget on your own data: Pareto front of speedup vs fidelity",
+        description="Export every method x budget once, measure its fidelity to the unmerged model on --data through "
+        "ONNX Runtime and its speed with bench's interleaved measurement; print the Pareto front, the pick that meets "
+        "the target and the tokenfuse export command for it.",
+    )
+    p.add_argument("--model", required=True, help="timm:NAME or hf:DIR, as for export")
+    p.add_argument("--data", required=True, help="a folder of images (class subfolders give labels), a text file (one text per line, "
+                   "or fastText __label__X lines) or JSONL ('text', optional 'label')")
+    p.add_argument("--methods", default="pitome,tome,crossget,turbo", help="methods to sweep (default pitome,tome,crossget,turbo)")
+    p.add_argument("--budgets", help="budgets to sweep, comma separated: 0.9 (kept ratio), 8 (tokens removed per layer), "
+                   "dec:8 (decreasing schedule, mean r 8); default: 0.95,0.9,0.85,0.8, two r and a decreasing schedule")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--max-drop", type=float, help="pick the fastest configuration losing at most this much fidelity (default 0.01)")
+    target.add_argument("--min-speedup", type=float, help="pick the most faithful configuration at least this much faster")
+    p.add_argument("--measure", choices=("agreement", "accuracy", "cosine", "knn"),
+                   help="fidelity measure (default: agreement for a classifier, knn (10-nearest-neighbour overlap) for an embedding model)")
+    p.add_argument("--batch", type=int, default=8, help="batch size for fidelity and speed (default 8)")
+    p.add_argument("--weights", help="state dict for a timm model")
+    p.add_argument("--seq-len", type=int, help="fixed sequence length of text models (as for export)")
+    p.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower (default vision)")
+    p.add_argument("--time-limit", type=float, help="stop starting new configurations after this many seconds")
+    p.add_argument("--seconds", type=float, default=10.0, help="speed measurement limit per configuration (default 10)")
+    p.add_argument("--min-rounds", type=int, default=20, help="rounds before the speed medians may be called stable (default 20)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--plot", help="write a PNG plot of the front")
+    p.set_defaults(run=_run_tune)
+
+
+def _run_tune(args) -> int:
+    from .engines.tune import tune
+
+    tune(args.model, args.data, methods=tuple(args.methods.split(",")), budgets=args.budgets, measure=args.measure,
+         max_drop=args.max_drop, min_speedup=args.min_speedup, batch=args.batch, weights=args.weights, seq_len=args.seq_len,
+         tower=args.tower, time_limit=args.time_limit, seconds=args.seconds, min_rounds=args.min_rounds, threads=args.threads,
+         json_path=args.json, plot_path=args.plot)
+    return 0
+
+
+def _add_show(sub):
+    from .exporter.methods import METHODS
+
+    p = sub.add_parser(
+        "show",
+        help="draw which patches or words each token stands for, layer by layer",
+        description="Run the model with an export's merge settings (from its manifest, or the export options) on one "
+        "image or text and draw, for chosen layers, which input patches (PNG) or words (HTML or PNG) each token holds.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file (PNG or JPEG)")
+    source.add_argument("--text", help="a text")
+    p.add_argument("-o", "--output", required=True, help="output .png (image or text) or .html (text)")
+    p.add_argument("--layers", type=_schedule, help="layers to draw, comma separated from 0 (default: up to 4 merging layers, the last included)")
+    p.add_argument("--manifest", help="an export's manifest (.json, or the .onnx beside it): its model and merge settings")
+    p.add_argument("--model", help="timm:NAME or hf:DIR, with the export options below (instead of --manifest)")
+    p.add_argument("--method", default="pitome", choices=METHODS)
+    p.add_argument("--r", type=_r)
+    p.add_argument("--schedule", type=_schedule)
+    p.add_argument("--min-tokens", type=int)
+    p.add_argument("--weights")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--tower", choices=("vision", "text"), default="vision")
+    p.set_defaults(run=_run_show)
+
+
+def _run_show(args) -> int:
+    from pathlib import Path
+
+    from .engines.show import read_manifest, show
+    from .exporter.errors import UsageError
+
+    if bool(args.manifest) == bool(args.model):
+        raise UsageError("give --manifest (an export's settings) or --model with export options, not both")
+    source = Path(args.image) if args.image else args.text
+    if args.manifest:
+        result = show(None, source, args.output, layers=list(args.layers) if args.layers else None,
+                      manifest=read_manifest(args.manifest))
+    else:
+        result = show(args.model, source, args.output, layers=list(args.layers) if args.layers else None,
+                      weights=args.weights, seq_len=args.seq_len, tower=args.tower, method=args.method, r=args.r,
+                      schedule=args.schedule, min_tokens=args.min_tokens)
+    print(f"wrote {args.output}: layers {', '.join(map(str, result['layers']))} (tokens per layer {result['schedule']})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenfuse", description="Token-merged transformers as validated ONNX, ready for TensorRT.")
     p.add_argument("--version", action="version", version=f"tokenfuse {__version__}")
@@ -274,6 +362,8 @@ def parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_triton(sub)
     _add_plugin(sub)
+    _add_tune(sub)
+    _add_show(sub)
     return p
 
 

@@ -114,13 +114,13 @@ class Preprocessor:
         height, width = self.spec["size"]
         resample = Image.Resampling.BICUBIC if self.spec.get("interpolation") == "bicubic" else Image.Resampling.BILINEAR
         scale = self.spec.get("crop_pct", 1.0) or 1.0
-        picture = picture.convert("RGB")
+        picture = picture.convert("L" if len(self.spec["mean"]) == 1 else "RGB")  # the model's channels
         short = min(picture.size)
         target = (round(picture.size[0] * height / scale / short), round(picture.size[1] * height / scale / short))
         picture = picture.resize((max(target[0], width), max(target[1], height)), resample)
         left, top = (picture.size[0] - width) // 2, (picture.size[1] - height) // 2
         picture = picture.crop((left, top, left + width, top + height))
-        array = np.asarray(picture, dtype=np.float32) / 255.0
+        array = np.asarray(picture, dtype=np.float32).reshape(height, width, -1) / 255.0
         array = (array - np.array(self.spec["mean"], np.float32)) / np.array(self.spec["std"], np.float32)
         return {"pixel_values": array.transpose(2, 0, 1)[None].astype(np.float32)}
 
