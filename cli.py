@@ -285,6 +285,7 @@ def _add_tune(sub):
                    help="fidelity measure (default: agreement for a classifier, knn (10-nearest-neighbour overlap) for an embedding model)")
     p.add_argument("--batch", type=int, default=8, help="batch size for fidelity and speed (default 8)")
     p.add_argument("--weights", help="state dict for a timm model")
+    p.add_argument("--random-init", action="store_true", help="random weights for a timm model (as for export)")
     p.add_argument("--seq-len", type=int, help="fixed sequence length of text models (as for export)")
     p.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower (default vision)")
     p.add_argument("--time-limit", type=float, help="stop starting new configurations after this many seconds")
@@ -300,7 +301,7 @@ def _run_tune(args) -> int:
     from .engines.tune import tune
 
     tune(args.model, args.data, methods=tuple(args.methods.split(",")), budgets=args.budgets, measure=args.measure,
-         max_drop=args.max_drop, min_speedup=args.min_speedup, batch=args.batch, weights=args.weights, seq_len=args.seq_len,
+         max_drop=args.max_drop, min_speedup=args.min_speedup, batch=args.batch, weights=args.weights, random_init=args.random_init, seq_len=args.seq_len,
          tower=args.tower, time_limit=args.time_limit, seconds=args.seconds, min_rounds=args.min_rounds, threads=args.threads,
          json_path=args.json, plot_path=args.plot)
     return 0
@@ -327,6 +328,7 @@ def _add_show(sub):
     p.add_argument("--schedule", type=_schedule)
     p.add_argument("--min-tokens", type=int)
     p.add_argument("--weights")
+    p.add_argument("--random-init", action="store_true")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--tower", choices=("vision", "text"), default="vision")
     p.set_defaults(run=_run_show)
@@ -346,7 +348,7 @@ def _run_show(args) -> int:
                       manifest=read_manifest(args.manifest))
     else:
         result = show(args.model, source, args.output, layers=list(args.layers) if args.layers else None,
-                      weights=args.weights, seq_len=args.seq_len, tower=args.tower, method=args.method, r=args.r,
+                      weights=args.weights, random_init=args.random_init, seq_len=args.seq_len, tower=args.tower, method=args.method, r=args.r,
                       schedule=args.schedule, min_tokens=args.min_tokens)
     print(f"wrote {args.output}: layers {', '.join(map(str, result['layers']))} (tokens per layer {result['schedule']})")
     return 0

@@ -25,7 +25,7 @@ MANIFEST_OPTIONS = ("min_tokens", "margin", "alpha", "pitome_variant", "turbo_al
 def options_from_manifest(manifest: dict) -> tuple[dict, dict]:
     """(how to load the model, MergeOptions fields) as an export manifest records them."""
     settings = manifest["settings"]
-    load = {"weights": settings.get("weights"), "seq_len": settings.get("seq_len"), "tower": settings.get("tower", "vision")}
+    load = {"weights": settings.get("weights"), "random_init": settings.get("random_init", False), "seq_len": settings.get("seq_len"), "tower": settings.get("tower", "vision")}
     options = {key: settings[key] for key in MANIFEST_OPTIONS if key in settings}
     options.update(method=manifest["method"], r=settings.get("r"), prop_attn=settings.get("proportional_attention"))
     if settings.get("requested_schedule"):
@@ -82,7 +82,7 @@ def palette(count: int) -> np.ndarray:
 
 
 def show(model, source, output: str | Path, *, layers: list[int] | None = None, manifest: dict | None = None,
-         weights=None, seq_len=None, tower: str = "vision", **options) -> dict:
+         weights=None, random_init: bool = False, seq_len=None, tower: str = "vision", **options) -> dict:
     """Draw what merged into what for one image (PNG) or text (HTML or PNG); returns the maps.
 
     `model` is a spec or an Adapter; `source` an image file (a Path) or a text (a str). Settings come from
@@ -93,14 +93,14 @@ def show(model, source, output: str | Path, *, layers: list[int] | None = None, 
     output = Path(output)
     if manifest is not None:
         load, options = options_from_manifest(manifest)
-        weights, seq_len, tower = load["weights"], load["seq_len"], load["tower"]
+        weights, random_init, seq_len, tower = load["weights"], load["random_init"], load["seq_len"], load["tower"]
         model = manifest["model"] if model is None else model
     if model is None:
         raise UsageError("give --model or --manifest")
     if output.suffix not in (".png", ".html"):
         raise UsageError(f"-o {output}: write a .png (image or text) or an .html (text)")
     image = _read_image(source) if isinstance(source, Path) else None
-    adapter = load_model(model, weights=weights, seq_len=seq_len, tower=tower) if isinstance(model, str) else model
+    adapter = load_model(model, weights=weights, random_init=random_init, seq_len=seq_len, tower=tower) if isinstance(model, str) else model
     settings, _ = MergeOptions(**options).resolve(adapter)
     if manifest is not None and list(settings.schedule) != list(manifest["schedule"]):
         raise UsageError("the manifest's schedule differs from what its settings give this model; export it again with this tokenfuse")

@@ -309,7 +309,9 @@ def export_command(spec: str, row: dict, options: dict) -> str:
     """The `tokenfuse export` command line that writes the chosen configuration."""
     words = ["tokenfuse", "export", "--model", spec, "-o", f"{row['method']}.onnx", "--method", row["method"], *row["flags"]]
     for flag, value in options.items():
-        if value is not None:
+        if value is True:
+            words.append(flag)
+        elif value is not None and value is not False:
             words += [flag, str(value)]
     return shlex.join(words)
 
@@ -325,6 +327,7 @@ def tune(
     min_speedup: float | None = None,
     batch: int = 8,
     weights: str | None = None,
+    random_init: bool = False,
     seq_len: int | None = None,
     tower: str = "vision",
     time_limit: float | None = None,
@@ -361,11 +364,11 @@ def tune(
     started = time.monotonic()
     dataset = data if isinstance(data, Dataset) else read_data(data)
 
-    adapter = load_model(model, weights=weights, seq_len=seq_len, tower=tower) if isinstance(model, str) else model
+    adapter = load_model(model, weights=weights, random_init=random_init, seq_len=seq_len, tower=tower) if isinstance(model, str) else model
     shape = adapter.shape()
     feeds, truncated = model_inputs(dataset, adapter.preprocess())
     grid = parse_budgets(budgets, shape.tokens, shape.layers) if budgets else default_budgets(shape.tokens, shape.layers)
-    options = {"--weights": weights, "--seq-len": adapter.shape().tokens if adapter.is_text else None}
+    options = {"--weights": weights, "--random-init": random_init, "--seq-len": adapter.shape().tokens if adapter.is_text else None}
     if tower != "vision":
         options["--tower"] = tower
     if truncated:
