@@ -1,14 +1,16 @@
 """Admission and dynamic batching for one served model.
 
-A request is admitted whole or not at all: if all its examples fit in the queue they are queued
-together, otherwise it is refused (429) before anything is computed. An admitted request that
-cannot start within `max_queue_delay_ms` is withdrawn and answered 503, so answered requests
-wait at most about that long; once any of its examples has started, all of them are computed.
+A request is admitted whole or not at all, on arrival: if all its examples fit in the queue they
+are reserved places, otherwise it is refused (429) before anything is done for it, preprocessing
+included. An admitted request that cannot start within `max_queue_delay_ms` of its arrival
+(preprocessing counts) is withdrawn and answered 503, so answered requests wait at most about
+that long; once any of its examples has started, all of them are computed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import time
 from collections import deque
@@ -45,6 +47,7 @@ class Batcher:
         self.max_wait = max_queue_delay_ms / 1000 if max_queue_delay_ms else None
         self.retry_after = max(1, math.ceil(self.max_wait or 1))
         self.pending: deque[tuple[_Request, dict, asyncio.Future]] = deque()
+        self.reserved = 0  # places of admitted requests still being preprocessed
         self.closing = False
         self.running = False
         self.on_batch = on_batch or (lambda size, seconds: None)
@@ -58,16 +61,35 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self.pending)
+        return len(self.pending) + self.reserved
 
-    async def submit(self, examples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """Every example's outputs, in order; raises Refusal when not admitted or not started in time."""
+    def _late(self) -> Refusal:
+        return Refusal(503, f"the request could not start within {self.max_wait * 1000:.0f} ms (--max-queue-delay-ms); retry later",
+                       self.retry_after)
+
+    async def submit(self, count: int, examples) -> list[dict[str, np.ndarray]]:
+        """Every example's outputs, in order; raises Refusal when not admitted or not started in time.
+        `examples` is the list of `count` model inputs, or an awaitable giving it (preprocessing,
+        which then runs only once the request is admitted)."""
+        refusal = None
         if self.closing:
-            raise Refusal(503, "the service is shutting down; retry on another instance", self.retry_after)
-        if len(self.pending) + len(examples) > self.queue_size:
-            raise Refusal(429, f"the queue is full ({len(self.pending)} of {self.queue_size} examples waiting); retry later", self.retry_after)
+            refusal = Refusal(503, "the service is shutting down; retry on another instance", self.retry_after)
+        elif self.depth + count > self.queue_size:
+            refusal = Refusal(429, f"the queue is full ({self.depth} of {self.queue_size} examples waiting); retry later", self.retry_after)
+        if refusal:
+            if inspect.iscoroutine(examples):
+                examples.close()
+            raise refusal
         loop = asyncio.get_running_loop()
         request = _Request(deadline=loop.time() + (self.max_wait or math.inf))
+        self.reserved += count
+        try:
+            if inspect.isawaitable(examples):
+                examples = await asyncio.wait_for(examples, self.max_wait)
+        except asyncio.TimeoutError:
+            raise self._late()
+        finally:
+            self.reserved -= count
         for example in examples:
             future = loop.create_future()
             request.futures.append(future)
@@ -77,13 +99,12 @@ class Batcher:
         if self.max_wait is None:
             return await results
         try:
-            return await asyncio.wait_for(asyncio.shield(results), self.max_wait)
+            return await asyncio.wait_for(asyncio.shield(results), max(0.0, request.deadline - loop.time()))
         except asyncio.TimeoutError:
             if request.started:
                 return await results
             self.pending = deque(item for item in self.pending if item[0] is not request)
-            raise Refusal(503, f"the request could not start within {self.max_wait * 1000:.0f} ms (--max-queue-delay-ms); retry later",
-                          self.retry_after)
+            raise self._late()
 
     async def _fill(self):
         """Wait up to max_delay for a full batch."""
@@ -130,7 +151,7 @@ class Batcher:
     async def drain(self):
         """Refuse new work, finish every admitted request, stop."""
         self.closing = True
-        while self.pending or self.running:
+        while self.pending or self.running or self.reserved:
             await asyncio.sleep(0.01)
         if self._task:
             self._task.cancel()

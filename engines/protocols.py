@@ -50,9 +50,20 @@ def add_openai_routes(app, served):
         width = model.runner.outputs[[o["name"] for o in model.runner.outputs].index(model.embedding)]["shape"][-1]
         if body.dimensions is not None and body.dimensions != width:
             raise Refusal(400, f"model {model.name!r} gives {width} dimensions, not {body.dimensions}")
-        examples = await model.texts(inputs) if isinstance(inputs[0], str) else model.token_ids(inputs)
-        results = await model.batcher.submit(examples)
-        tokens = int(sum(example["attention_mask"].sum() for example in examples))
+        if isinstance(inputs[0], str):
+            model.require("text")
+            tokens = []
+
+            async def counted():  # tokenised once admitted; usage counts the tokens the model saw
+                examples = await model.texts(inputs)
+                tokens.extend(int(example["attention_mask"].sum()) for example in examples)
+                return examples
+
+            results = await model.batcher.submit(len(inputs), counted())
+        else:
+            examples, tokens = model.token_ids(inputs), [len(ids) for ids in inputs]
+            results = await model.batcher.submit(len(inputs), examples)
+        tokens = sum(tokens)
         data = [{"object": "embedding", "index": i, "embedding": encode_embedding(result[model.embedding][0], body.encoding_format)}
                 for i, result in enumerate(results)]
         return JSONResponse({"object": "list", "data": data, "model": model.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
@@ -187,7 +198,7 @@ def add_kserve_routes(app, served):
         if not isinstance(requested, list) or not all(isinstance(r, dict) and r.get("name") in outputs for r in requested):
             raise Refusal(400, f"outputs must name some of {sorted(outputs)}")
 
-        results = await model.batcher.submit([{n: array[i : i + 1] for n, array in feeds.items()} for i in range(batch)])
+        results = await model.batcher.submit(batch, [{n: array[i : i + 1] for n, array in feeds.items()} for i in range(batch)])
         buffers: list[bytes] = []
         tensors = [
             _output_tensor(r["name"], np.concatenate([result[r["name"]] for result in results]),

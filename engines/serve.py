@@ -108,18 +108,23 @@ class ServedModel:
         # one thread: a Hugging Face tokenizer must not be called from two threads at once
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"tokenfuse-prepare-{name}")
 
-    def _require(self, kind: str):
+    def require(self, kind: str):
         if self.kind != kind:
             other = "/v1/embed/images" if self.kind == "image" else "/v1/embed/texts or /v1/embeddings"
             raise Refusal(400, f"model {self.name!r} takes {self.kind}s, not {kind}s; send them to {other}")
 
-    async def texts(self, texts: list[str]) -> list[dict]:
-        self._require("text")
-        return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: [self.preprocess.text(t) for t in texts])
+    async def _in_worker(self, work):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, work)
 
-    async def images(self, blobs: list[tuple[str, bytes]]) -> list[dict]:
-        self._require("image")
-        return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: [self._image(*blob) for blob in blobs])
+    def texts(self, texts: list[str]):
+        """A coroutine giving the model inputs of `texts` (tokenised on the worker thread once awaited)."""
+        self.require("text")
+        return self._in_worker(lambda: [self.preprocess.text(t) for t in texts])
+
+    def images(self, blobs: list[tuple[str, bytes]]):
+        """A coroutine giving the model inputs of (label, encoded image) pairs, decoded on the worker thread."""
+        self.require("image")
+        return self._in_worker(lambda: [self._image(*blob) for blob in blobs])
 
     def _image(self, label: str, data: bytes) -> dict:
         from PIL import Image
@@ -140,7 +145,7 @@ class ServedModel:
 
     def token_ids(self, lists: list[list[int]]) -> list[dict]:
         """Model inputs for ready-made token ids (no special tokens added), padded to the model's length."""
-        self._require("text")
+        self.require("text")
         seq_len, tokenizer = self.preprocess.spec["seq_len"], self.preprocess.tokenizer
         vocabulary, pad = len(tokenizer), tokenizer.pad_token_id or 0
         examples = []
@@ -332,8 +337,8 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
         texts: list[str] = Field(min_length=1, description="texts to embed")
         model: str | None = Field(None, description="the served model's name (needed when several are served)")
 
-    async def answer(model: ServedModel, examples: list[dict]):
-        results = await model.batcher.submit(examples)
+    async def answer(model: ServedModel, count: int, examples):
+        results = await model.batcher.submit(count, examples)
         data = [{"index": i, **{name: result[name][0].tolist() for name in model.pooled}} for i, result in enumerate(results)]
         return JSONResponse({"model": model.name, "method": model.manifest.get("method"), "data": data})
 
@@ -362,13 +367,13 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
         if not blobs:
             raise Refusal(422, "no images in the request")
         model = served.pick(name if isinstance(name, str) else None)
-        return await answer(model, await model.images(blobs))
+        return await answer(model, len(blobs), model.images(blobs))
 
     @app.post("/v1/embed/texts", name="texts", summary="pooled outputs for one or more texts")
     async def embed_texts(body: TextRequest):
         model = served.pick(body.model)
         served.check_count(len(body.texts))
-        return await answer(model, await model.texts(body.texts))
+        return await answer(model, len(body.texts), model.texts(body.texts))
 
     add_openai_routes(app, served)
     add_kserve_routes(app, served)
