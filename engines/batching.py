@@ -4,7 +4,9 @@ A request is admitted whole or not at all, on arrival: if all its examples fit i
 are reserved places, otherwise it is refused (429) before anything is done for it, preprocessing
 included. An admitted request that cannot start within `max_queue_delay_ms` of its arrival
 (preprocessing counts) is withdrawn and answered 503, so answered requests wait at most about
-that long; once any of its examples has started, all of them are computed.
+that long; once any of its examples has started, all of them are computed. A request that would
+find more work ahead of it than it may wait for (batches ahead x recent batch time) is refused
+(429) on arrival instead of being admitted to expire.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Batcher:
         self.reserved = 0  # places of admitted requests still being preprocessed
         self.closing = False
         self.running = False
+        self.batch_seconds: float | None = None  # moving average of a model call
         self.on_batch = on_batch or (lambda size, seconds: None)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenfuse-model")
         self._wake: asyncio.Event | None = None
@@ -62,6 +65,10 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self.pending) + self.reserved
+
+    def expected_wait(self) -> float:
+        """Seconds before a request arriving now would start: the batches ahead of it at the recent pace."""
+        return (self.depth // self.max_batch + self.running) * (self.batch_seconds or 0.0)
 
     def _late(self) -> Refusal:
         return Refusal(503, f"the request could not start within {self.max_wait * 1000:.0f} ms (--max-queue-delay-ms); retry later",
@@ -76,6 +83,9 @@ class Batcher:
             refusal = Refusal(503, "the service is shutting down; retry on another instance", self.retry_after)
         elif self.depth + count > self.queue_size:
             refusal = Refusal(429, f"the queue is full ({self.depth} of {self.queue_size} examples waiting); retry later", self.retry_after)
+        elif self.max_wait and self.batch_seconds and self.expected_wait() > self.max_wait:
+            refusal = Refusal(429, f"about {self.expected_wait():.1f} s of work is queued, more than --max-queue-delay-ms allows; "
+                              "retry later", self.retry_after)
         if refusal:
             if inspect.iscoroutine(examples):
                 examples.close()
@@ -143,7 +153,9 @@ class Batcher:
                 continue
             finally:
                 self.running = False
-            self.on_batch(len(batch), time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.batch_seconds = elapsed if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * elapsed
+            self.on_batch(len(batch), elapsed)
             for i, (_, _, future) in enumerate(batch):
                 if not future.done():
                     future.set_result({name: value[i : i + 1] for name, value in outputs.items()})

@@ -8,6 +8,8 @@ and SIGTERM under load.
 
 It starts `tokenfuse serve MODEL` itself on a free loopback port and drives it with aiohttp (from
 tritonclient[http]), requests of one to three texts on /v1/embeddings:
+The service runs with --max-queue-delay-ms 3x bench's p50 call time unless given, so the bound is a
+few batches on whatever speed the machine has.
 1. saturation: `--clients` closed-loop clients for `--seconds`; examples/s answered is compared
    with bench's batch-`--max-batch` throughput;
 2. open loop at 1x, 2x and 10x that request rate for `--seconds` each (arrivals at fixed
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="where the JSON results go")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--queue-size", type=int, default=256)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=1000)
+    parser.add_argument("--max-queue-delay-ms", type=float, help="default: 3x bench's p50 call at --max-batch (a few batches of waiting)")
     parser.add_argument("--clients", type=int, default=64, help="closed-loop clients for the saturation phase (default 64)")
     parser.add_argument("--seconds", type=float, default=15, help="length of each phase (default 15)")
     parser.add_argument("--max-requests", type=int, default=6000, help="most requests per phase (default 6000)")
@@ -178,6 +180,8 @@ def main(argv=None) -> int:
     row = next((r for r in bench["results"] if r["batch"] == args.max_batch), None)
     if row is None:
         raise SystemExit(f"{args.bench_json} has no batch {args.max_batch}; run tokenfuse bench --batch {args.max_batch}")
+    if args.max_queue_delay_ms is None:
+        args.max_queue_delay_ms = round(3 * row["merged"]["p50_ms"])
     rng = random.Random(0)
     report = {"model": Path(args.model).name, "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out")},
               "machine": bench.get("machine"), "load_average_before": load_average(),

@@ -384,13 +384,21 @@ def test_admission_is_all_or_nothing_and_waiting_is_bounded():
         assert expired.value.status == 503 and expired.value.retry_after >= 1
         results = await first  # its third example runs after 150 ms: once started, a request is finished
         assert [r["y"][0, 0] for r in results] == [2, 4, 6]
+        assert batcher.batch_seconds >= 0.3
+        running = asyncio.ensure_future(batcher.submit(1, _examples(9)))
+        await asyncio.sleep(0.05)  # it runs; one more would wait a whole call, over 150 ms: refused on arrival
+        started = time.perf_counter()
+        with pytest.raises(Refusal) as predicted:
+            await batcher.submit(1, _examples(10))
+        assert predicted.value.status == 429 and time.perf_counter() - started < 0.05
+        await running
         await batcher.drain()
         with pytest.raises(Refusal) as closed:
             await batcher.submit(1, _examples(8))
         assert closed.value.status == 503
         return runner.seen
 
-    assert asyncio.run(scenario()) == [1, 2, 3]  # nothing refused or expired was computed
+    assert asyncio.run(scenario()) == [1, 2, 3, 9]  # nothing refused or expired was computed
 
 
 class ServeProcess:
