@@ -10,8 +10,8 @@ It starts `tokenfuse serve MODEL` itself on a free loopback port and drives it w
 tritonclient[http]), requests of one to three texts on /v1/embeddings:
 The service runs with --max-queue-delay-ms 3x bench's p50 call time unless given, so the bound is a
 few batches on whatever speed the machine has.
-1. saturation: `--clients` closed-loop clients for `--seconds`; examples/s answered is compared
-   with bench's batch-`--max-batch` throughput;
+1. saturation: `--clients` closed-loop clients (each waits Retry-After when refused) for
+   `--seconds`; examples/s answered is compared with bench's batch-`--max-batch` throughput;
 2. open loop at 1x, 2x and 10x that request rate for `--seconds` each (arrivals at fixed
    intervals, at most `--max-requests` per phase); p50/p99 of the answered (200) requests, counts
    of 429 and 503, and /health probed every 100 ms;
@@ -77,13 +77,16 @@ async def wait_ready(url: str, process: subprocess.Popen):
                 assert reply.status == 200, await reply.text()
 
 
-async def one_request(session, url: str, body: dict, records: list, sent_at: float):
+async def one_request(session, url: str, body: dict, records: list, sent_at: float) -> float:
+    """Send one request and record its answer; returns the Retry-After it got (0 if none)."""
     try:
         async with session.post(f"{url}/v1/embeddings", json=body) as reply:
             await reply.read()
             records.append({"sent": sent_at, "status": reply.status, "seconds": time.perf_counter() - sent_at, "examples": len(body["input"])})
+            return float(reply.headers.get("Retry-After", 0))
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         records.append({"sent": sent_at, "status": type(exc).__name__, "seconds": time.perf_counter() - sent_at, "examples": len(body["input"])})
+        return 0.0
 
 
 async def probe_health(session, url: str, stop: asyncio.Event, latencies: list):
@@ -107,8 +110,8 @@ async def closed_loop(url: str, clients: int, seconds: float, rng: random.Random
     deadline = time.perf_counter() + seconds
 
     async def client():
-        while time.perf_counter() < deadline:
-            await one_request(http, url, {"model": "model", "input": texts(rng)}, records, time.perf_counter())
+        while time.perf_counter() < deadline:  # a polite client: it waits as long as Retry-After says
+            await asyncio.sleep(await one_request(http, url, {"model": "model", "input": texts(rng)}, records, time.perf_counter()))
 
     async with session() as http:
         started = time.perf_counter()
@@ -145,7 +148,9 @@ async def open_loop(url: str, rate: float, seconds: float, max_requests: int, rn
         "statuses": _counts(records),
         "answered_p50_ms": float(np.percentile(ok, 50)) if ok else None,
         "answered_p99_ms": float(np.percentile(ok, 99)) if ok else None,
-        "answered_examples_per_s": sum(r["examples"] for r in records if r["status"] == 200) / sending,
+        # from the first request sent to the last answer received
+        "answered_examples_per_s": sum(r["examples"] for r in records if r["status"] == 200)
+        / (max(r["sent"] + r["seconds"] for r in records) - started),
         "health_ms": {"probes": len(health), "p50": float(np.percentile(health, 50)) if health else None,
                       "p99": float(np.percentile(health, 99)) if health else None, "max": max(health) if health else None},
         "_records": records,
