@@ -172,15 +172,22 @@ def _add_serve(sub):
     p = sub.add_parser(
         "serve",
         help="serve embeddings and logits over HTTP with dynamic batching",
-        description="Serve MODEL over HTTP (FastAPI): POST images to /v1/embed/images or texts to /v1/embed/texts; "
+        description="Serve one or more MODELs over HTTP (FastAPI): tokenfuse's own routes /v1/embed/texts and "
+        "/v1/embed/images, the OpenAI embeddings API /v1/embeddings, and the KServe v2 protocol /v2/...; "
         "GET /health, /metrics (Prometheus), /docs (OpenAPI).",
     )
-    p.add_argument("model", help="an .onnx or .engine written by tokenfuse (its manifest says how to preprocess)")
+    p.add_argument("model", nargs="+", help="an .onnx or .engine written by tokenfuse (its manifest says how to preprocess), "
+                   "served under its file's stem, or NAME=PATH to name it")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32, help="most examples per model call (default 32)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5 ms)")
-    p.add_argument("--queue-size", type=int, default=256, help="examples that may wait; beyond it requests get 429 (default 256)")
+    p.add_argument("--queue-size", type=int, default=256, help="examples that may wait per model; a request that does not fit gets 429 (default 256)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=2000.0,
+                   help="an admitted request that cannot start within this gets 503 with Retry-After (default 2000; 0: wait without bound)")
+    p.add_argument("--max-inputs", type=int, help="texts, images or token lists per request; more get 413 (default 64, at most --queue-size)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="request body size; larger bodies get 413 (default 16 MiB)")
+    p.add_argument("--max-image-pixels", type=int, default=16_000_000, help="pixels per image; larger images get 413 (default 16 million)")
     p.add_argument("--providers", help="ONNX Runtime providers, comma separated")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("--plugins", help="the plugin library an engine needs (default: the path in its sidecar)")
@@ -190,14 +197,11 @@ def _add_serve(sub):
 def _run_serve(args) -> int:
     from .engines.serve import serve
 
-    if args.max_batch < 1 or args.queue_size < 1 or args.max_delay_ms < 0:
-        from .exporter.errors import UsageError
-
-        raise UsageError("--max-batch and --queue-size must be >= 1, --max-delay-ms >= 0")
-    print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs)")
+    print(f"serving {', '.join(args.model)} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-          queue_size=args.queue_size, providers=args.providers.split(",") if args.providers else None, threads=args.threads,
-          plugins=args.plugins)
+          queue_size=args.queue_size, max_queue_delay_ms=args.max_queue_delay_ms or None, max_inputs=args.max_inputs,
+          max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
+          providers=args.providers.split(",") if args.providers else None, threads=args.threads, plugins=args.plugins)
     return 0
 
 

@@ -1,89 +1,29 @@
-"""`tokenfuse serve`: embeddings and logits over HTTP, with dynamic batching (FastAPI + uvicorn).
+"""`tokenfuse serve`: embeddings and logits over HTTP for one or more models (FastAPI + uvicorn).
 
-Requests queue one example each; a batcher gathers up to `max_batch` of them (waiting at most
-`max_delay_ms` for more), runs them as one batch, and answers each. The queue is bounded: when it
-is full the service answers 429, and once shutdown starts it answers 503 while the requests
-already accepted finish.
+Each model is served under a name (its file's stem unless given as NAME=PATH) on three sets of
+routes: tokenfuse's own (/v1/embed/texts, /v1/embed/images), the OpenAI embeddings API
+(/v1/embeddings) and the KServe v2 inference protocol (/v2/...), see protocols.py. Requests go
+through one batcher per model (batching.py): admitted whole or refused with 429, answered 503 when
+they cannot start within the queue-delay bound or once shutdown starts. Tokenising and image
+decoding run on a worker thread per model, so /health and /metrics stay quick under load.
 """
 
 
 import asyncio
+import base64
+import binascii
 import io
-import time
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ..exporter.errors import UsageError
+from .batching import Batcher, Refusal
 from .runtime import Runner, load
-
-
-class Overloaded(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class Batcher:
-    """Gathers single examples into batches for one runner."""
-
-    def __init__(self, runner: Runner, max_batch: int, max_delay_ms: float, queue_size: int, on_batch=None):
-        self.runner, self.max_batch, self.max_delay = runner, max_batch, max_delay_ms / 1000
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=queue_size)
-        self.closing = False
-        self.on_batch = on_batch or (lambda size, seconds: None)
-        self._task: asyncio.Task | None = None
-
-    def start(self):
-        self._task = asyncio.get_running_loop().create_task(self._serve())
-
-    async def submit(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.closing:
-            raise Overloaded(503, "the service is shutting down")
-        future = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait((example, future))
-        except asyncio.QueueFull:
-            raise Overloaded(429, f"the queue is full ({self.queue.maxsize} waiting); retry later")
-        return await future
-
-    async def _serve(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.max_delay
-            while len(batch) < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
-            feeds = {name: np.concatenate([example[name] for example, _ in batch]) for name in batch[0][0]}
-            started = time.perf_counter()
-            try:
-                outputs = await loop.run_in_executor(None, self.runner.run, feeds)
-            except Exception as exc:  # answer every waiter, keep serving
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            finally:
-                for _ in batch:
-                    self.queue.task_done()
-            self.on_batch(len(batch), time.perf_counter() - started)
-            for i, (_, future) in enumerate(batch):
-                if not future.done():
-                    future.set_result({name: value[i : i + 1] for name, value in outputs.items()})
-
-    async def drain(self):
-        """Refuse new work, finish what was accepted, stop."""
-        self.closing = True
-        await self.queue.join()
-        if self._task:
-            self._task.cancel()
 
 
 class Preprocessor:
@@ -129,94 +69,351 @@ class Preprocessor:
         return {"input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64)}
 
 
-def create_app(model: str | Path, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_size: int = 256, providers=None, threads=None, plugins=None):
-    """The FastAPI application serving `model` (.onnx or .engine)."""
-    from fastapi import FastAPI, File, HTTPException, UploadFile
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+POOLED_PREFERENCE = ("embedding", "pooler_output", "logits")
+
+
+def model_files(models) -> dict[str, Path]:
+    """Served name -> file, from paths or NAME=PATH; a name defaults to the file's stem."""
+    if isinstance(models, (str, Path)):
+        models = [models]
+    named: dict[str, Path] = {}
+    for spec in models:
+        text = str(spec)
+        name, given, path = text.partition("=")
+        if not (given and NAME.match(name) and not Path(text).is_file()):
+            name, path = Path(text).stem, text
+        if not NAME.match(name):
+            raise UsageError(f"{text}: {name!r} cannot be a model name (letters, digits, . _ -); give one as NAME=PATH")
+        if name in named:
+            raise UsageError(f"two models are named {name!r}; name them apart as NAME=PATH")
+        named[name] = Path(path)
+    if not named:
+        raise UsageError("give at least one model to serve")
+    return named
+
+
+class ServedModel:
+    """One model behind the service: runner, preprocessing (on its own thread) and batcher, under its name."""
+
+    def __init__(self, name: str, runner: Runner, batcher: Batcher, max_image_pixels: int):
+        self.name, self.runner, self.batcher, self.max_image_pixels = name, runner, batcher, max_image_pixels
+        self.manifest = runner.manifest or {}
+        self.preprocess = Preprocessor(self.manifest)
+        if self.preprocess.kind is None:
+            raise UsageError(f"{name}: no export manifest with preprocessing beside it; serve a model written by tokenfuse export")
+        self.kind = self.preprocess.kind
+        self.pooled = [o["name"] for o in runner.outputs if len(o["shape"]) == 2]
+        self.embedding = next((n for n in POOLED_PREFERENCE if n in self.pooled), self.pooled[0] if self.pooled else None)
+        # one thread: a Hugging Face tokenizer must not be called from two threads at once
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"tokenfuse-prepare-{name}")
+
+    def require(self, kind: str):
+        if self.kind != kind:
+            other = "/v1/embed/images" if self.kind == "image" else "/v1/embed/texts or /v1/embeddings"
+            raise Refusal(400, f"model {self.name!r} takes {self.kind}s, not {kind}s; send them to {other}")
+
+    async def _in_worker(self, work):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, work)
+
+    def texts(self, texts: list[str]):
+        """A coroutine giving the model inputs of `texts` (tokenised on the worker thread once awaited)."""
+        self.require("text")
+        return self._in_worker(lambda: [self.preprocess.text(t) for t in texts])
+
+    def images(self, blobs: list[tuple[str, bytes]]):
+        """A coroutine giving the model inputs of (label, encoded image) pairs, decoded on the worker thread."""
+        self.require("image")
+        return self._in_worker(lambda: [self._image(*blob) for blob in blobs])
+
+    def _image(self, label: str, data: bytes) -> dict:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as picture:
+                width, height = picture.size
+        except Image.DecompressionBombError:
+            raise Refusal(413, f"{label}: the image has too many pixels (limit {self.max_image_pixels})")
+        except Exception:  # not an image: Preprocessor.image says so below
+            width = height = 0
+        if width * height > self.max_image_pixels:
+            raise Refusal(413, f"{label}: the image is {width}x{height} pixels, over the limit of {self.max_image_pixels} (--max-image-pixels)")
+        try:
+            return self.preprocess.image(data)
+        except Exception as exc:  # whatever the decoder trips on, the input is at fault
+            raise Refusal(415, f"{label}: {exc}")
+
+    def token_ids(self, lists: list[list[int]]) -> list[dict]:
+        """Model inputs for ready-made token ids (no special tokens added), padded to the model's length."""
+        self.require("text")
+        seq_len, tokenizer = self.preprocess.spec["seq_len"], self.preprocess.tokenizer
+        vocabulary, pad = len(tokenizer), tokenizer.pad_token_id or 0
+        examples = []
+        for i, ids in enumerate(lists):
+            if not ids:
+                raise Refusal(400, f"input[{i}] is an empty token list")
+            if len(ids) > seq_len:
+                raise Refusal(400, f"input[{i}] has {len(ids)} tokens; model {self.name!r} takes at most {seq_len}")
+            if min(ids) < 0 or max(ids) >= vocabulary:
+                raise Refusal(400, f"input[{i}] has token ids outside 0..{vocabulary - 1}")
+            input_ids = np.full((1, seq_len), pad, np.int64)
+            input_ids[0, : len(ids)] = ids
+            mask = np.zeros((1, seq_len), np.int64)
+            mask[0, : len(ids)] = 1
+            examples.append({"input_ids": input_ids, "attention_mask": mask})
+        return examples
+
+
+class ServedModels(dict):
+    """Name -> ServedModel, with the per-request bounds shared by every route."""
+
+    def __init__(self, models: dict, max_inputs: int):
+        super().__init__(models)
+        self.max_inputs = max_inputs
+
+    def pick(self, name: str | None, missing_status: int = 404) -> ServedModel:
+        if name is None:
+            if len(self) == 1:
+                return next(iter(self.values()))
+            raise Refusal(400, f"several models are served ({', '.join(self)}); name one with 'model'")
+        if name not in self:
+            raise Refusal(missing_status, f"model {name!r} is not served here; served: {', '.join(self)}")
+        return self[name]
+
+    def check_count(self, count: int):
+        if count > self.max_inputs:
+            raise Refusal(413, f"{count} inputs in one request; the limit is {self.max_inputs} (--max-inputs)")
+
+    @property
+    def closing(self) -> bool:
+        return any(model.batcher.closing for model in self.values())
+
+    async def drain(self):
+        await asyncio.gather(*(model.batcher.drain() for model in self.values()))
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, declared or streamed."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
+
+        message = f"the request body is over {self.limit} bytes (--max-body-mb); send fewer or smaller inputs"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await JSONResponse({"detail": message}, 413)(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counting_receive, send)
+
+
+class CountRequests:
+    """ASGI middleware: a Prometheus count of answered requests by route name and status."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = []
+
+        async def noting_send(event):
+            if event["type"] == "http.response.start":
+                status.append(event["status"])
+            await send(event)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        finally:
+            route = scope.get("route")
+            if status and route is not None:
+                self.counter.labels(route.name, str(status[0])).inc()
+
+
+def refusal_body(path: str, message: str, status: int) -> dict:
+    """The error shape each protocol's clients read."""
+    if path.startswith("/v2"):
+        return {"error": message}
+    if path.startswith(("/v1/embeddings", "/v1/models")):
+        return {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error", "param": None, "code": status}}
+    return {"detail": message}
+
+
+def decode_image(item, index: int) -> bytes:
+    """Bytes of a base64 string or a data: URL."""
+    if not isinstance(item, str):
+        raise Refusal(422, f"images[{index}] is not a string; give base64 or a data: URL")
+    if item.startswith("data:"):
+        header, comma, item = item.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise Refusal(422, f"images[{index}] is a data: URL without ';base64,'")
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refusal(422, f"images[{index}] is neither base64 nor a base64 data: URL")
+
+
+IMAGES_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}, "model": {"type": "string"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "string"}, "description": "base64 or data: URLs"}, "model": {"type": "string"}}}},
+}}}
+
+
+def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_size: int = 256,
+               max_queue_delay_ms: float | None = 2000.0, max_inputs: int | None = None, max_body_mb: float = 16.0,
+               max_image_pixels: int = 16_000_000, providers=None, threads=None, plugins=None):
+    """The FastAPI application serving `models`: a path, or a list of paths and NAME=PATH (.onnx or .engine).
+    `max_inputs` (inputs per request) defaults to 64 or `queue_size` if smaller."""
+    from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from pydantic import BaseModel, Field
 
-    runner = load(model, providers=providers, threads=threads, plugins=plugins)
-    manifest = runner.manifest or {}
-    preprocess = Preprocessor(manifest)
-    if preprocess.kind is None:
-        raise UsageError(f"{model}: no export manifest with preprocessing beside it; serve a model written by tokenfuse export")
-    pooled = [o["name"] for o in runner.outputs if len(o["shape"]) == 2]
+    from .protocols import add_kserve_routes, add_openai_routes
+
+    max_inputs = min(64, queue_size) if max_inputs is None else max_inputs
+    if min(max_batch, queue_size, max_inputs, max_image_pixels) < 1 or min(max_delay_ms, max_queue_delay_ms or 0) < 0 or max_body_mb <= 0:
+        raise UsageError("--max-batch, --queue-size, --max-inputs and --max-image-pixels must be >= 1, "
+                         "--max-delay-ms and --max-queue-delay-ms >= 0, --max-body-mb > 0")
+    if max_inputs > queue_size:
+        raise UsageError(f"--max-inputs {max_inputs} is over --queue-size {queue_size}: such a request could never be admitted")
     registry = CollectorRegistry()
     requests = Counter("tokenfuse_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry)
-    batch_sizes = Histogram("tokenfuse_batch_size", "examples per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
-    batch_seconds = Histogram("tokenfuse_batch_seconds", "model call latency", registry=registry)
-    queued = Gauge("tokenfuse_queue_depth", "examples waiting", registry=registry)
+    batch_sizes = Histogram("tokenfuse_batch_size", "examples per model call", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
+    batch_seconds = Histogram("tokenfuse_batch_seconds", "model call latency", ["model"], registry=registry)
+    queued = Gauge("tokenfuse_queue_depth", "examples waiting", ["model"], registry=registry)
 
-    def record(size, seconds):
-        batch_sizes.observe(size)
-        batch_seconds.observe(seconds)
+    served = {}
+    for name, path in model_files(models).items():
+        def record(size, seconds, name=name):
+            batch_sizes.labels(name).observe(size)
+            batch_seconds.labels(name).observe(seconds)
 
-    batcher = Batcher(runner, max_batch, max_delay_ms, queue_size, on_batch=record)
-    queued.set_function(batcher.queue.qsize)
+        runner = load(path, providers=providers, threads=threads, plugins=plugins)
+        batcher = Batcher(runner, max_batch, max_delay_ms, queue_size, max_queue_delay_ms, on_batch=record)
+        served[name] = ServedModel(name, runner, batcher, max_image_pixels)
+        queued.labels(name).set_function(lambda batcher=batcher: batcher.depth)
+    served = ServedModels(served, max_inputs)
 
     @asynccontextmanager
     async def lifespan(_app):
-        batcher.start()
+        for model in served.values():
+            model.batcher.start()
         yield
-        await batcher.drain()
+        await served.drain()
 
     app = FastAPI(
         title="tokenfuse",
-        description=f"{manifest.get('model')} merged with {manifest.get('method')}: pooled outputs {', '.join(pooled)}",
+        description="; ".join(f"{m.name}: {m.manifest.get('method')} merged, pooled outputs {', '.join(m.pooled)}" for m in served.values()),
         lifespan=lifespan,
     )
+    app.state.models = served
+    app.add_middleware(CountRequests, counter=requests)
+    app.add_middleware(BodyLimit, limit=int(max_body_mb * 2**20))
+
+    @app.exception_handler(Refusal)
+    async def refused(request: Request, exc: Refusal):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return JSONResponse(refusal_body(request.url.path, exc.message, exc.status), exc.status, headers=headers)
 
     class TextRequest(BaseModel):
-        texts: list[str] = Field(min_length=1, max_length=max_batch * 4, description="texts to embed")
+        texts: list[str] = Field(min_length=1, description="texts to embed")
+        model: str | None = Field(None, description="the served model's name (needed when several are served)")
 
-    async def answer(endpoint: str, examples: list[dict]):
-        try:
-            results = await asyncio.gather(*(batcher.submit(example) for example in examples))
-        except Overloaded as exc:
-            requests.labels(endpoint, str(exc.status)).inc()
-            raise HTTPException(exc.status, str(exc))
-        requests.labels(endpoint, "200").inc()
-        data = [{"index": i, **{name: result[name][0].tolist() for name in pooled}} for i, result in enumerate(results)]
-        return {"model": manifest.get("model"), "method": manifest.get("method"), "data": data}
+    async def answer(model: ServedModel, count: int, examples):
+        results = await model.batcher.submit(count, examples)
+        data = [{"index": i, **{name: result[name][0].tolist() for name in model.pooled}} for i, result in enumerate(results)]
+        return JSONResponse({"model": model.name, "method": model.manifest.get("method"), "data": data})
 
-    def refuse(endpoint: str, status: int, message: str):
-        requests.labels(endpoint, str(status)).inc()
-        raise HTTPException(status, message)
-
-    @app.post("/v1/embed/images", summary="pooled outputs for one or more PNG/JPEG images")
-    async def embed_images(files: list[UploadFile] = File(...)):
-        if preprocess.kind != "image":
-            refuse("images", 400, "this model takes text; POST to /v1/embed/texts")
-        examples = []
-        for upload in files:
+    @app.post("/v1/embed/images", name="images", summary="pooled outputs for PNG/JPEG images: multipart files, or JSON base64/data URLs",
+              openapi_extra=IMAGES_BODY)
+    async def embed_images(request: Request):
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form(max_files=served.max_inputs + 1, max_fields=4)
+            uploads = [u for u in form.getlist("files") if hasattr(u, "read")]
+            name = form.get("model")
+            served.check_count(len(uploads))
+            blobs = [(upload.filename or f"files[{i}]", await upload.read()) for i, upload in enumerate(uploads)]
+        elif content_type.startswith("application/json"):
             try:
-                examples.append(preprocess.image(await upload.read()))
-            except ValueError as exc:
-                refuse("images", 415, f"{upload.filename}: {exc}")
-        return await answer("images", examples)
+                body = json.loads(await request.body())
+            except ValueError:
+                raise Refusal(422, "the body is not valid JSON")
+            if not isinstance(body, dict) or not isinstance(body.get("images"), list):
+                raise Refusal(422, 'send {"images": ["<base64 or data: URL>", ...]}')
+            name = body.get("model")
+            served.check_count(len(body["images"]))
+            blobs = [(f"images[{i}]", decode_image(item, i)) for i, item in enumerate(body["images"])]
+        else:
+            raise Refusal(422, 'send multipart/form-data with one or more "files", or JSON {"images": [...]}')
+        if not blobs:
+            raise Refusal(422, "no images in the request")
+        model = served.pick(name if isinstance(name, str) else None)
+        return await answer(model, len(blobs), model.images(blobs))
 
-    @app.post("/v1/embed/texts", summary="pooled outputs for one or more texts")
+    @app.post("/v1/embed/texts", name="texts", summary="pooled outputs for one or more texts")
     async def embed_texts(body: TextRequest):
-        if preprocess.kind != "text":
-            refuse("texts", 400, "this model takes images; POST files to /v1/embed/images")
-        return await answer("texts", [preprocess.text(text) for text in body.texts])
+        model = served.pick(body.model)
+        served.check_count(len(body.texts))
+        return await answer(model, len(body.texts), model.texts(body.texts))
 
-    @app.get("/health")
+    add_openai_routes(app, served)
+    add_kserve_routes(app, served)
+
+    @app.get("/health", name="health")
     async def health():
-        status = 503 if batcher.closing else 200
-        body = {"status": "shutting down" if batcher.closing else "ok", "model": manifest.get("model"), "backend": runner.backend, "queue": batcher.queue.qsize()}
-        return JSONResponse(body, status_code=status)
+        status = "shutting down" if served.closing else "ok"
+        models = {m.name: {"backend": m.runner.backend, "kind": m.kind, "queue": m.batcher.depth} for m in served.values()}
+        return JSONResponse({"status": status, "models": models}, status_code=503 if served.closing else 200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", name="metrics")
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
-def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **options):
+def serve(models, *, host: str = "127.0.0.1", port: int = 8000, **options):
+    """Run the service until SIGTERM or Ctrl-C; then refuse new requests (503), answer every
+    admitted one, and return (exit 0). A second signal stops at once."""
     import uvicorn
 
-    app = create_app(model, **options)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    app = create_app(models, **options)
+
+    class DrainingServer(uvicorn.Server):
+        draining = None
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame):
+            if self.draining is not None:
+                self.should_exit = self.force_exit = True
+                return
+            self.draining = asyncio.run_coroutine_threadsafe(self._drain(), self.loop)
+
+        async def _drain(self):
+            await app.state.models.drain()
+            self.should_exit = True
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    DrainingServer(config).run()

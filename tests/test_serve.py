@@ -3,11 +3,13 @@ a bounded load test loses nothing it accepted, overload gets 429, malformed inpu
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -123,7 +125,7 @@ def test_bounded_load_loses_nothing_it_accepted(vision_model):
     pre = Preprocessor(runner.manifest)
     expected = {i: runner.run(pre.image(_png(i)))["logits"][0] for i in range(8)}
     statuses, wrong = [], []
-    with Server(create_app(vision_model, max_batch=8, queue_size=6)) as url:
+    with Server(create_app(vision_model, max_batch=8, queue_size=6, max_queue_delay_ms=None)) as url:
         def client_loop(worker: int):
             with httpx.Client(base_url=url, timeout=60) as client:
                 deadline = time.time() + 8
@@ -142,7 +144,7 @@ def test_bounded_load_loses_nothing_it_accepted(vision_model):
 
 
 def test_shutdown_finishes_requests_in_flight(vision_model):
-    app = create_app(vision_model, max_batch=2, max_delay_ms=200)
+    app = create_app(vision_model, max_batch=4, max_delay_ms=3000, max_queue_delay_ms=None)
     server = Server(app)
     results = []
     with server as url:
@@ -153,7 +155,387 @@ def test_shutdown_finishes_requests_in_flight(vision_model):
         threads = [threading.Thread(target=one) for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.1)  # requests are queued, the batcher is still waiting to fill a batch
+        deadline = time.time() + 30
+        while httpx.get(f"{url}/health").json()["models"]["tiny"]["queue"] < 3:  # queued; the batch waits to fill
+            assert time.time() < deadline
+            time.sleep(0.05)
     for t in threads:
         t.join(30)
     assert results == [200, 200, 200]
+
+
+# --- several models, the OpenAI and KServe v2 protocols ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_models(text_model, vision_model):
+    """The text model under a given name beside the vision model under its file stem."""
+    app = create_app([f"minilm-merged={text_model}", vision_model], max_batch=8, max_inputs=8, max_image_pixels=100_000,
+                     max_body_mb=0.05)
+    with Server(app) as url:
+        yield url
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_openai_client_gets_the_direct_embeddings(text_model, two_models):
+    import base64
+
+    import openai
+    from transformers import AutoTokenizer
+
+    runner = load(text_model)
+    pre = Preprocessor(runner.manifest)
+    tokenizer = AutoTokenizer.from_pretrained(runner.manifest["preprocess"]["tokenizer"])
+    texts = ["a cat sits on the mat", "token merging makes transformers faster", "hello"]
+    direct = [runner.run(pre.text(t))["embedding"][0] for t in texts]
+    client = openai.OpenAI(base_url=f"{two_models}/v1", api_key="not-needed", max_retries=0)
+    assert {m.id for m in client.models.list()} == {"minilm-merged", "tiny"}
+
+    for encoding in ("float", "base64", None):  # None: the client asks for base64 and decodes it itself
+        options = {"encoding_format": encoding} if encoding else {}
+        reply = client.embeddings.create(model="minilm-merged", input=texts, **options)
+        assert reply.model == "minilm-merged" and [d.index for d in reply.data] == [0, 1, 2]
+        for item, expected in zip(reply.data, direct):
+            vector = np.frombuffer(base64.b64decode(item.embedding), "<f4") if encoding == "base64" else np.array(item.embedding)
+            assert np.abs(vector - expected).max() < 1e-4
+        assert reply.usage.prompt_tokens == reply.usage.total_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+
+    single = client.embeddings.create(model="minilm-merged", input="hello")
+    assert len(single.data) == 1 and np.abs(np.array(single.data[0].embedding) - direct[2]).max() < 1e-4
+    ids = tokenizer("hello")["input_ids"]  # ready-made token ids give the text's embedding
+    by_ids = client.embeddings.create(model="minilm-merged", input=[ids], encoding_format="float")
+    assert np.abs(np.array(by_ids.data[0].embedding) - direct[2]).max() < 1e-4 and by_ids.usage.prompt_tokens == len(ids)
+
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.embeddings.create(model="text-embedding-3-small", input="hello")
+    with pytest.raises(openai.BadRequestError, match="takes images"):
+        client.embeddings.create(model="tiny", input="hello")
+    with pytest.raises(openai.BadRequestError, match="outside"):
+        client.embeddings.create(model="minilm-merged", input=[[10**7]])
+
+
+def test_kserve_v2_with_tritonclient_matches_onnxruntime(text_model, two_models):
+    import onnxruntime
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    session = onnxruntime.InferenceSession(str(text_model), providers=["CPUExecutionProvider"])
+    client = triton.InferenceServerClient(f"127.0.0.1:{_port(two_models)}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("minilm-merged")
+    assert not client.is_model_ready("nothing")
+    metadata = client.get_model_metadata("minilm-merged")
+    assert [(i["name"], i["datatype"], i["shape"][1:]) for i in metadata["inputs"]] == [
+        (i.name, "INT64", i.shape[1:]) for i in session.get_inputs()]
+    assert [o["name"] for o in metadata["outputs"]] == [o.name for o in session.get_outputs()]
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 5000, (3, 32)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 20:] = 0
+    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": ids, "attention_mask": mask})))
+    for binary in (False, True):
+        inputs = [triton.InferInput("input_ids", list(ids.shape), "INT64"), triton.InferInput("attention_mask", list(mask.shape), "INT64")]
+        inputs[0].set_data_from_numpy(ids, binary_data=binary)
+        inputs[1].set_data_from_numpy(mask, binary_data=binary)
+        outputs = [triton.InferRequestedOutput("embedding", binary_data=binary), triton.InferRequestedOutput("last_hidden_state", binary_data=not binary)]
+        result = client.infer("minilm-merged", inputs, outputs=outputs, request_id="r1")
+        assert result.get_response()["model_name"] == "minilm-merged" and result.get_response()["id"] == "r1"
+        for name in ("embedding", "last_hidden_state"):
+            assert result.as_numpy(name).shape == expected[name].shape
+            assert np.abs(result.as_numpy(name) - expected[name]).max() < 1e-4
+    every = client.infer("minilm-merged", inputs)  # no outputs named: all of them, binary
+    assert {o["name"] for o in every.get_response()["outputs"]} == set(expected)
+
+    wrong_type = triton.InferInput("input_ids", list(ids.shape), "INT32")
+    wrong_type.set_data_from_numpy(ids.astype(np.int32), binary_data=False)
+    with pytest.raises(InferenceServerException, match="datatype"):
+        client.infer("minilm-merged", [wrong_type, inputs[1]])
+    with pytest.raises(InferenceServerException, match="not served"):
+        client.infer("nothing", inputs)
+
+
+def test_images_as_base64_and_data_urls(vision_model, two_models):
+    import base64
+
+    runner = load(vision_model)
+    pre = Preprocessor(runner.manifest)
+    encoded = [base64.b64encode(_png(i)).decode() for i in range(2)]
+    with httpx.Client(base_url=two_models, timeout=60) as client:
+        reply = client.post("/v1/embed/images", json={"model": "tiny", "images": [encoded[0], "data:image/png;base64," + encoded[1]]})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "tiny"
+        for i, item in enumerate(reply.json()["data"]):
+            assert np.abs(np.array(item["logits"]) - runner.run(pre.image(_png(i)))["logits"][0]).max() < 1e-4
+        multipart = client.post("/v1/embed/images", data={"model": "tiny"}, files=[("files", ("a.png", _png(0), "image/png"))])
+        assert multipart.status_code == 200
+        assert np.abs(np.array(multipart.json()["data"][0]["logits"]) - np.array(reply.json()["data"][0]["logits"])).max() < 1e-4
+
+
+def _flat_png(size) -> bytes:
+    """A one-colour PNG: many pixels in a few bytes."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+MALFORMED = [
+    ("post", "/v1/embed/texts", dict(json={"texts": ["a"]}), 400, "several models"),
+    ("post", "/v1/embed/texts", dict(json={"texts": ["a"], "model": "nothing"}), 404, "not served"),
+    ("post", "/v1/embed/texts", dict(json={"texts": ["a"] * 9, "model": "minilm-merged"}), 413, "--max-inputs"),
+    ("post", "/v1/embed/texts", dict(json={"texts": ["word " * 20000], "model": "minilm-merged"}), 413, "--max-body-mb"),
+    ("post", "/v1/embed/texts", dict(content=b'{"texts": ["' + b"a" * 60000 + b'"]}', headers={"content-type": "application/json", "transfer-encoding": "chunked"}), 413, "--max-body-mb"),
+    ("post", "/v1/embed/texts", dict(json={"texts": [], "model": "minilm-merged"}), 422, None),
+    ("post", "/v1/embeddings", dict(json={"model": "minilm-merged", "input": []}), 400, "empty"),
+    ("post", "/v1/embeddings", dict(json={"model": "minilm-merged", "input": [[]]}), 400, "empty"),
+    ("post", "/v1/embeddings", dict(json={"model": "minilm-merged", "input": [list(range(40))]}), 400, "at most 32"),
+    ("post", "/v1/embeddings", dict(json={"model": "minilm-merged", "input": [[-1]]}), 400, "outside"),
+    ("post", "/v1/embeddings", dict(json={"model": "minilm-merged", "input": "a", "encoding_format": "int8"}), 422, None),
+    ("post", "/v1/embeddings", dict(json={"model": "minilm-merged", "input": "a", "dimensions": 3}), 400, "dimensions"),
+    ("post", "/v1/embeddings", dict(json={"model": "minilm-merged", "input": [1, "a"]}), 422, None),
+    ("post", "/v1/embeddings", dict(json={"input": "a"}), 422, None),
+    ("post", "/v1/embeddings", dict(content=b"\xff\xfe", headers={"content-type": "application/json"}), 422, None),
+    ("post", "/v1/embed/images", dict(json={"model": "tiny", "images": ["%%%"]}), 422, "base64"),
+    ("post", "/v1/embed/images", dict(json={"model": "tiny", "images": ["data:image/png,abc"]}), 422, "base64"),
+    ("post", "/v1/embed/images", dict(json={"model": "tiny", "images": [7]}), 422, "not a string"),
+    ("post", "/v1/embed/images", dict(json={"model": "tiny", "images": []}), 422, "no images"),
+    ("post", "/v1/embed/images", dict(json=["x"]), 422, "images"),
+    ("post", "/v1/embed/images", dict(content=b"{", headers={"content-type": "application/json"}), 422, "JSON"),
+    ("post", "/v1/embed/images", dict(data={"model": "tiny"}, files=[("files", ("big.png", None, "image/png"))]), 413, "--max-image-pixels"),
+    ("post", "/v1/embed/images", dict(data={"model": "minilm-merged"}, files=[("files", ("a.png", None, "image/png"))]), 400, "takes texts"),
+    ("post", "/v2/models/minilm-merged/infer", dict(content=b"[1, 2"), 400, "not valid JSON"),
+    ("post", "/v2/models/minilm-merged/infer", dict(json={"inputs": "x"}), 400, "inputs"),
+    ("post", "/v2/models/minilm-merged/infer", dict(json={"inputs": [{"name": "input_ids", "shape": [1, 32], "datatype": "INT64", "data": [1] * 32}]}), 400, "takes inputs"),
+    ("post", "/v2/models/minilm-merged/infer", dict(json={"inputs": [
+        {"name": "input_ids", "shape": [1, 32], "datatype": "INT64", "data": [1] * 31},
+        {"name": "attention_mask", "shape": [1, 32], "datatype": "INT64", "data": [1] * 32}]}), 400, "31 values"),
+    ("post", "/v2/models/minilm-merged/infer", dict(json={"inputs": [
+        {"name": "input_ids", "shape": [1, 16], "datatype": "INT64", "data": [1] * 16},
+        {"name": "attention_mask", "shape": [1, 16], "datatype": "INT64", "data": [1] * 16}]}), 400, "expected"),
+    ("post", "/v2/models/minilm-merged/infer", dict(json={"inputs": [
+        {"name": "input_ids", "shape": [1, 32], "datatype": "INT64", "data": ["x"] * 32},
+        {"name": "attention_mask", "shape": [1, 32], "datatype": "INT64", "data": [1] * 32}]}), 400, "not INT64"),
+    ("post", "/v2/models/minilm-merged/infer", dict(json={"inputs": [
+        {"name": "input_ids", "shape": [1, 32], "datatype": "INT64", "data": [10**8] * 32},
+        {"name": "attention_mask", "shape": [1, 32], "datatype": "INT64", "data": [1] * 32}], "outputs": [{"name": "nope"}]}), 400, "outside"),
+    ("post", "/v2/models/minilm-merged/infer", dict(content=b'{"inputs": []}', headers={"inference-header-content-length": "999"}), 400, "Inference-Header"),
+    ("get", "/v2/models/nothing", {}, 400, "not served"),
+    ("get", "/v2/models/minilm-merged/versions/2", {}, 400, "version 1"),
+]
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, message", MALFORMED, ids=[f"{m[1]}-{i}" for i, m in enumerate(MALFORMED)])
+def test_malformed_requests_get_4xx_with_a_message(two_models, method, path, kwargs, status, message):
+    if "files" in kwargs:  # filled in here: the big image is over --max-image-pixels (100,000), the small one not
+        big = kwargs["files"][0][1][0] == "big.png"
+        kwargs = dict(kwargs, files=[("files", ("x.png", _flat_png((400, 300)) if big else _png(0), "image/png"))])
+    with httpx.Client(base_url=two_models, timeout=30) as client:
+        reply = getattr(client, method)(path, **kwargs)
+    assert reply.status_code == status, reply.text
+    if message:
+        assert message in reply.text
+
+
+# --- overload ------------------------------------------------------------------------------
+
+
+class SlowRunner:
+    """Doubles its input after `seconds`; records every example it computed."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.seen = seconds, []
+
+    def run(self, feeds):
+        time.sleep(self.seconds)
+        self.seen.extend(feeds["x"][:, 0].tolist())
+        return {"y": feeds["x"] * 2}
+
+
+def _examples(*values):
+    return [{"x": np.array([[v]], np.float32)} for v in values]
+
+
+def test_admission_is_all_or_nothing_and_waiting_is_bounded():
+    from tokenfuse.engines.batching import Batcher, Refusal
+
+    async def scenario():
+        runner = SlowRunner(0.3)
+        batcher = Batcher(runner, max_batch=2, max_delay_ms=0, queue_size=3, max_queue_delay_ms=150)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(3, _examples(1, 2, 3)))  # starts at once, needs two calls
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(batcher.submit(1, _examples(4)))  # fits, but cannot start within 150 ms
+        await asyncio.sleep(0)
+        assert batcher.depth == 2
+        prepared = []
+
+        async def preprocess():  # would run only once admitted
+            prepared.append(True)
+            return _examples(5, 6, 7)
+
+        with pytest.raises(Refusal) as refused:  # 2 waiting + 3 > 3: refused whole, before preprocessing
+            await batcher.submit(3, preprocess())
+        assert not prepared
+        assert refused.value.status == 429 and refused.value.retry_after >= 1
+        with pytest.raises(Refusal) as expired:
+            await late
+        assert expired.value.status == 503 and expired.value.retry_after >= 1
+        results = await first  # its third example runs after 150 ms: once started, a request is finished
+        assert [r["y"][0, 0] for r in results] == [2, 4, 6]
+        assert batcher.batch_seconds >= 0.3
+        running = asyncio.ensure_future(batcher.submit(1, _examples(9)))
+        await asyncio.sleep(0.05)  # it runs; one more would wait a whole call, over 150 ms: refused on arrival
+        started = time.perf_counter()
+        with pytest.raises(Refusal) as predicted:
+            await batcher.submit(1, _examples(10))
+        assert predicted.value.status == 429 and time.perf_counter() - started < 0.05
+        await running
+        await batcher.drain()
+        with pytest.raises(Refusal) as closed:
+            await batcher.submit(1, _examples(8))
+        assert closed.value.status == 503
+        return runner.seen
+
+    assert asyncio.run(scenario()) == [1, 2, 3, 9]  # nothing refused or expired was computed
+
+
+class ServeProcess:
+    """`tokenfuse serve` in its own process on a free port, started and warm."""
+
+    def __init__(self, *args: str):
+        import subprocess
+        import sys
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-c", "import sys; from tokenfuse.cli import main; sys.exit(main())", "serve", *args, "--port", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def __enter__(self):
+        deadline = time.time() + 120
+        while True:
+            assert time.time() < deadline and self.process.poll() is None, "server did not start"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.post(f"{self.url}/v1/embed/texts", json={"texts": ["warm up"]}, timeout=60).status_code == 200
+        return self
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+
+
+PROBE = """
+import json, sys, time, httpx
+latencies = []
+with httpx.Client(base_url=sys.argv[1], timeout=10) as client:
+    for _ in range(10):
+        for path in ("/health", "/metrics"):
+            started = time.perf_counter()
+            reply = client.get(path)
+            latencies.append((path, reply.status_code, time.perf_counter() - started, reply.text if path == "/health" else ""))
+        time.sleep(0.1)
+print(json.dumps(latencies))
+"""
+
+
+def test_health_and_metrics_answer_quickly_while_saturated(text_model):
+    """32 clients keep the queue of a `tokenfuse serve` process full; /health and /metrics, probed
+    from a third process, answer in under 100 ms (median)."""
+    import json
+    import subprocess
+    import sys
+
+    with ServeProcess(str(text_model), "--max-batch", "16", "--queue-size", "64", "--max-inputs", "16") as server:
+        stop, statuses = threading.Event(), []
+
+        def load_loop(worker: int):
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                while not stop.is_set():
+                    texts = [f"client {worker} sends text number {i} about token merging" for i in range(16)]
+                    statuses.append(client.post("/v1/embeddings", json={"model": text_model.stem, "input": texts}).status_code)
+                    if statuses[-1] != 200:
+                        time.sleep(0.05)  # a short back-off, as clients do on 429/503
+
+        with ThreadPoolExecutor(32) as pool:
+            for worker in range(32):
+                pool.submit(load_loop, worker)
+            time.sleep(2)
+            probes = json.loads(subprocess.run([sys.executable, "-c", PROBE, server.url], capture_output=True, text=True, check=True).stdout)
+            stop.set()
+    assert all(status == 200 for _, status, _, _ in probes)
+    depths = [json.loads(text)["models"][text_model.stem]["queue"] for path, _, _, text in probes if path == "/health"]
+    assert max(depths) > 0 and statuses.count(429) > 0, (depths, set(statuses))  # it was saturated
+    assert set(statuses) <= {200, 429, 503}
+    latencies = [seconds for _, _, seconds, _ in probes]
+    assert float(np.median(latencies)) < 0.1, latencies
+
+
+def test_sigterm_under_load_answers_every_accepted_request(text_model):
+    """`tokenfuse serve` in a subprocess under load gets SIGTERM: requests sent before it all get an
+    HTTP answer (200, or 429 if refused at admission), new ones get 503, and it exits 0."""
+    import signal
+
+    with ServeProcess(str(text_model), "--max-batch", "8", "--queue-size", "64", "--max-queue-delay-ms", "0") as server:
+        url, process = server.url, server.process
+        terminated = threading.Event()
+        before, after, lost = [], [], []
+
+        def client_loop(worker: int):
+            with httpx.Client(base_url=url, timeout=60) as client:
+                while not terminated.is_set():
+                    try:
+                        reply = client.post("/v1/embed/texts", json={"texts": [f"text {worker} {i}" for i in range(8)]})
+                    except httpx.TransportError as exc:
+                        lost.append(repr(exc))
+                        return
+                    (after if terminated.is_set() else before).append(reply.status_code)
+                    if reply.status_code != 200:
+                        time.sleep(0.05)
+
+        with ThreadPoolExecutor(16) as pool:
+            for worker in range(16):
+                pool.submit(client_loop, worker)
+            time.sleep(3)
+            process.send_signal(signal.SIGTERM)
+            terminated.set()
+            refused_new = []
+            with httpx.Client(base_url=url, timeout=10) as client:
+                for _ in range(50):
+                    try:
+                        refused_new.append(client.post("/v1/embed/texts", json={"texts": ["new"]}).status_code)
+                    except httpx.TransportError:
+                        break
+                    if refused_new[-1] == 503:
+                        break
+                    time.sleep(0.01)
+        code = process.wait(60)
+        stderr = process.stderr.read()
+    assert not lost, lost
+    assert code == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert after.count(200) > 0, (before, after)  # requests in flight at SIGTERM were answered
+    assert set(before + after) <= {200, 429, 503}
+    assert 503 in refused_new, refused_new
+
+
+def test_model_names_come_from_stems_or_name_equals_path(tmp_path, capsys):
+    from tokenfuse.cli import main
+    from tokenfuse.engines.serve import model_files
+    from tokenfuse.exporter.errors import UsageError
+
+    assert model_files([tmp_path / "a" / "vit.onnx", "plain=/x/vit-none.onnx"]) == {"vit": tmp_path / "a" / "vit.onnx", "plain": Path("/x/vit-none.onnx")}
+    with pytest.raises(UsageError, match="two models are named 'vit'"):
+        model_files(["a/vit.onnx", "b/vit.onnx"])
+    with pytest.raises(UsageError, match="cannot be a model name"):
+        model_files(["a/my model.onnx"])
+    assert main(["serve", str(tmp_path / "missing.onnx")]) == 2
+    assert "tokenfuse: error:" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "x.onnx"), "--queue-size", "8", "--max-inputs", "9"]) == 2
+    assert "--max-inputs 9 is over --queue-size 8" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""Admission and dynamic batching for one served model.
+
+A request is admitted whole or not at all, on arrival: if all its examples fit in the queue they
+are reserved places, otherwise it is refused (429) before anything is done for it, preprocessing
+included. An admitted request that cannot start within `max_queue_delay_ms` of its arrival
+(preprocessing counts) is withdrawn and answered 503, so answered requests wait at most about
+that long; once any of its examples has started, all of them are computed. A request that would
+find more work ahead of it than it may wait for (batches ahead x recent batch time) is refused
+(429) on arrival instead of being admitted to expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .runtime import Runner
+
+
+class Refusal(Exception):
+    """A request answered with an HTTP error status instead of a result."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+@dataclass(eq=False)
+class _Request:
+    deadline: float
+    started: bool = False
+    futures: list = field(default_factory=list)
+
+
+class Batcher:
+    """Gathers the examples of admitted requests into model calls of up to `max_batch`."""
+
+    def __init__(self, runner: Runner, max_batch: int, max_delay_ms: float, queue_size: int,
+                 max_queue_delay_ms: float | None = None, on_batch=None):
+        self.runner, self.max_batch, self.max_delay = runner, max_batch, max_delay_ms / 1000
+        self.queue_size = queue_size
+        self.max_wait = max_queue_delay_ms / 1000 if max_queue_delay_ms else None
+        self.retry_after = max(1, math.ceil(self.max_wait or 1))
+        self.pending: deque[tuple[_Request, dict, asyncio.Future]] = deque()
+        self.reserved = 0  # places of admitted requests still being preprocessed
+        self.closing = False
+        self.running = False
+        self.batch_seconds: float | None = None  # moving average of a model call
+        self.on_batch = on_batch or (lambda size, seconds: None)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenfuse-model")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self):
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    @property
+    def depth(self) -> int:
+        return len(self.pending) + self.reserved
+
+    def expected_wait(self) -> float:
+        """Seconds before a request arriving now would start: the batches ahead of it at the recent pace."""
+        return (self.depth // self.max_batch + self.running) * (self.batch_seconds or 0.0)
+
+    def _late(self) -> Refusal:
+        return Refusal(503, f"the request could not start within {self.max_wait * 1000:.0f} ms (--max-queue-delay-ms); retry later",
+                       self.retry_after)
+
+    async def submit(self, count: int, examples) -> list[dict[str, np.ndarray]]:
+        """Every example's outputs, in order; raises Refusal when not admitted or not started in time.
+        `examples` is the list of `count` model inputs, or an awaitable giving it (preprocessing,
+        which then runs only once the request is admitted)."""
+        refusal = None
+        if self.closing:
+            refusal = Refusal(503, "the service is shutting down; retry on another instance", self.retry_after)
+        elif self.depth + count > self.queue_size:
+            refusal = Refusal(429, f"the queue is full ({self.depth} of {self.queue_size} examples waiting); retry later", self.retry_after)
+        elif self.max_wait and self.batch_seconds and self.expected_wait() > self.max_wait:
+            refusal = Refusal(429, f"about {self.expected_wait():.1f} s of work is queued, more than --max-queue-delay-ms allows; "
+                              "retry later", self.retry_after)
+        if refusal:
+            if inspect.iscoroutine(examples):
+                examples.close()
+            raise refusal
+        loop = asyncio.get_running_loop()
+        request = _Request(deadline=loop.time() + (self.max_wait or math.inf))
+        self.reserved += count
+        try:
+            if inspect.isawaitable(examples):
+                examples = await asyncio.wait_for(examples, self.max_wait)
+        except asyncio.TimeoutError:
+            raise self._late()
+        finally:
+            self.reserved -= count
+        for example in examples:
+            future = loop.create_future()
+            request.futures.append(future)
+            self.pending.append((request, example, future))
+        self._wake.set()
+        results = asyncio.gather(*request.futures)
+        if self.max_wait is None:
+            return await results
+        try:
+            return await asyncio.wait_for(asyncio.shield(results), max(0.0, request.deadline - loop.time()))
+        except asyncio.TimeoutError:
+            if request.started:
+                return await results
+            self.pending = deque(item for item in self.pending if item[0] is not request)
+            raise self._late()
+
+    async def _fill(self):
+        """Wait up to max_delay for a full batch."""
+        deadline = asyncio.get_running_loop().time() + self.max_delay
+        while len(self.pending) < self.max_batch:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    async def _serve(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.pending:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._fill()
+            batch = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
+            if not batch:  # everything waiting was withdrawn meanwhile
+                continue
+            for request, _, _ in batch:
+                request.started = True
+            feeds = {name: np.concatenate([example[name] for _, example, _ in batch]) for name in batch[0][1]}
+            started = time.perf_counter()
+            self.running = True
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.runner.run, feeds)
+            except Exception as exc:  # answer every waiter, keep serving
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            finally:
+                self.running = False
+            elapsed = time.perf_counter() - started
+            self.batch_seconds = elapsed if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * elapsed
+            self.on_batch(len(batch), elapsed)
+            for i, (_, _, future) in enumerate(batch):
+                if not future.done():
+                    future.set_result({name: value[i : i + 1] for name, value in outputs.items()})
+
+    async def drain(self):
+        """Refuse new work, finish every admitted request, stop."""
+        self.closing = True
+        while self.pending or self.running or self.reserved:
+            await asyncio.sleep(0.01)
+        if self._task:
+            self._task.cancel()
+        self._executor.shutdown(wait=False)
