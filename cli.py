@@ -356,10 +356,16 @@ def _run_show(args) -> int:
                       schedule=args.schedule, min_tokens=args.min_tokens)
     print(f"wrote {args.output}: layers {', '.join(map(str, result['layers']))} (tokens per layer {result['schedule']})")
     return 0
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as every other bad input: one `tokenfuse: error:` line, exit code 2.
+    Subcommand parsers are of the same class (argparse's default)."""
+
+    def error(self, message):
+        self.exit(2, f"tokenfuse: error: {message}; see {self.prog} --help\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenfuse", description="Token-merged transformers as validated ONNX, ready for TensorRT.")
+    p = _Parser(prog="tokenfuse", description="Token-merged transformers as validated ONNX, ready for TensorRT.")
     p.add_argument("--version", action="version", version=f"tokenfuse {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_export(sub)

@@ -23,50 +23,8 @@ import numpy as np
 
 from ..exporter.errors import UsageError
 from .batching import Batcher, Refusal
+from .preprocess import Preprocessor
 from .runtime import Runner, load
-
-
-class Preprocessor:
-    """Raw images or texts to model inputs, as the export manifest says."""
-
-    def __init__(self, manifest: dict):
-        self.spec = manifest.get("preprocess") or {}
-        self.kind = self.spec.get("kind")
-        self.tokenizer = None
-        if self.kind == "text":
-            if not self.spec.get("tokenizer"):
-                raise UsageError("this text model's manifest names no tokenizer directory; export it from a directory with one")
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(self.spec["tokenizer"], local_files_only=True)
-
-    def image(self, data: bytes) -> dict[str, np.ndarray]:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            picture = Image.open(io.BytesIO(data))
-            kind = picture.format
-            picture.load()
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise ValueError("not a readable PNG or JPEG image")
-        if kind not in ("PNG", "JPEG"):
-            raise ValueError(f"{kind} images are not accepted; send PNG or JPEG")
-        height, width = self.spec["size"]
-        resample = Image.Resampling.BICUBIC if self.spec.get("interpolation") == "bicubic" else Image.Resampling.BILINEAR
-        scale = self.spec.get("crop_pct", 1.0) or 1.0
-        picture = picture.convert("L" if len(self.spec["mean"]) == 1 else "RGB")  # the model's channels
-        short = min(picture.size)
-        target = (round(picture.size[0] * height / scale / short), round(picture.size[1] * height / scale / short))
-        picture = picture.resize((max(target[0], width), max(target[1], height)), resample)
-        left, top = (picture.size[0] - width) // 2, (picture.size[1] - height) // 2
-        picture = picture.crop((left, top, left + width, top + height))
-        array = np.asarray(picture, dtype=np.float32).reshape(height, width, -1) / 255.0
-        array = (array - np.array(self.spec["mean"], np.float32)) / np.array(self.spec["std"], np.float32)
-        return {"pixel_values": array.transpose(2, 0, 1)[None].astype(np.float32)}
-
-    def text(self, text: str) -> dict[str, np.ndarray]:
-        encoded = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.spec["seq_len"], return_tensors="np")
-        return {"input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64)}
 
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

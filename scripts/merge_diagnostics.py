@@ -5,7 +5,7 @@ mean metric of the real tokens in the slot it lands in, averaged over the tokens
 with another; the closer to 1, the less a merge blurs. Beside it, how far the final output moves
 from the unmerged model's: the cosine of the embeddings (text) or of the logits, and the share of
 unchanged top-1 predictions (vision). Real weights and data: all-MiniLM-L6-v2 on Lee-50 and the
-Fashion-MNIST ViT (scripts/train_fashion_vit.py) on 1,000 test images. PyTorch, CPU.
+Fashion-MNIST ViT (scripts/train_fashion_vit.py) on its 10,000 test images. PyTorch, CPU.
 
     .venv/bin/python scripts/merge_diagnostics.py --out docs/merge-diagnostics.json
 """

@@ -46,3 +46,37 @@ def hf_dirs(tmp_path_factory) -> dict[str, str]:
         model.save_pretrained(path)
         dirs[name] = str(path)
     return dirs
+
+
+class SharedExports:
+    """Models and exports that several modules use, each made once per session on first use."""
+
+    MODELS = {"vit-b": ("timm:vit_base_patch16_224", {"random_init": True}), "vit-ti": ("timm:vit_tiny_patch16_224", {"random_init": True}), "minilm": (None, {"seq_len": 128})}
+
+    def __init__(self, root, minilm_path: str):
+        self.root, self.minilm_path = root, minilm_path
+        self._adapters, self._exports = {}, {}
+
+    def adapter(self, model: str):
+        from tokenfuse.exporter import load_model
+
+        if model not in self._adapters:
+            name, options = self.MODELS[model]
+            self._adapters[model] = load_model(name or f"hf:{self.minilm_path}", **options)
+        return self._adapters[model]
+
+    def get(self, model: str, method: str):
+        """(path, manifest) of `model` exported with `method` at r = 0.9, validated with seed 0."""
+        from tokenfuse.exporter import export
+
+        if (model, method) not in self._exports:
+            path = self.root / f"{model}-{method}.onnx"
+            manifest = export(self.adapter(model), path, method=method, r=0.9, seed=0, log=lambda *_: None)
+            self._exports[model, method] = (path, manifest)
+        return self._exports[model, method]
+
+
+@pytest.fixture(scope="session")
+def shared_exports(tmp_path_factory, minilm_path) -> SharedExports:
+    """Shared exports (treat the files as read-only): shared_exports.get("vit-b", "pitome")."""
+    return SharedExports(tmp_path_factory.mktemp("shared-exports"), minilm_path)

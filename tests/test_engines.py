@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 import json
 
 import numpy as np
@@ -12,17 +11,13 @@ from tokenfuse.cli import main
 from tokenfuse.engines import bench as bench_module
 from tokenfuse.engines.build import build_engine, parse_batch, sidecar_path
 from tokenfuse.engines.runtime import load
-from tokenfuse.exporter import export
 from tokenfuse.exporter.errors import UsageError
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A small ViT exported merged (pitome r=0.9), with its manifest."""
-    root = tmp_path_factory.mktemp("engines")
-    path = root / "tiny.onnx"
-    export("timm:vit_tiny_patch16_224", path, random_init=True, method="pitome", r=0.9, log=lambda *_: None)
-    return path
+def tiny(shared_exports):
+    """A small ViT exported merged (pitome r=0.9), with its manifest (conftest's shared export)."""
+    return shared_exports.get("vit-ti", "pitome")[0]
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +143,11 @@ def test_cli_build_and_bench(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("args", [["build", "missing.onnx", "-o", "x.engine"], ["bench", "missing.onnx"], ["build", "m.onnx", "-o", "x.engine", "--batch", "9:1:2"]])
 def test_cli_engine_errors_are_one_line(args, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) if "--batch" in args else nullcontext():
+    try:
         code = main(args)
-        assert code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("tokenfuse: error:")
+    except SystemExit as exc:  # an argument error: argparse exits
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tokenfuse: error:")
     assert not (tmp_path / "x.engine").exists()

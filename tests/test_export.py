@@ -1,8 +1,10 @@
 """End to end on the two reference models: ViT-B/16 (random init) and all-MiniLM-L6-v2 (real weights).
 
 For every method: the exported ONNX agrees with the merged PyTorch model (fp32, <= 1e-4 max abs
-error on fresh inputs), holds only TensorRT-importable ops, and builds into a TensorRT-RTX engine
-on this CPU-only machine. `none` equals the original, unpatched model.
+error on fresh inputs, every merge decision the same with the fixed seeds), holds only
+TensorRT-importable ops, and builds into a TensorRT-RTX engine on this CPU-only machine (the ViT-B
+builds are marked `slow`: tens of seconds each; CI runs them). `none` equals the original,
+unpatched model. The exports are conftest's shared ones (one per model and method per session).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from tokenfuse.engines.build import compile_engine
-from tokenfuse.exporter import export, load_model
+from tokenfuse.exporter import export
 from tokenfuse.exporter.settings import MergeOptions
 
 METHODS = ["none", "tome", "pitome", "crossget", "turbo"]
@@ -24,21 +26,20 @@ MODELS = ["vit", "minilm"]
 
 
 @pytest.fixture(scope="module")
-def adapters(minilm_path):
-    return {"vit": load_model("timm:vit_base_patch16_224", random_init=True), "minilm": load_model(f"hf:{minilm_path}", seq_len=128)}
+def adapters(shared_exports):
+    return {"vit": shared_exports.adapter("vit-b"), "minilm": shared_exports.adapter("minilm")}
 
 
 @pytest.fixture(scope="module")
-def exported(adapters, tmp_path_factory):
-    """Each model exported once per method (r = 0.9), shared by the checks below."""
-    root = tmp_path_factory.mktemp("export")
-    out = {}
-    for model, adapter in adapters.items():
-        for method in METHODS:
-            path = root / f"{model}-{method}.onnx"
-            manifest = export(adapter, path, method=method, r=0.9, seq_len=128, log=lambda *_: None)
-            out[model, method] = (path, manifest)
-    return out
+def exported(shared_exports):
+    """Each model exported once per method (r = 0.9, validation seed 0), on first use."""
+
+    class Lazy(dict):
+        def __missing__(self, key):
+            model, method = key
+            return shared_exports.get({"vit": "vit-b", "minilm": "minilm"}[model], method)
+
+    return Lazy()
 
 
 def _with_slot_outputs(path, target):
@@ -78,17 +79,19 @@ def test_onnx_matches_merged_pytorch(adapters, exported, model, method, tmp_path
             replayed, state = adapter.run(settings, inputs, replay=slots)
         assert list(shipped) == list(free)
         agreement = [float((mine == theirs).float().mean()) for mine, theirs in zip(state.slots, slots)]
-        assert min(agreement, default=1.0) >= 0.95, agreement
+        assert agreement == [1.0] * len(slots), agreement  # measured with these seeds: every decision agrees
         for name in free:
             assert shipped[name].shape == tuple(free[name].shape)
             assert np.abs(shipped[name] - with_slots[name]).max() == 0.0
             assert np.abs(shipped[name] - replayed[name].numpy()).max() <= 1e-4, (name, batch)
-            if min(agreement, default=1.0) == 1.0:
-                assert np.abs(shipped[name] - free[name].numpy()).max() <= 1e-4, (name, batch)
-    assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_error"] <= 1e-4
+            assert np.abs(shipped[name] - free[name].numpy()).max() <= 1e-4, (name, batch)
+    validation = manifest["validation"]
+    # seed 0 measured 1.0 and, in one run on a loaded machine, 0.9949 (ViT-B pitome: rounding that
+    # depends on threading flipped a near-tie), so the gate is 0.99, not the production 0.95
+    assert validation["passed"] and validation["merge_agreement"] >= 0.99 and validation["max_abs_error"] <= 1e-4, validation
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [pytest.param("vit", marks=pytest.mark.slow), "minilm"])
 @pytest.mark.parametrize("method", METHODS)
 def test_graph_is_tensorrt_ready_and_builds_with_tensorrt_rtx(exported, model, method):
     path, manifest = exported[model, method]
@@ -148,13 +151,17 @@ def test_none_equals_the_original_minilm(adapters, exported):
     assert np.abs(got["embedding"] - pooled.numpy()).max() <= 1e-5
 
 
-def test_fp16_export_validates_keeps_fp32_io_and_builds(tmp_path, minilm_path):
+@pytest.mark.slow
+def test_fp16_export_validates_keeps_fp32_io_and_builds(tmp_path):
     """fp16 computes in half precision but keeps similarity, energy, softmax sums and sizes in
     fp32; inputs and outputs stay fp32. TensorRT's strongly typed build takes the graph's types."""
     path = tmp_path / "vit16.onnx"
     manifest = export("timm:vit_base_patch16_224", path, random_init=True, method="pitome", r=0.9, dtype="fp16", seed=3, log=lambda *_: None)
-    assert manifest["dtype"] == "fp16" and manifest["validation"]["passed"], manifest["validation"]
-    assert manifest["validation"]["max_rel_error"] <= 2e-2 and manifest["validation"]["cosine_min"] >= 0.999
+    validation = manifest["validation"]
+    assert manifest["dtype"] == "fp16" and validation["passed"], validation
+    # measured with seed 3: 0.924 of the decisions agree, relative error 1.8e-3, cosine 0.9999988
+    assert validation["merge_agreement"] >= 0.92 and validation["max_rel_error"] <= 2.5e-3, validation
+    assert validation["cosine_min"] >= 0.99999, validation
     assert {o["dtype"] for o in manifest["inputs"] + manifest["outputs"]} == {"float32"}
     graph = onnx.load(str(path))
     weights = [i for i in graph.graph.initializer if len(i.dims) == 2 and min(i.dims) >= 768]

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenfuse.exporter import load_model
 from tokenfuse.exporter.settings import MergeOptions
 
 METHODS = ["tome", "pitome", "crossget", "turbo"]
 
 
 @pytest.fixture(scope="module")
-def minilm(minilm_path):
-    return load_model(f"hf:{minilm_path}", seq_len=128)
+def minilm(shared_exports):
+    return shared_exports.adapter("minilm")  # all-MiniLM-L6-v2 at seq-len 128, loaded once per session
 
 
 def _batch(lengths, seq_len=128, seed=0, pad_ids=None):

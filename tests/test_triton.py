@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -9,19 +10,15 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tokenfuse.cli import main
-from tokenfuse.engines.build import build_engine
+from tokenfuse.engines.build import build_engine, sidecar_path
 from tokenfuse.engines.triton import write_repository
-from tokenfuse.exporter import export
 from tokenfuse.exporter.errors import UsageError
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, minilm_path):
-    root = tmp_path_factory.mktemp("triton")
-    vit, text = root / "vit.onnx", root / "minilm.onnx"
-    export("timm:vit_tiny_patch16_224", vit, random_init=True, method="tome", r=13, validate=False, log=lambda *_: None)
-    export(f"hf:{minilm_path}", text, method="pitome", r=0.9, seq_len=64, validate=False, log=lambda *_: None)
-    return vit, text
+def exported(shared_exports):
+    """ViT-Ti and MiniLM, pitome r=0.9 (conftest's shared exports)."""
+    return shared_exports.get("vit-ti", "pitome")[0], shared_exports.get("minilm", "pitome")[0]
 
 
 def _parse(folder):
@@ -46,15 +43,21 @@ def test_onnx_repository_matches_the_model(exported, tmp_path, which):
     assert "tritonserver --model-repository" in (tmp_path / "repo" / "README.md").read_text()
 
 
-def test_engine_repository_uses_the_plan_and_its_profile(exported, tmp_path):
-    engine = tmp_path / "vit.engine"
+@pytest.fixture(scope="module")
+def vit_engine(exported, tmp_path_factory):
+    engine = tmp_path_factory.mktemp("triton-engine") / "vit.engine"
     build_engine(exported[0], engine, batch=(1, 4, 8), log=lambda *_: None)
+    return engine
+
+
+def test_engine_repository_uses_the_plan_and_its_profile(vit_engine, tmp_path):
+    engine = vit_engine
     folder = write_repository(engine, tmp_path / "repo")
     config = _parse(folder)
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 8
     assert (folder / "1" / "model.plan").read_bytes() == engine.read_bytes()
     assert [t.name for t in config.output] == ["logits", "last_hidden_state", "token_sizes"]
-    assert list(config.output[1].dims) == [197 - 12 * 13, 192]
+    assert list(config.output[1].dims) == [60, 192]  # pitome r=0.9: 197 tokens -> 60
 
 
 def test_refusals_leave_nothing(exported, tmp_path, capsys):
@@ -66,4 +69,20 @@ def test_refusals_leave_nothing(exported, tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
     assert main(["triton-repo", str(exported[0]), "-o", str(tmp_path / "ok"), "--kind", "cpu"]) == 0
-    assert _parse(tmp_path / "ok" / "vit").instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert _parse(tmp_path / "ok" / exported[0].stem).instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+def test_an_engines_plugin_library_is_copied_and_preloaded(vit_engine, tmp_path):
+    """An engine whose sidecar names a plugin library (as `tokenfuse build` writes it for a
+    --lowering plugin model): the library is copied into the repository and its README preloads it."""
+    engine = tmp_path / "vit.engine"
+    engine.write_bytes(vit_engine.read_bytes())
+    library = tmp_path / "libtokenfuse_plugins.so"
+    library.write_bytes(b"\x7fELF stand-in for the plugin library")
+    sidecar = json.loads(sidecar_path(vit_engine).read_text())
+    sidecar["plugin_library"] = {"path": str(library), "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
+    sidecar_path(engine).write_text(json.dumps(sidecar))
+    folder = write_repository(engine, tmp_path / "repo")
+    assert (folder / "plugins" / library.name).read_bytes() == library.read_bytes()
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert f"LD_PRELOAD=$PWD/repo/{folder.name}/plugins/{library.name} tritonserver --model-repository" in readme

@@ -27,6 +27,21 @@ SUPPORTED = (
 )
 
 
+def _hf_size(size, square: bool) -> dict | None:
+    """A Hugging Face size entry as a dict: legacy integers mean a square when `square`, else the
+    shortest edge (as ViTImageProcessor and CLIPImageProcessor read them)."""
+    if size is None or isinstance(size, dict):
+        return {k: v for k, v in (size or {}).items() if v is not None} or None
+    return {"height": size, "width": size} if square else {"shortest_edge": size}
+
+
+def _resample_name(resample: int) -> str:
+    """PIL's resampling filter number (as Hugging Face stores it) to its name."""
+    from PIL import Image
+
+    return Image.Resampling(resample).name.lower()
+
+
 def unsupported(what: str) -> UsageError:
     return UsageError(f"{what} is not supported; supported models: " + "; ".join(SUPPORTED))
 
@@ -89,8 +104,13 @@ class Adapter:
         """The local directory of an hf: model."""
         return Path(self.name[3:]) if self.name.startswith("hf:") else None
 
-    def hf_preprocess(self, kind: str, default_mean, default_std) -> dict:
-        """Image or text preprocessing from the model directory's processor files."""
+    def hf_preprocess(self, kind: str, default_mean, default_std, defaults: dict | None = None) -> dict:
+        """Image or text preprocessing from the model directory's processor files.
+
+        Images follow the directory's preprocessor_config.json as the Hugging Face image processors
+        do (do_resize, size as shortest_edge or height/width, do_center_crop and crop_size,
+        resample, rescale_factor, image_mean/std); where it is missing, `defaults` (the same keys)
+        or ViTImageProcessor's defaults at the model's input size (squash, bilinear)."""
         import json
 
         if kind == "text":
@@ -99,16 +119,28 @@ class Adapter:
             )
             return {"kind": "text", "tokenizer": str(self.directory) if has_tokenizer else None, "seq_len": self.shape().tokens}
         config_file = self.directory / "preprocessor_config.json" if self.directory else None
-        processor = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
-        size = self.input_specs()[0].shape[2:]
-        return {
+        height, width = self.input_specs()[0].shape[2:]
+        processor = {"size": {"height": height, "width": width}, "resample": 2, **(defaults or {})}
+        if config_file and config_file.is_file():
+            processor.update(json.loads(config_file.read_text()))
+        crop = _hf_size(processor.get("crop_size"), square=True) if processor.get("do_center_crop") else None
+        resize = _hf_size(processor.get("size"), square=crop is None) if processor.get("do_resize", True) else None
+        spec = {
             "kind": "image",
-            "size": list(size),
+            "size": [height, width],
+            "resize": resize,
+            "crop": [crop["height"], crop["width"]] if crop else None,
+            "crop_offset": "floor",
+            "interpolation": _resample_name(processor.get("resample", 2)),
+            "rescale": processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) else 1.0,
             "mean": list(processor.get("image_mean", default_mean))[: self.channels],
             "std": list(processor.get("image_std", default_std))[: self.channels],
-            "interpolation": "bicubic" if processor.get("resample", 3) == 3 else "bilinear",
-            "crop_pct": 1.0,
         }
+        if not processor.get("do_normalize", True):
+            spec["mean"], spec["std"] = [0.0] * self.channels, [1.0] * self.channels
+        if resize is not None and not ({"shortest_edge"} == set(resize) or {"height", "width"} == set(resize)):
+            spec["unsupported"] = f"Hugging Face size {processor.get('size')}"
+        return spec
 
     @property
     def is_text(self) -> bool:

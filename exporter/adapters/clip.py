@@ -60,7 +60,10 @@ class ClipVision(ImageAdapter):
         return _pre_norm_views(self.tower.encoder.layers, self.heads)
 
     def preprocess(self):
-        return self.hf_preprocess("image", CLIP_MEAN, CLIP_STD)
+        """CLIPImageProcessor's defaults where the directory has no preprocessor_config.json."""
+        size = self.config.image_size
+        defaults = {"size": {"shortest_edge": size}, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "resample": 3}
+        return self.hf_preprocess("image", CLIP_MEAN, CLIP_STD, defaults)
 
     def embed(self, inputs):
         x = self.tower.pre_layrnorm(self.tower.embeddings(inputs["pixel_values"]))

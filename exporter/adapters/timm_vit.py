@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..budgets import Shape
 from ..encoder import BlockView, TokenState, pool_attention, weighted_mean
 from ..errors import UsageError
@@ -52,15 +54,29 @@ class TimmViT(ImageAdapter):
         )
 
     def preprocess(self) -> dict:
-        cfg = self.model.pretrained_cfg or {}
-        return {
+        """timm's eval transform for this model (timm.data.resolve_data_config + create_transform):
+        resize the shortest edge to floor(size / crop_pct), centre crop; or squash, then crop."""
+        from timm.data import resolve_data_config
+
+        # the model's own input size: a pretrained config keeps its 224 when created at another size
+        cfg = resolve_data_config({"input_size": (self.channels, *self.image_size)}, model=self.model)
+        height, width = cfg["input_size"][1:]
+        crop_pct, mode = cfg.get("crop_pct") or 0.875, cfg.get("crop_mode") or "center"
+        scaled = {"height": math.floor(height / crop_pct), "width": math.floor(width / crop_pct)}
+        spec = {
             "kind": "image",
-            "size": list(self.image_size),
-            "mean": list(cfg.get("mean", (0.485, 0.456, 0.406)))[: self.channels],
-            "std": list(cfg.get("std", (0.229, 0.224, 0.225)))[: self.channels],
-            "interpolation": cfg.get("interpolation", "bicubic"),
-            "crop_pct": cfg.get("crop_pct", 0.9),
+            "size": [height, width],
+            "resize": {"shortest_edge": scaled["height"]} if mode == "center" else scaled,
+            "crop": [height, width],
+            "crop_offset": "round",
+            "interpolation": cfg["interpolation"],
+            "rescale": 1 / 255,
+            "mean": list(cfg["mean"])[: self.channels],
+            "std": list(cfg["std"])[: self.channels],
         }
+        if mode not in ("center", "squash") or (mode == "center" and height != width):
+            spec["unsupported"] = f"timm crop_mode {mode!r} at {height}x{width}"
+        return spec
 
     def views(self) -> list[BlockView]:
         return [_block_view(block) for block in self.model.blocks]
