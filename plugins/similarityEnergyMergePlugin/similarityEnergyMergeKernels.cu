@@ -427,7 +427,7 @@ template <typename T>
 __global__ void __launch_bounds__(kMatchThreads)
     matchKernel(MergeParams p, T const* metric, float const* clsAttn, Workspace ws, int32_t* slotsOut)
 {
-    __shared__ Shared s;
+    TF_SHARED(Shared, s);
     int32_t const b = blockIdx.x;
     int32_t const n = p.tokens;
     int32_t const dim = p.metricDim;
@@ -578,9 +578,13 @@ cudaError_t launchSimilarityEnergyMerge(MergeParams const& p, T const* x, T cons
         return cudaSuccess;
     }
     Workspace const ws = carve(workspace, p.batch, p.tokens, p.metricDim);
-    matchKernel<T><<<p.batch, kMatchThreads, 0, stream>>>(p, metric, clsAttn, ws, slots);
-    mergeKernel<T><<<dim3(p.outTokens, p.batch), kMergeThreads, 0, stream>>>(p, x, size, ws, outX, outSize);
-    return cudaGetLastError();
+    cudaError_t const matched
+        = tfLaunch(matchKernel<T>, dim3(p.batch), dim3(kMatchThreads), 0, stream, p, metric, clsAttn, ws, slots);
+    if (matched != cudaSuccess)
+    {
+        return matched;
+    }
+    return tfLaunch(mergeKernel<T>, dim3(p.outTokens, p.batch), dim3(kMergeThreads), 0, stream, p, x, size, ws, outX, outSize);
 }
 
 template cudaError_t launchSimilarityEnergyMerge<float>(MergeParams const&, float const*, float const*, float const*,

@@ -7,8 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
+#include "cudaPortability.h"
 
 namespace tokenfuse
 {
