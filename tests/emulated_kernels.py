@@ -27,7 +27,8 @@ from tokenfuse.exporter.methods import LayerRule, TokenMerge, match_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "plugins" / "similarityEnergyMergePlugin"
-KERNEL_SOURCE = PLUGIN_DIR / "similarityEnergyMergeKernels.cu"
+# The kernels under test: the plugin's, or a candidate copy (which includes the plugin's headers).
+KERNEL_SOURCE = Path(os.environ.get("TOKENFUSE_KERNEL_SOURCE") or PLUGIN_DIR / "similarityEnergyMergeKernels.cu")
 EMULATION_DIR = Path(__file__).resolve().parent / "cuda_emulation"
 
 METHOD_CODES = {"tome": 0, "pitome": 1, "crossget": 2, "turbo": 3}
@@ -60,7 +61,7 @@ def _compile(output: Path, sources: list[Path], flags: list[str], include_dir: P
     if cxx is None:
         raise FileNotFoundError("no C++ compiler (set CXX, or install g++)")
     command = [cxx, *COMPILE_FLAGS, *flags, f"-I{EMULATION_DIR}", f"-I{include_dir}", "-o", str(output)]
-    for source in sources:
+    for source in sources:  # the .cu is C++ for the CPU; .cpp and .o by their suffix
         command += ["-x", "c++" if source.suffix == ".cu" else "none", str(source)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -74,10 +75,17 @@ def build_library(out_dir: Path, source: Path = KERNEL_SOURCE) -> Path:
                     ["-O2", "-fPIC", "-shared"])
 
 
-def build_driver(out_dir: Path, sanitizer: str = "none", source: Path = KERNEL_SOURCE) -> Path:
-    """merge_driver_<sanitizer>: the kernels and mergeDriver.cpp in one sanitized executable."""
-    return _compile(Path(out_dir) / f"merge_driver_{sanitizer}", [source, EMULATION_DIR / "mergeDriver.cpp"],
-                    SANITIZERS[sanitizer])
+def build_driver(out_dir: Path, sanitizer: str = "none", source: Path = KERNEL_SOURCE, driver_object: Path | None = None) -> Path:
+    """merge_driver_<sanitizer>: the kernels and mergeDriver.cpp in one sanitized executable
+    (`driver_object`: mergeDriver.cpp already compiled with the same sanitizer, from `driver_object_for`)."""
+    driver = driver_object or EMULATION_DIR / "mergeDriver.cpp"
+    return _compile(Path(out_dir) / f"merge_driver_{sanitizer}", [source, driver], SANITIZERS[sanitizer])
+
+
+def driver_object_for(out_dir: Path, sanitizer: str) -> Path:
+    """mergeDriver.cpp compiled once, to link with many variants of the kernels."""
+    return _compile(Path(out_dir) / f"mergeDriver_{sanitizer}.o", [EMULATION_DIR / "mergeDriver.cpp"],
+                    [*SANITIZERS[sanitizer], "-c"])
 
 
 @functools.cache

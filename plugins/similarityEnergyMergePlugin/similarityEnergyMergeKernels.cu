@@ -119,6 +119,16 @@ __device__ __forceinline__ float dot(float const* a, float const* b, int32_t dim
     return sum;
 }
 
+//! Cosine similarity of two unit rows; a non-finite metric row (whose unit row is NaN) gets
+//! kNonFiniteSimilarity, below every cosine and above -kBig, as the exporter's
+//! NON_FINITE_SIMILARITY (a NaN would make every comparison false and an argmax find nothing).
+constexpr float kNonFiniteSimilarity = -2.f;
+__device__ __forceinline__ float similarity(float const* a, float const* b, int32_t dim)
+{
+    float const s = dot(a, b, dim);
+    return isnan(s) ? kNonFiniteSimilarity : s;
+}
+
 struct Shared
 {
     float key[kMaxTokens];       // the score being ranked
@@ -150,7 +160,7 @@ __device__ ArgMax rowArgMax(Row const& row, int32_t i, float floor, Take take)
     {
         if (take(j))
         {
-            float const s = dot(ui, row.unit + size_t(j) * row.dim, row.dim);
+            float const s = similarity(ui, row.unit + size_t(j) * row.dim, row.dim);
             if (s > acc.value)
             {
                 acc = {s, j};
@@ -224,7 +234,7 @@ __device__ void absorb(Shared& s, int32_t n)
 {
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        if (s.role[i] == kSOURCE)
+        if (s.role[i] == kSOURCE && s.partner[i] >= 0 && s.partner[i] < n) // never read past the slots
         {
             s.slot[i] = s.slot[s.partner[i]];
         }
@@ -305,7 +315,7 @@ __device__ void pitomeSlots(Shared& s, Row const& row, MergeParams const& p, int
         float energy = 0.f;
         for (int32_t j = P + row.lane; j < n; j += kWarpSize)
         {
-            energy += pitomeAffinity(dot(ui, row.unit + size_t(j) * row.dim, row.dim), p);
+            energy += pitomeAffinity(similarity(ui, row.unit + size_t(j) * row.dim, row.dim), p);
         }
         energy = warpSum(energy);
         if (row.lane == 0)
@@ -506,7 +516,10 @@ __global__ void __launch_bounds__(kMatchThreads)
         {
             within += s.slot[j] == k ? 1 : 0;
         }
-        members[s.order[k] + within] = i;
+        if (k >= 0 && k < K) // a slot outside the K outputs has no membership list to write into
+        {
+            members[s.order[k] + within] = i;
+        }
         slotsOut[size_t(b) * n + i] = k;
     }
 }
@@ -515,8 +528,8 @@ template <typename T>
 __global__ void __launch_bounds__(kMergeThreads)
     mergeKernel(MergeParams p, T const* x, float const* size, Workspace ws, T* outX, float* outSize)
 {
-    int32_t const k = blockIdx.x;
-    int32_t const b = blockIdx.y;
+    int32_t const b = blockIdx.x; // the batch on grid.x (up to 2^31 - 1; grid.y stops at 65535)
+    int32_t const k = blockIdx.y;
     int32_t const n = p.tokens;
     int32_t const C = p.channels;
     int32_t const* offsets = ws.offsets + size_t(b) * (n + 1);
@@ -584,7 +597,7 @@ cudaError_t launchSimilarityEnergyMerge(MergeParams const& p, T const* x, T cons
     {
         return matched;
     }
-    return tfLaunch(mergeKernel<T>, dim3(p.outTokens, p.batch), dim3(kMergeThreads), 0, stream, p, x, size, ws, outX, outSize);
+    return tfLaunch(mergeKernel<T>, dim3(p.batch, p.outTokens), dim3(kMergeThreads), 0, stream, p, x, size, ws, outX, outSize);
 }
 
 template cudaError_t launchSimilarityEnergyMerge<float>(MergeParams const&, float const*, float const*, float const*,
