@@ -13,7 +13,7 @@
  *                   loads, sums and sizes in fp32.
  *
  * The decisions follow tokenfuse.exporter.methods exactly: stable rankings (ties go to the lower
- * position or order key), argmax picks the lowest index, non-finite similarities score -BIG.
+ * position or order key), argmax picks the lowest index, a non-finite similarity scores -2.
  * Each row reduction adds in the same order for every row (lane-strided, then a fixed butterfly),
  * so rows with equal similarities get equal keys and an exact tie breaks by position, as there.
  */
@@ -27,6 +27,9 @@ namespace
 {
 
 constexpr float kBig = 1e4f;
+//! The similarity of a non-finite metric row (its unit row is NaN), the exporter's
+//! NON_FINITE_SIMILARITY: below every cosine and above -kBig, so every ranking stays a permutation.
+constexpr float kNonFiniteSimilarity = -2.f;
 constexpr int32_t kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -57,7 +60,7 @@ enum Role : uint8_t
 
 struct Workspace
 {
-    float* scores;    // [B, N, N] cosine similarities, non-finite ones as -BIG
+    float* scores;    // [B, N, N] cosine similarities, NaN ones as kNonFiniteSimilarity
     int32_t* offsets; // [B, N + 1] first member of each slot
     int32_t* members; // [B, N] input tokens grouped by slot, in position order
 };
@@ -307,7 +310,7 @@ __global__ void __launch_bounds__(kSimThreads) similarityKernel(MergeParams p, T
     float* scores = ws.scores + size_t(b) * n * n;
     for (int32_t k = 0; k < kOutputsPerThread; ++k)
     {
-        acc[k] = isfinite(acc[k]) ? acc[k] : -kBig;
+        acc[k] = isnan(acc[k]) ? kNonFiniteSimilarity : acc[k];
         int32_t const i = i0 + warp + kSimWarps * k;
         if (i < n && j0 + lane < n)
         {
