@@ -14,8 +14,8 @@
  *
  * The decisions follow tokenfuse.exporter.methods exactly: stable rankings (ties go to the lower
  * position or order key), argmax picks the lowest index, a non-finite similarity scores -2.
- * Each row reduction adds in the same order for every row (lane-strided, then a fixed butterfly),
- * so rows with equal similarities get equal keys and an exact tie breaks by position, as there.
+ * PiToMe's energy adds in the exporter's row_sum order (a pairwise tree), with F.elu's expm1, so
+ * rows with equal similarities get equal keys and an exact tie breaks by position, as there.
  */
 #include "similarityEnergyMergeKernels.h"
 
@@ -30,17 +30,24 @@ constexpr float kBig = 1e4f;
 //! The similarity of a non-finite metric row (its unit row is NaN), the exporter's
 //! NON_FINITE_SIMILARITY: below every cosine and above -kBig, so every ranking stays a permutation.
 constexpr float kNonFiniteSimilarity = -2.f;
+// The exporter's PAD_BONUS and MIXED_PENALTY: padding pairs with padding first, with real tokens last.
+constexpr float kPadBonus = 4.f;
+constexpr float kMixedPenalty = 8.f;
+//! A padding token's weight inside a slot that holds real tokens (TokenMerge.merge_padded).
+constexpr float kPaddingWeight = 1e-6f;
 constexpr int32_t kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 constexpr int32_t kTile = 32;  // rows of a similarity tile
 constexpr int32_t kChunk = 32; // metric dimensions staged at a time
-constexpr int32_t kSimThreads = 256;
+constexpr int32_t kMicro = 4;                   // a thread computes a 4 x 4 block of a tile
+constexpr int32_t kSimSide = kTile / kMicro;     // 8 x 8 threads
+constexpr int32_t kSimThreads = kSimSide * kSimSide;
 constexpr int32_t kSimWarps = kSimThreads / kWarpSize;
-constexpr int32_t kOutputsPerThread = kTile * kTile / kSimThreads;
 
 constexpr int32_t kMatchThreads = 512;
 constexpr int32_t kSmallMatchThreads = 64; // N <= 64
+constexpr int32_t kMidMatchThreads = 256;  // N <= 256
 constexpr int32_t kIndexBits = 10;         // token indices < kMaxTokens = 1024
 constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
 
@@ -48,7 +55,7 @@ constexpr int32_t kMergeWarps = 8;
 constexpr int32_t kMergeThreads = kMergeWarps * kWarpSize;
 
 static_assert(kMaxTokens <= (1 << kIndexBits), "sort keys hold a token index in kIndexBits bits");
-static_assert(kMaxTokens / 2 <= kMatchThreads, "one bitonic comparator per thread and step");
+static_assert(kMaxTokens / 2 <= kMatchThreads, "one bitonic comparator per thread and step (any N)");
 
 enum Role : uint8_t
 {
@@ -245,7 +252,8 @@ __device__ __forceinline__ void tilePair(int32_t pair, int32_t tiles, int32_t& t
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kSimThreads) similarityKernel(MergeParams p, T const* metric, Workspace ws)
+__global__ void __launch_bounds__(kSimThreads)
+    similarityKernel(MergeParams p, T const* metric, float const* valid, Workspace ws)
 {
     TF_SHARED(Chunk, rowsI);
     TF_SHARED(Chunk, rowsJ);
@@ -282,12 +290,18 @@ __global__ void __launch_bounds__(kSimThreads) similarityKernel(MergeParams p, T
     }
     __syncthreads();
 
-    // Thread (warp, lane) owns outputs (warp + 8k, lane): a broadcast and a conflict-free read per step.
+    // Thread (ty, tx) owns rows ty + 8a and columns tx + 8c (a, c < 4): per dimension 8 shared
+    // loads (conflict-free: rows are 33 floats apart) feed 16 FMAs.
+    int32_t const tx = threadIdx.x % kSimSide;
+    int32_t const ty = threadIdx.x / kSimSide;
     bool const vectorised = dim % kVector<T> == 0 && aligned16(metric);
-    float acc[kOutputsPerThread];
-    for (int32_t k = 0; k < kOutputsPerThread; ++k)
+    float acc[kMicro][kMicro];
+    for (int32_t a = 0; a < kMicro; ++a)
     {
-        acc[k] = 0.f;
+        for (int32_t c = 0; c < kMicro; ++c)
+        {
+            acc[a][c] = 0.f;
+        }
     }
     for (int32_t d0 = 0; d0 < dim; d0 += kChunk)
     {
@@ -297,40 +311,59 @@ __global__ void __launch_bounds__(kSimThreads) similarityKernel(MergeParams p, T
         int32_t const width = minInt(kChunk, dim - d0);
         for (int32_t d = 0; d < width; ++d)
         {
-            float const bj = rowsJ[lane][d];
+            float ai[kMicro];
+            float bj[kMicro];
 #pragma unroll
-            for (int32_t k = 0; k < kOutputsPerThread; ++k)
+            for (int32_t k = 0; k < kMicro; ++k)
             {
-                acc[k] = fmaf(rowsI[warp + kSimWarps * k][d], bj, acc[k]); // d order: (i,j) and (j,i) agree
+                ai[k] = rowsI[ty + kSimSide * k][d];
+                bj[k] = rowsJ[tx + kSimSide * k][d];
+            }
+#pragma unroll
+            for (int32_t a = 0; a < kMicro; ++a)
+            {
+#pragma unroll
+                for (int32_t c = 0; c < kMicro; ++c)
+                {
+                    acc[a][c] = fmaf(ai[a], bj[c], acc[a][c]); // d order: (i,j) and (j,i) agree
+                }
             }
         }
         __syncthreads();
     }
 
-    float* scores = ws.scores + size_t(b) * n * n;
-    for (int32_t k = 0; k < kOutputsPerThread; ++k)
+    // Through shared memory, so both the tile and its mirror are written a row at a time.
+    float const* realB = valid ? valid + size_t(b) * n : nullptr;
+    for (int32_t a = 0; a < kMicro; ++a)
     {
-        acc[k] = isnan(acc[k]) ? kNonFiniteSimilarity : acc[k];
-        int32_t const i = i0 + warp + kSimWarps * k;
-        if (i < n && j0 + lane < n)
+        for (int32_t c = 0; c < kMicro; ++c)
         {
-            scores[size_t(i) * n + j0 + lane] = acc[k];
+            int32_t const i = i0 + ty + kSimSide * a;
+            int32_t const j = j0 + tx + kSimSide * c;
+            float s = acc[a][c];
+            s = isnan(s) ? kNonFiniteSimilarity : s;
+            if (realB && i < n && j < n) // separate_padding: (s + 4 * both padding) - 8 * mixed
+            {
+                bool const padI = !(realB[i] > 0.5f);
+                bool const padJ = !(realB[j] > 0.5f);
+                s = padI && padJ ? s + kPadBonus : (padI != padJ ? s - kMixedPenalty : s);
+            }
+            rowsI[ty + kSimSide * a][tx + kSimSide * c] = s;
         }
     }
-    if (ti != tj) // the mirrored tile, transposed through shared memory so the writes coalesce
+    __syncthreads();
+    float* scores = ws.scores + size_t(b) * n * n;
+    for (int32_t e = threadIdx.x; e < kTile * kTile; e += blockDim.x)
     {
-        for (int32_t k = 0; k < kOutputsPerThread; ++k)
+        int32_t const row = e / kTile;
+        int32_t const col = e % kTile;
+        if (i0 + row < n && j0 + col < n)
         {
-            rowsI[warp + kSimWarps * k][lane] = acc[k];
+            scores[size_t(i0 + row) * n + j0 + col] = rowsI[row][col];
         }
-        __syncthreads();
-        for (int32_t k = 0; k < kOutputsPerThread; ++k)
+        if (ti != tj && j0 + row < n && i0 + col < n)
         {
-            int32_t const j = j0 + warp + kSimWarps * k;
-            if (j < n && i0 + lane < n)
-            {
-                scores[size_t(j) * n + i0 + lane] = rowsI[lane][warp + kSimWarps * k];
-            }
+            scores[size_t(j0 + row) * n + i0 + col] = rowsI[col][row];
         }
     }
 }
@@ -349,8 +382,10 @@ struct MatchShared
     int32_t scan[kMaxTokens];
     int32_t warpTotals[kMatchThreads / kWarpSize];
     int32_t count;
+    int32_t freeCount;
     uint8_t role[kMaxTokens];
-    uint8_t free[kMaxTokens]; // may merge: not protected
+    uint8_t free[kMaxTokens]; // may merge: neither protected nor frozen
+    uint8_t real[kMaxTokens]; // not padding
 };
 
 struct Rows
@@ -640,15 +675,16 @@ __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const&
         s.count = 0;
     }
     __syncthreads();
-    int32_t counted = 0;
+    int32_t mine = 0;
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        counted += s.free[i];
+        mine += s.free[i] & s.real[i];
     }
-    atomicAdd(&s.count, counted);
+    atomicAdd(&s.count, mine);
     __syncthreads();
-    // Energy: mean affinity of each free token to the free tokens (itself included).
-    float const free = float(s.count);
+    // Energy: mean affinity of each free token to the free real tokens (itself included); padding
+    // gets BIG, so it ranks first and merges with padding.
+    float const counted = float(s.count);
     for (int32_t i = rows.warp; i < n; i += rows.warps)
     {
         if (!s.free[i])
@@ -656,10 +692,11 @@ __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const&
             continue;
         }
         float const* row = rows.scores + size_t(i) * n;
-        float const energy = treeRowSum(rows, [&](int32_t j) { return s.free[j] ? pitomeAffinity(row[j], p) : 0.f; });
+        float const energy
+            = treeRowSum(rows, [&](int32_t j) { return s.free[j] && s.real[j] ? pitomeAffinity(row[j], p) : 0.f; });
         if (rows.lane == 0)
         {
-            s.key[i] = energy / free;
+            s.key[i] = s.real[i] ? energy / counted : kBig;
         }
     }
     __syncthreads();
@@ -702,7 +739,7 @@ __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const&
             s.partner[i] = best.index;
         }
     }
-    int32_t const kept = s.count - 2 * r;
+    int32_t const kept = s.freeCount - 2 * r;
     placeAmong(s, n, [&](int32_t i) { return s.role[i] == kB; }, [&](int32_t i) { return s.rank[i]; });
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
@@ -781,7 +818,7 @@ __device__ void crossgetSlots(MatchShared& s, Rows const& rows, MergeParams cons
 }
 
 __global__ void __launch_bounds__(kMatchThreads)
-    matchKernel(MergeParams p, float const* clsAttn, Workspace ws, int32_t* slotsOut)
+    matchKernel(MergeParams p, float const* clsAttn, float const* valid, float const* frozen, Workspace ws, int32_t* slotsOut)
 {
     TF_SHARED(MatchShared, s);
     int32_t const b = blockIdx.x;
@@ -791,13 +828,26 @@ __global__ void __launch_bounds__(kMatchThreads)
     Rows const rows{ws.scores + size_t(b) * n * n, n, int32_t(threadIdx.x % kWarpSize),
         int32_t(threadIdx.x / kWarpSize), int32_t(blockDim.x / kWarpSize)};
 
+    if (threadIdx.x == 0)
+    {
+        s.freeCount = 0;
+    }
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        s.free[i] = i >= p.protectedTokens;
-        s.slot[i] = minInt(i, K - 1); // identity when r = 0; every entry in [0, K) before any is read
+        bool const fixed = frozen && frozen[size_t(b) * n + i] > 0.5f;
+        s.free[i] = i >= p.protectedTokens && !fixed;
+        s.real[i] = !valid || valid[size_t(b) * n + i] > 0.5f;
+        s.slot[i] = fixed && r > 0 ? K - 1 : minInt(i, K - 1); // identity when r = 0; always in [0, K)
         s.role[i] = kNONE;
         s.partner[i] = 0;
     }
+    __syncthreads();
+    int32_t free = 0;
+    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
+    {
+        free += s.free[i];
+    }
+    atomicAdd(&s.freeCount, free);
     __syncthreads();
 
     if (r > 0)
@@ -855,7 +905,8 @@ __global__ void __launch_bounds__(kMatchThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads)
-    mergeKernel(MergeParams p, T const* x, float const* size, Workspace ws, T* outX, float* outSize, int64_t outputs)
+    mergeKernel(MergeParams p, T const* x, float const* size, TextTokens text, Workspace ws, T* outX, float* outSize,
+        int64_t outputs)
 {
     int64_t const g = int64_t(blockIdx.x) * kMergeWarps + threadIdx.x / kWarpSize;
     if (g >= outputs)
@@ -871,12 +922,30 @@ __global__ void __launch_bounds__(kMergeThreads)
     int32_t const* offsets = ws.offsets + size_t(b) * (n + 1);
     int32_t const* members = ws.members + size_t(b) * n;
     float const* sizes = size + size_t(b) * n;
+    float const* valid = text.valid ? text.valid + size_t(b) * n : nullptr;
     int32_t const begin = offsets[k];
     int32_t const end = offsets[k + 1];
-    float total = 0.f;
+    // A member's weight is its size; with a padding mask (merge_padded) padding weighs 1e-6 of it,
+    // and a slot's size counts its real members only, unless it has none.
+    auto const weight = [&](int32_t i) {
+        if (!valid)
+        {
+            return sizes[i];
+        }
+        float const real = valid[i] > 0.5f ? 1.f : 0.f;
+        return sizes[i] * (real + kPaddingWeight * (1.f - real));
+    };
+    float total = 0.f; // the weights
+    float allSize = 0.f;
+    float realSize = 0.f;
+    float latest = -INFINITY;
     for (int32_t m = begin; m < end; ++m)
     {
-        total += sizes[members[m]];
+        int32_t const i = members[m];
+        total += weight(i);
+        allSize += sizes[i];
+        realSize += valid && valid[i] > 0.5f ? sizes[i] : 0.f;
+        latest = text.positions ? fmaxf(latest, text.positions[size_t(b) * n + i]) : latest;
     }
     T const* xb = x + size_t(b) * n * C;
     T* out = outX + (size_t(b) * K + k) * C;
@@ -893,11 +962,12 @@ __global__ void __launch_bounds__(kMergeThreads)
             for (int32_t m = begin; m < end; ++m)
             {
                 int32_t const i = members[m];
+                float const w = weight(i);
                 float v[V];
                 load16(xb + size_t(i) * C + c, v);
                 for (int32_t e = 0; e < V; ++e)
                 {
-                    acc[e] = fmaf(v[e], sizes[i], acc[e]);
+                    acc[e] = fmaf(v[e], w, acc[e]);
                 }
             }
             for (int32_t e = 0; e < V; ++e)
@@ -915,14 +985,23 @@ __global__ void __launch_bounds__(kMergeThreads)
             for (int32_t m = begin; m < end; ++m)
             {
                 int32_t const i = members[m];
-                acc = fmaf(toFloat(xb[size_t(i) * C + c]), sizes[i], acc);
+                acc = fmaf(toFloat(xb[size_t(i) * C + c]), weight(i), acc);
             }
             storeOne(acc / total, out + c);
         }
     }
     if (lane == 0)
     {
-        outSize[size_t(b) * K + k] = total;
+        size_t const o = size_t(b) * K + k;
+        outSize[o] = !valid ? total : (realSize > 0.f ? realSize : allSize);
+        if (text.outValid)
+        {
+            text.outValid[o] = realSize > 0.f ? 1.f : 0.f;
+        }
+        if (text.outPositions)
+        {
+            text.outPositions[o] = latest;
+        }
     }
 }
 
@@ -943,12 +1022,15 @@ size_t mergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t /*metricDim*/)
 
 template <typename T>
 cudaError_t launchSimilarityEnergyMerge(MergeParams const& p, T const* x, T const* metric, float const* size,
-    float const* clsAttn, T* outX, float* outSize, int32_t* slots, void* workspace, cudaStream_t stream)
+    float const* clsAttn, T* outX, float* outSize, int32_t* slots, void* workspace, cudaStream_t stream,
+    TextTokens const& text)
 {
     int32_t const r = p.tokens - p.outTokens;
+    int32_t const fixed = p.protectedTokens + (text.frozen ? 1 : 0);
     bool const valid = p.batch >= 0 && p.tokens >= 1 && p.tokens <= kMaxTokens && p.outTokens >= 1 && r >= 0
-        && r <= maxRemovable(p.method, p.tokens, p.protectedTokens) && p.channels >= 1 && p.metricDim >= 1
-        && p.protectedTokens >= 0 && (p.method != MergeMethod::kTURBO || clsAttn != nullptr);
+        && r <= maxRemovable(p.method, p.tokens, fixed) && p.channels >= 1 && p.metricDim >= 1
+        && p.protectedTokens >= 0 && (p.method != MergeMethod::kTURBO || clsAttn != nullptr)
+        && (text.outValid == nullptr || text.valid != nullptr) && (text.outPositions == nullptr || text.positions != nullptr);
     if (!valid)
     {
         return cudaErrorInvalidValue;
@@ -967,40 +1049,46 @@ cudaError_t launchSimilarityEnergyMerge(MergeParams const& p, T const* x, T cons
         return cudaErrorInvalidValue;
     }
     cudaError_t status = tfLaunch(similarityKernel<T>, dim3(uint32_t(simBlocks)), dim3(kSimThreads), 0, stream, p,
-        metric, ws);
+        metric, text.valid, ws);
     if (status != cudaSuccess)
     {
         return status;
     }
-    int32_t const matchThreads = p.tokens <= kSmallMatchThreads ? kSmallMatchThreads : kMatchThreads;
-    status = tfLaunch(matchKernel, dim3(p.batch), dim3(matchThreads), 0, stream, p, clsAttn, ws, slots);
+    int32_t const matchThreads = p.tokens <= kSmallMatchThreads ? kSmallMatchThreads
+        : p.tokens <= kMidMatchThreads                           ? kMidMatchThreads
+                                                                 : kMatchThreads;
+    status = tfLaunch(matchKernel, dim3(p.batch), dim3(matchThreads), 0, stream, p, clsAttn, text.valid, text.frozen, ws, slots);
     if (status != cudaSuccess)
     {
         return status;
     }
-    return tfLaunch(mergeKernel<T>, dim3(uint32_t(mergeBlocks)), dim3(kMergeThreads), 0, stream, p, x, size, ws, outX,
-        outSize, outputs);
+    return tfLaunch(mergeKernel<T>, dim3(uint32_t(mergeBlocks)), dim3(kMergeThreads), 0, stream, p, x, size, text, ws,
+        outX, outSize, outputs);
 }
 
 template cudaError_t launchSimilarityEnergyMerge<float>(MergeParams const&, float const*, float const*, float const*,
-    float const*, float*, float*, int32_t*, void*, cudaStream_t);
+    float const*, float*, float*, int32_t*, void*, cudaStream_t, TextTokens const&);
 template cudaError_t launchSimilarityEnergyMerge<__half>(MergeParams const&, __half const*, __half const*,
-    float const*, float const*, __half*, float*, int32_t*, void*, cudaStream_t);
+    float const*, float const*, __half*, float*, int32_t*, void*, cudaStream_t, TextTokens const&);
 
 } // namespace tokenfuse
 
 extern "C" cudaError_t tokenfuseMergeFloat(tokenfuse::MergeParams const* params, float const* x, float const* metric,
     float const* size, float const* clsAttn, float* outX, float* outSize, int32_t* slots, void* workspace,
-    cudaStream_t stream)
+    cudaStream_t stream, float const* valid, float const* frozen, float const* positions, float* outValid,
+    float* outPositions)
 {
-    return tokenfuse::launchSimilarityEnergyMerge(*params, x, metric, size, clsAttn, outX, outSize, slots, workspace, stream);
+    return tokenfuse::launchSimilarityEnergyMerge(*params, x, metric, size, clsAttn, outX, outSize, slots, workspace, stream,
+        tokenfuse::TextTokens{valid, frozen, positions, outValid, outPositions});
 }
 
 extern "C" cudaError_t tokenfuseMergeHalf(tokenfuse::MergeParams const* params, __half const* x, __half const* metric,
     float const* size, float const* clsAttn, __half* outX, float* outSize, int32_t* slots, void* workspace,
-    cudaStream_t stream)
+    cudaStream_t stream, float const* valid, float const* frozen, float const* positions, float* outValid,
+    float* outPositions)
 {
-    return tokenfuse::launchSimilarityEnergyMerge(*params, x, metric, size, clsAttn, outX, outSize, slots, workspace, stream);
+    return tokenfuse::launchSimilarityEnergyMerge(*params, x, metric, size, clsAttn, outX, outSize, slots, workspace, stream,
+        tokenfuse::TextTokens{valid, frozen, positions, outValid, outPositions});
 }
 
 extern "C" size_t tokenfuseMergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t metricDim)
