@@ -25,9 +25,9 @@ from tokenfuse.cli import main
 from tokenfuse.engines.build import build_engine, parse_with_plugin
 from tokenfuse.exporter import export
 from tokenfuse.exporter.errors import UsageError
-from tokenfuse.exporter.methods import LayerRule, MethodConfig
+from tokenfuse.exporter.methods import LayerRule, MethodConfig, max_removable
 from tokenfuse.exporter.plugin_lowering import (
-    DOMAIN, OP_TYPE, MergeNode, as_function, input_names, reference, reference_model,
+    DOMAIN, OP_TYPE, MergeNode, as_function, input_names, output_names, reference, reference_model,
 )
 
 RULES = [
@@ -65,8 +65,8 @@ def test_library_exports_the_loading_entry_points(library):
     for symbol in ("getCreators", "setLoggerFinder", "tokenfuseMergeFloat", "tokenfuseMergeHalf", "tokenfuseMergeWorkspaceSize"):
         assert hasattr(loaded, symbol), symbol
     loaded.tokenfuseMergeWorkspaceSize.restype = ctypes.c_size_t
-    # unit metric [2,197,64] fp32 + offsets [2,198] + members [2,197], each 256-byte aligned
-    assert loaded.tokenfuseMergeWorkspaceSize(2, 197, 64) == 100864 + 1792 + 1792
+    # similarities [2,197,197] fp32 + offsets [2,198] + members [2,197], each 256-byte aligned
+    assert loaded.tokenfuseMergeWorkspaceSize(2, 197, 64) == 310528 + 1792 + 1792
 
 
 def fatbin_entries(data: bytes) -> list[tuple[str, int]]:
@@ -96,7 +96,8 @@ def test_loads_into_tensorrt_rtx_and_creates_every_method(library):
     assert registry.load_library(str(library)) is not None
     creator = registry.get_creator(OP_TYPE, "1", DOMAIN)
     assert creator is not None
-    assert [f.name for f in creator.field_names] == ["method", "variant", "K", "protected", "margin", "alpha", "turbo_weight"]
+    assert [f.name for f in creator.field_names] == ["method", "variant", "K", "protected", "margin", "alpha", "turbo_weight",
+                                                     "padded", "causal"]
     for rule in RULES:
         node = MergeNode(rule, out_tokens=150, protected=1)
         plugin = creator.create_plugin("check", _fields(trt, node.attributes()), trt.TensorRTPhase.BUILD)
@@ -105,6 +106,13 @@ def test_loads_into_tensorrt_rtx_and_creates_every_method(library):
         assert (core.plugin_name, core.plugin_version, core.plugin_namespace) == (OP_TYPE, "1", DOMAIN)
         assert plugin.get_capability_interface(trt.PluginCapabilityType.BUILD).num_outputs == 3
     assert creator.create_plugin("bad", _fields(trt, {"method": "median", "K": 3}), trt.TensorRTPhase.BUILD) is None
+    # text encoders: the padding mask (BERT), plus the frozen token and causal positions (CLIP text)
+    for padded, causal, outputs in ((1, 0, 4), (1, 1, 5)):
+        node = MergeNode(RULES[0], out_tokens=20, protected=1, padded=bool(padded), causal=bool(causal))
+        plugin = creator.create_plugin("text", _fields(trt, node.attributes()), trt.TensorRTPhase.BUILD)
+        assert plugin is not None and plugin.get_capability_interface(trt.PluginCapabilityType.BUILD).num_outputs == outputs
+    refused = {"method": "tome", "K": 3, "padded": 0, "causal": 1}
+    assert creator.create_plugin("bad", _fields(trt, refused), trt.TensorRTPhase.BUILD) is None
 
 
 def test_build_interface_answers_correctly(library, tmp_path):
@@ -132,19 +140,20 @@ def _inputs(rule: LayerRule, seed: int, n=197, c=48, d=16, dtype=torch.float32):
     return x, metric, size, cls_attn
 
 
-def _run_function(node: MergeNode, x, metric, size, cls_attn, opset=18):
-    """The node exactly as an exported model holds it: a custom node plus its local function."""
-    names = input_names(node)
+def _run_function(node: MergeNode, x, metric, size, cls_attn, opset=18, text=()):
+    """The node exactly as an exported model holds it: a custom node plus its local function.
+    `text`: the fp32 padding mask[, frozen token and positions] after the other inputs."""
+    names, outputs = input_names(node), output_names(node)
     function = as_function(reference_model(node, x, metric, opset), "layer0")
-    call = onnx.helper.make_node(OP_TYPE, names, ["merged_x", "merged_size", "slots"], domain=DOMAIN, overload="layer0",
+    call = onnx.helper.make_node(OP_TYPE, names, outputs, domain=DOMAIN, overload="layer0",
                                  **node.attributes(), plugin_namespace=DOMAIN, plugin_version="1")
     elem = onnx.helper.np_dtype_to_tensor_dtype(x.numpy().dtype)
-    values = [x, metric, size] + ([cls_attn] if cls_attn is not None else [])
+    values = [x, metric, size] + ([cls_attn] if cls_attn is not None else []) + list(text)
+    types = {"merged_x": elem, "slots": onnx.TensorProto.INT32}
     graph = onnx.helper.make_graph(
         [call], "node",
         [onnx.helper.make_tensor_value_info(n, elem if n in ("x", "metric") else onnx.TensorProto.FLOAT, None) for n in names],
-        [onnx.helper.make_tensor_value_info(n, t, None) for n, t in
-         (("merged_x", elem), ("merged_size", onnx.TensorProto.FLOAT), ("slots", onnx.TensorProto.INT32))],
+        [onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in outputs],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, 1)],
                                    functions=[function], ir_version=10)
@@ -177,6 +186,32 @@ def test_node_reference_equals_pytorch_and_numpy(rule, seed):
     )
     if info["min_gap"] > 1e-5:  # fp32 and fp64 may order a closer pair differently
         np.testing.assert_array_equal(got_slots, slots)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["padded", "causal"])
+def test_text_node_reference_equals_pytorch(rule, causal):
+    """With a padding mask (BERT), and with CLIP text's frozen EOS and causal positions too."""
+    n, protected = 40, 1
+    removed = max_removable(rule.name, n, protected + causal) // 2
+    node = MergeNode(rule, out_tokens=n - removed, protected=protected, padded=True, causal=causal)
+    x, metric, size, cls_attn = _inputs(rule, 5, n=n)
+    lengths = torch.tensor([[n], [n // 2], [7]])
+    pos = torch.arange(n)
+    text = [(pos < lengths).float()] + ([(pos == lengths - 1).float(), pos.float().expand(3, n)] if causal else [])
+    got = _run_function(node, x, metric, size, cls_attn, text=text)
+    want = reference(node, x, metric, size, cls_attn, *text)
+    assert len(got) == len(want) == 4 + causal
+    np.testing.assert_array_equal(got[2], want[2].numpy())
+    np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-5)
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(g, w.numpy())
+    # the frozen token alone in the last slot; padding never shares a slot with a real token
+    if causal:
+        assert (got[2][np.arange(3), lengths[:, 0] - 1] == node.out_tokens - 1).all()
+    real = (pos < lengths).numpy()
+    for b in range(3):
+        assert not set(got[2][b][real[b]]) & set(got[2][b][~real[b]])
 
 
 def test_node_reference_in_fp16():
@@ -273,9 +308,24 @@ def test_plugin_build_names_what_is_missing(monkeypatch, tmp_path):
         plugins.build(tmp_path, log=lambda *_: None)
 
 
-def test_lowering_refusals(minilm_path, tmp_path, capsys):
-    assert main(["export", "--model", f"hf:{minilm_path}", "-o", str(tmp_path / "t.onnx"), "--lowering", "plugin"]) == 2
-    assert "supports image encoders" in capsys.readouterr().err
+@pytest.mark.parametrize("model", ["bert", "clip-text"])
+@pytest.mark.parametrize("method", ["tome", "pitome", "crossget", "turbo"])
+def test_text_encoders_export_with_the_plugin_lowering(hf_dirs, model, method, tmp_path):
+    """BERT (padding mask) and CLIP text (plus the frozen EOS and causal positions) validate in
+    ONNX Runtime with one plugin node per merging layer."""
+    tower = {"tower": "text"} if model == "clip-text" else {}
+    path = tmp_path / "t.onnx"
+    seq_len = 48 if method == "turbo" else 24  # Turbo merges only layers of 40 tokens or more
+    manifest = export(f"hf:{hf_dirs[model]}", path, method=method, r=0.8, seq_len=seq_len, lowering="plugin", log=lambda *_: None,
+                      **tower)
+    assert manifest["validation"]["passed"] and manifest["plugin"]["nodes"] > 0
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == OP_TYPE]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attributes["padded"] == 1 and attributes["causal"] == int(model == "clip-text")
+    assert len(nodes[0].input) == 3 + (method == "turbo") + 1 + 2 * (model == "clip-text")
+
+
+def test_lowering_refusals(tmp_path):
     with pytest.raises(UsageError, match="needs a merge method"):
         export("timm:vit_tiny_patch16_224", tmp_path / "n.onnx", method="none", lowering="plugin", log=lambda *_: None)
     with pytest.raises(UsageError, match="--lowering 'graph'"):
