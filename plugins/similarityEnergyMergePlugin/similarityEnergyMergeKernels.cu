@@ -47,7 +47,6 @@ constexpr int32_t kSimWarps = kSimThreads / kWarpSize;
 
 constexpr int32_t kMatchThreads = 512;
 constexpr int32_t kSmallMatchThreads = 64; // N <= 64
-constexpr int32_t kMidMatchThreads = 256;  // N <= 256
 constexpr int32_t kIndexBits = 10;         // token indices < kMaxTokens = 1024
 constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
 
@@ -1054,9 +1053,9 @@ cudaError_t launchSimilarityEnergyMerge(MergeParams const& p, T const* x, T cons
     {
         return status;
     }
-    int32_t const matchThreads = p.tokens <= kSmallMatchThreads ? kSmallMatchThreads
-        : p.tokens <= kMidMatchThreads                           ? kMidMatchThreads
-                                                                 : kMatchThreads;
+    // Rows are independent, so more warps mean more loads in flight: the match of one batch element
+    // is latency-bound.
+    int32_t const matchThreads = p.tokens <= kSmallMatchThreads ? kSmallMatchThreads : kMatchThreads;
     status = tfLaunch(matchKernel, dim3(p.batch), dim3(matchThreads), 0, stream, p, clsAttn, text.valid, text.frozen, ws, slots);
     if (status != cudaSuccess)
     {
