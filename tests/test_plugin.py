@@ -48,15 +48,20 @@ def library(tmp_path_factory) -> Path:
     return plugins.build(tmp_path_factory.mktemp("plugin-build"), log=lambda *_: None)
 
 
+_FIELD_BUFFERS: list[np.ndarray] = []  # a PluginField points into its array without keeping it alive
+
+
 def _fields(trt, attributes: dict):
     fields = []
     for name, value in attributes.items():
         if isinstance(value, str):
-            fields.append(trt.PluginField(name, np.frombuffer(value.encode(), np.int8).copy(), trt.PluginFieldType.CHAR))
+            data, kind = np.frombuffer(value.encode(), np.int8).copy(), trt.PluginFieldType.CHAR
         elif isinstance(value, int):
-            fields.append(trt.PluginField(name, np.array([value], np.int32), trt.PluginFieldType.INT32))
+            data, kind = np.array([value], np.int32), trt.PluginFieldType.INT32
         else:
-            fields.append(trt.PluginField(name, np.array([value], np.float32), trt.PluginFieldType.FLOAT32))
+            data, kind = np.array([value], np.float32), trt.PluginFieldType.FLOAT32
+        _FIELD_BUFFERS.append(data)
+        fields.append(trt.PluginField(name, data, kind))
     return trt.PluginFieldCollection(fields)
 
 
@@ -128,7 +133,7 @@ def test_build_interface_answers_correctly(library, tmp_path):
     assert done.returncode == 0, done.stdout
     lines = done.stdout.splitlines()
     assert lines[-1] == "0 failed"
-    assert sum(line.startswith("ok ") for line in lines) == 6 * 22 + 7  # 22 checks per method, 7 shared
+    assert sum(line.startswith("ok ") for line in lines) == 6 * 22 + 7 + 8  # 22 per method, 7 shared, 8 text
 
 
 def _inputs(rule: LayerRule, seed: int, n=197, c=48, d=16, dtype=torch.float32):
