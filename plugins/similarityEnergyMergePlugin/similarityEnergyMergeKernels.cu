@@ -380,8 +380,8 @@ struct MatchShared
     int32_t partner[kMaxTokens]; // where a source merges
     int32_t scan[kMaxTokens];
     int32_t warpTotals[kMatchThreads / kWarpSize];
-    int32_t count;
-    int32_t freeCount;
+    int32_t freeCount; // tokens that may merge
+    int32_t realCount; // ... and are not padding
     uint8_t role[kMaxTokens];
     uint8_t free[kMaxTokens]; // may merge: neither protected nor frozen
     uint8_t real[kMaxTokens]; // not padding
@@ -582,14 +582,13 @@ __device__ void bipartite(MatchShared& s, Rows const& rows, MergeParams const& p
     }
     __syncthreads();
     rankDescending(s, n, [&](int32_t i) { return s.role[i] == kA; }, /*byOrder=*/true);
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
+    for (int32_t i = threadIdx.x; i < n; i += blockDim.x) // placeAmong's flag(i) runs on this same thread
     {
         if (s.role[i] == kA && s.rank[i] < r)
         {
             s.role[i] = kSOURCE;
         }
     }
-    __syncthreads();
     auto const orderOf = [&](int32_t i) { return s.order[i]; };
     int32_t const kept = placeAmong(s, n, [&](int32_t i) { return s.role[i] == kA; }, orderOf);
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
@@ -669,21 +668,9 @@ __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const&
 {
     int32_t const n = rows.tokens;
     int32_t const P = p.protectedTokens;
-    if (threadIdx.x == 0)
-    {
-        s.count = 0;
-    }
-    __syncthreads();
-    int32_t mine = 0;
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
-    {
-        mine += s.free[i] & s.real[i];
-    }
-    atomicAdd(&s.count, mine);
-    __syncthreads();
     // Energy: mean affinity of each free token to the free real tokens (itself included); padding
     // gets BIG, so it ranks first and merges with padding.
-    float const counted = float(s.count);
+    float const counted = float(s.realCount);
     for (int32_t i = rows.warp; i < n; i += rows.warps)
     {
         if (!s.free[i])
@@ -830,6 +817,7 @@ __global__ void __launch_bounds__(kMatchThreads)
     if (threadIdx.x == 0)
     {
         s.freeCount = 0;
+        s.realCount = 0;
     }
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
@@ -842,12 +830,15 @@ __global__ void __launch_bounds__(kMatchThreads)
     }
     __syncthreads();
     int32_t free = 0;
+    int32_t real = 0;
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
         free += s.free[i];
+        real += s.free[i] & s.real[i];
     }
     atomicAdd(&s.freeCount, free);
-    __syncthreads();
+    atomicAdd(&s.realCount, real);
+    __syncthreads(); // PiToMe reads the counts first thing
 
     if (r > 0)
     {
