@@ -171,7 +171,9 @@ __device__ ArgMax rowArgMax(Row const& row, int32_t i, float floor, Take take)
 }
 
 //! rank[i] = members ahead of i when ordered by key (descending or ascending); ties: the lower
-//! order key when `tieByOrder`, else the lower position.
+//! order key when `tieByOrder`, else the lower position. Thread t writes rank[i] for the same i
+//! (t, t + blockDim.x, ...) that the loops after it read, so no barrier is needed after it until
+//! key, member or order are written again (the ThreadSanitizer test finds such a barrier redundant).
 __device__ void rankAmong(Shared& s, int32_t n, bool descending, bool tieByOrder)
 {
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
@@ -256,7 +258,6 @@ __device__ void bipartite(Shared& s, Row const& row, MergeParams const& p, int32
     }
     __syncthreads();
     rankAmong(s, n, /*descending=*/true, /*tieByOrder=*/true);
-    __syncthreads();
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
         if (s.role[i] == kA && s.rank[i] < r)
@@ -329,7 +330,6 @@ __device__ void pitomeSlots(Shared& s, Row const& row, MergeParams const& p, int
     }
     __syncthreads();
     rankAmong(s, n, /*descending=*/true, /*tieByOrder=*/false);
-    __syncthreads();
 
     if (p.variant == PitomeVariant::kBSM)
     {
@@ -414,7 +414,6 @@ __device__ void crossgetSlots(Shared& s, Row const& row, MergeParams const& p, i
     }
     __syncthreads();
     rankAmong(s, n, /*descending=*/true, /*tieByOrder=*/false);
-    __syncthreads();
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
         s.role[i] = i < P ? kNONE : (s.rank[i] < r ? kSOURCE : kB);
