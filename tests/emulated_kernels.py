@@ -44,7 +44,7 @@ COMPILE_FLAGS = ["-std=c++20", "-ffp-contract=off", "-pthread", "-Wall", "-Wextr
 SANITIZERS = {
     "none": ["-O2"],
     "address": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
-    "thread": ["-O1", "-g", "-fsanitize=thread"],
+    "thread": ["-O1", "-fsanitize=thread"],
 }
 
 
