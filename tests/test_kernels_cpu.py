@@ -329,3 +329,44 @@ def test_deleting_any_syncthreads_makes_the_race_test_fail(build_dir):
         unnoticed = [where for where in pool.map(deleted, range(len(spots))) if where]
     print(f"\n{len(spots)} __syncthreads deleted one at a time; unnoticed: {unnoticed or 'none'}")
     assert not unnoticed, f"deleting the __syncthreads at {unnoticed} went unnoticed by the race test"
+
+
+def test_text_inputs_match_pytorch(cpu_kernels):
+    """Text encoders through the trailing arguments: the padding mask (BERT), plus CLIP text's
+    frozen EOS token and causal positions. Exact-tie metrics (and dyadic shifts for padding), so the
+    slots must be identical; merged x, sizes, mask and positions as TokenMerge.merge_padded and
+    merge_positions."""
+    rng = np.random.default_rng(21)
+    n, batch = 40, 3
+    lengths = np.array([[n], [n // 2], [7]])
+    pos = np.arange(n)
+    valid = (pos < lengths).astype(np.float32)
+    for name, rule in RULES.items():
+        for causal in (False, True):
+            frozen = (pos == lengths - 1).astype(np.float32) if causal else None
+            positions = np.ascontiguousarray(np.broadcast_to(pos.astype(np.float32), (batch, n))) if causal else None
+            r = max_removable(rule.name, n, 1 + causal) // 2 + 1
+            case = tie_case(rule, n, r, 1, rng, batch=batch)
+            slots, out_x, out_size = ek._outputs(case)
+            out_valid = np.full((batch, n - r), np.nan, dtype=np.float32)
+            out_positions = np.full((batch, n - r), np.nan, dtype=np.float32)
+            workspace = np.zeros(int(cpu_kernels.tokenfuseMergeWorkspaceSize(batch, n, case.metric.shape[2])), dtype=np.uint8)
+            pointer = lambda a: None if a is None else ek._pointer(a)  # noqa: E731
+            status = cpu_kernels.tokenfuseMergeFloat(
+                pointer(case.params()), pointer(case.x), pointer(case.metric), pointer(case.size), pointer(case.cls_attn),
+                pointer(out_x), pointer(out_size), pointer(slots), pointer(workspace), None,
+                pointer(valid), pointer(frozen), pointer(positions), pointer(out_valid), pointer(out_positions) if causal else None,
+                None)
+            what = f"{name} {'causal' if causal else 'padded'} r={r}"
+            assert status == 0, what
+            real = torch.from_numpy(valid) > 0.5
+            plan = match_step(rule, torch.from_numpy(case.metric), r, protected=1,
+                              cls_attn=torch.from_numpy(case.cls_attn) if rule.name == "turbo" else None, valid=real,
+                              frozen=torch.from_numpy(frozen) > 0.5 if causal else None)
+            want_x, want_size, want_valid = plan.merge_padded(torch.from_numpy(case.x), torch.from_numpy(case.size)[..., None], real)
+            np.testing.assert_array_equal(slots, plan.dst_slot.numpy(), err_msg=what)
+            np.testing.assert_allclose(out_x, want_x.numpy(), rtol=1e-5, atol=1e-6, err_msg=what)
+            np.testing.assert_allclose(out_size, want_size[..., 0].numpy(), rtol=1e-6, err_msg=what)
+            np.testing.assert_array_equal(out_valid, want_valid.float().numpy(), err_msg=what)
+            if causal:
+                np.testing.assert_array_equal(out_positions, plan.merge_positions(torch.from_numpy(positions)).numpy(), err_msg=what)
