@@ -62,7 +62,7 @@ def _compile(output: Path, sources: list[Path], flags: list[str], include_dir: P
         raise FileNotFoundError("no C++ compiler (set CXX, or install g++)")
     command = [cxx, *COMPILE_FLAGS, *flags, f"-I{EMULATION_DIR}", f"-I{include_dir}", "-o", str(output)]
     for source in sources:  # the .cu is C++ for the CPU; .cpp and .o by their suffix
-        command += ["-x", "c++" if source.suffix == ".cu" else "none", str(source)]
+        command += ["-x", "c++", str(source), "-x", "none"] if source.suffix == ".cu" else [str(source)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"compile failed: {' '.join(command)}\n{done.stderr[-4000:]}")
