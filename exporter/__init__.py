@@ -59,11 +59,11 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
     if lowering not in LOWERINGS:
         raise UsageError(f"--lowering {lowering!r}: choose {' or '.join(LOWERINGS)}")
     adapter = model if isinstance(model, Adapter) else load_model(model, weights=weights, random_init=random_init, seq_len=seq_len, tower=tower)
-    if lowering == "plugin" and adapter.is_text:
-        raise UsageError(f"--lowering plugin supports image encoders; {adapter.name} is a text encoder (padding masks, "
-                         "causal positions), export it with --lowering onnx")
     if lowering == "plugin" and method == "none":
         raise UsageError("--lowering plugin needs a merge method; --method none has no merge to lower")
+    if lowering == "plugin" and any(view.position_bias is not None for view in adapter.views()):
+        raise UsageError(f"--lowering plugin does not carry relative positions ({adapter.name} has a relative position bias, "
+                         "e.g. MPNet); export it with --lowering onnx")
     merge_options = MergeOptions(method=method, r=r, schedule=tuple(schedule) if schedule else None, **options)
     settings, report = merge_options.resolve(adapter)
     settings = dataclasses.replace(settings, lowering=lowering)

@@ -130,10 +130,17 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
 def _merge(settings: MergeSettings, layer: int, n_out: int, x: Tensor, metric: Tensor, cls_attn, state: TokenState) -> Tensor:
     """Merge x down to n_out tokens, updating the state; records the decision in state.slots."""
     if settings.lowering == "plugin" and state.replay is None:
-        # One op, exported as a SimilarityEnergyMerge node (no padding, positions or frozen tokens).
+        # One op, exported as a SimilarityEnergyMerge node (with the padding mask, the frozen token
+        # and the causal positions when the model has them).
         rule = settings.method.for_layer(layer, len(settings.schedule))
-        node = MergeNode(rule, n_out, settings.protected)
-        x, state.size, slots = merge_op(node, x, metric, state.size, cls_attn)
+        node = MergeNode(rule, n_out, settings.protected, padded=state.valid is not None, causal=state.frozen is not None)
+        outputs = merge_op(node, x, metric, state.size, cls_attn, state.valid, state.frozen, state.positions)
+        x, state.size, slots = outputs[:3]
+        if node.padded:
+            state.valid = outputs[3] > 0.5
+        if node.causal:
+            state.positions = outputs[4].to(state.positions.dtype)
+            state.frozen = _frozen_last(x, n_out)
         state.slots.append(slots)
         state.merged = True
         return x
@@ -160,7 +167,7 @@ def _merge(settings: MergeSettings, layer: int, n_out: int, x: Tensor, metric: T
     if state.positions is not None:
         state.positions = plan.merge_positions(state.positions)
     if state.frozen is not None:
-        state.frozen = (torch.arange(n_out, device=x.device) == n_out - 1).expand(x.shape[0], n_out)
+        state.frozen = _frozen_last(x, n_out)
     state.merged = True
     return x
 
@@ -170,6 +177,11 @@ def _merge_tokens(plan: TokenMerge, t: Tensor, state: TokenState) -> Tensor:
     if state.valid is None:
         return plan.merge(t, state.size)[0]
     return plan.merge_padded(t, state.size, state.valid)[0]
+
+
+def _frozen_last(x: Tensor, n_out: int) -> Tensor:
+    """After a merge the frozen token sits in the last slot."""
+    return (torch.arange(n_out, device=x.device) == n_out - 1).expand(x.shape[0], n_out)
 
 
 def run_encoder(views: list[BlockView], x: Tensor, state: TokenState, settings: MergeSettings) -> Tensor:

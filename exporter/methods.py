@@ -25,6 +25,10 @@ PITOME_VARIANTS = ("plain", "bsm-early", "text")
 
 # Larger than any score derived from a cosine; finite so fp16 and ONNX stay NaN-free.
 BIG = 1e4
+# The similarity of a token whose metric is not finite (NaN or Inf, so its unit row is NaN): lower
+# than every cosine and above -BIG (masked pairs), so such a token merges last, never by accident,
+# and every ranking stays a permutation. The plugin's kernels use the same value.
+NON_FINITE_SIMILARITY = -2.0
 # With an attention mask, padding/padding pairs look more similar than any real pair and
 # padding/real pairs less similar than any real pair: padding merges with padding first.
 PAD_BONUS = 4.0
@@ -136,10 +140,12 @@ class TokenMerge:
 
 
 def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
-    """Exactly symmetric (a matmul alone may differ by an ulp between (i, j) and (j, i))."""
+    """Exactly symmetric (a matmul alone may differ by an ulp between (i, j) and (j, i)); pairs
+    with a non-finite metric row get NON_FINITE_SIMILARITY instead of NaN."""
     unit = F.normalize(metric, dim=-1)
     sim = unit @ unit.transpose(-1, -2)
-    return (sim + sim.transpose(-1, -2)) * 0.5
+    sim = (sim + sim.transpose(-1, -2)) * 0.5
+    return torch.where(torch.isnan(sim), NON_FINITE_SIMILARITY, sim)
 
 
 def row_sum(t: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,12 @@ Every node also has an ONNX local function of the same name (one overload per no
 this module's reference implementation exported as standard ops, so ONNX Runtime, or TensorRT
 without the plugin library, still runs the file.
 
-Node: inputs x [B,N,C], metric [B,N,D], size [B,N,1] fp32 and, for turbo, the CLS attention row
-[B,N] fp32; outputs merged x [B,K,C], merged size [B,K,1] fp32 and each input token's slot [B,N]
-int32. Attributes: method, K, protected, margin, alpha, variant, turbo_weight (a `LayerRule`).
+Node: inputs x [B,N,C], metric [B,N,D], size [B,N,1] fp32, for turbo the CLS attention row
+[B,N] fp32, when `padded` the padding mask [B,N] fp32 (1 = real token), when `causal` the frozen
+token (one-hot [B,N] fp32, CLIP text's EOS) and the causal positions [B,N] fp32; outputs merged x
+[B,K,C], merged size [B,K,1] fp32, each input token's slot [B,N] int32, when `padded` the merged
+mask [B,K] fp32 and when `causal` the merged positions [B,K] fp32. Attributes: method, K,
+protected, margin, alpha, variant, turbo_weight (a `LayerRule`), padded, causal (0 or 1).
 """
 
 from __future__ import annotations
@@ -39,8 +42,12 @@ class MergeNode:
     rule: LayerRule
     out_tokens: int  # K
     protected: int
+    padded: bool = False  # a padding mask comes in and goes out (text encoders)
+    causal: bool = False  # a frozen token and causal positions come in, positions go out (CLIP text)
 
     def __post_init__(self):
+        if self.causal and not self.padded:
+            raise ValueError("a causal merge node (frozen token, positions) also takes the padding mask")
         # Float attributes are float32 (ONNX FLOAT, the plugin's fields): every lowering computes with those.
         rule = self.rule
         as32 = {k: float(np.float32(getattr(rule, k))) for k in ("margin", "alpha", "turbo_weight")}
@@ -55,6 +62,8 @@ class MergeNode:
             "alpha": float(self.rule.alpha),
             "variant": self.rule.variant,
             "turbo_weight": float(self.rule.turbo_weight),
+            "padded": int(self.padded),
+            "causal": int(self.causal),
         }
 
     @classmethod
@@ -63,14 +72,24 @@ class MergeNode:
         a = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
         text = {k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()}
         rule = LayerRule(name=text["method"], margin=a["margin"], alpha=a["alpha"], variant=text["variant"], turbo_weight=a["turbo_weight"])
-        return cls(rule, int(a["K"]), int(a["protected"]))
+        return cls(rule, int(a["K"]), int(a["protected"]), bool(a.get("padded", 0)), bool(a.get("causal", 0)))
 
 
-def reference(node: MergeNode, x, metric, size, cls_attn=None):
-    """What the node computes: match, then the size-weighted merge; slots as int32."""
-    plan = match_step(node.rule, metric, x.shape[1] - node.out_tokens, protected=node.protected, cls_attn=cls_attn)
-    merged, merged_size = plan.merge(x, size)
-    return merged, merged_size, plan.dst_slot.to(torch.int32)
+def reference(node: MergeNode, x, metric, size, cls_attn=None, valid=None, frozen=None, positions=None):
+    """What the node computes: match, then the size-weighted merge; slots as int32. The masks
+    (`valid`, `frozen`) and positions are fp32 [B,N] tensors, as the node takes them."""
+    valid = None if valid is None else valid > 0.5
+    frozen = None if frozen is None else frozen > 0.5
+    plan = match_step(node.rule, metric, x.shape[1] - node.out_tokens, protected=node.protected, cls_attn=cls_attn,
+                      valid=valid, frozen=frozen)
+    slots = plan.dst_slot.to(torch.int32)
+    if valid is None:
+        return (*plan.merge(x, size), slots)
+    merged, merged_size, merged_valid = plan.merge_padded(x, size, valid)
+    outputs = (merged, merged_size, slots, merged_valid.to(torch.float32))
+    if positions is not None:
+        outputs += (plan.merge_positions(positions),)
+    return outputs
 
 
 _recorded: list | None = None  # (node, x, metric) of each node traced, while `recording()`
@@ -89,18 +108,19 @@ def recording():
 
 class _MergeOp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, metric, size, cls_attn, node):
+    def forward(ctx, x, metric, size, cls_attn, valid, frozen, positions, node):
         if _recorded is not None:
             _recorded.append((node, x.detach().clone(), metric.detach().clone()))
-        return reference(node, x, metric, size, cls_attn)
+        return reference(node, x, metric, size, cls_attn, valid, frozen, positions)
 
     @staticmethod
-    def symbolic(g, x, metric, size, cls_attn, node):
-        inputs = [x, metric, size] + ([cls_attn] if node.rule.name == "turbo" else [])
+    def symbolic(g, x, metric, size, cls_attn, valid, frozen, positions, node):
+        given = {"x": x, "metric": metric, "size": size, "cls_attn": cls_attn, "valid": valid, "frozen": frozen,
+                 "positions": positions}
         a = node.attributes()
         outputs = g.op(
             f"{DOMAIN}::{OP_TYPE}",
-            *inputs,
+            *[given[name] for name in input_names(node)],
             method_s=a["method"],
             K_i=a["K"],
             protected_i=a["protected"],
@@ -108,21 +128,27 @@ class _MergeOp(torch.autograd.Function):
             alpha_f=a["alpha"],
             variant_s=a["variant"],
             turbo_weight_f=a["turbo_weight"],
+            padded_i=a["padded"],
+            causal_i=a["causal"],
             plugin_namespace_s=DOMAIN,
             plugin_version_s=VERSION,
-            outputs=3,
+            outputs=len(output_names(node)),
         )
         # Output types and static sizes, which TorchScript cannot infer for a custom op.
         batch, n, channels = x.type().varyingSizes() or (None, None, None)
         outputs[0].setType(x.type().with_sizes([batch, node.out_tokens, channels]))
         outputs[1].setType(size.type().with_sizes([batch, node.out_tokens, 1]))
         outputs[2].setType(size.type().with_dtype(torch.int32).with_sizes([batch, n]))
+        for extra in outputs[3:]:  # merged mask, merged positions
+            extra.setType(size.type().with_sizes([batch, node.out_tokens]))
         return outputs
 
 
-def merge_op(node: MergeNode, x, metric, size, cls_attn=None):
-    """The merge as one traceable op: (merged x, merged size, slots)."""
-    return _MergeOp.apply(x, metric, size, cls_attn, node)
+def merge_op(node: MergeNode, x, metric, size, cls_attn=None, valid=None, frozen=None, positions=None):
+    """The merge as one traceable op: (merged x, merged size, slots[, merged mask[, merged positions]]),
+    the masks and positions as fp32."""
+    as32 = [None if t is None else t.to(torch.float32) for t in (valid, frozen, positions)]
+    return _MergeOp.apply(x, metric, size, cls_attn, *as32, node)
 
 
 class _Reference(torch.nn.Module):
@@ -130,30 +156,37 @@ class _Reference(torch.nn.Module):
         super().__init__()
         self.node = node
 
-    def forward(self, x, metric, size, *cls_attn):
-        return reference(self.node, x, metric, size, *cls_attn)
+    def forward(self, *inputs):
+        return reference(self.node, **dict(zip(input_names(self.node), inputs)))
 
 
 def input_names(node: MergeNode) -> list[str]:
-    return ["x", "metric", "size"] + (["cls_attn"] if node.rule.name == "turbo" else [])
+    return (["x", "metric", "size"] + (["cls_attn"] if node.rule.name == "turbo" else [])
+            + (["valid"] if node.padded else []) + (["frozen", "positions"] if node.causal else []))
 
 
-OUTPUT_NAMES = ["merged_x", "merged_size", "slots"]
+def output_names(node: MergeNode) -> list[str]:
+    return (["merged_x", "merged_size", "slots"] + (["merged_valid"] if node.padded else [])
+            + (["merged_positions"] if node.causal else []))
 
 
 def reference_model(node: MergeNode, x: torch.Tensor, metric: torch.Tensor, opset: int) -> onnx.ModelProto:
     """The reference implementation of one node as a standalone ONNX model (dynamic batch)."""
-    n = x.shape[1]
-    inputs = [x, metric, torch.ones(x.shape[0], n, 1)]
+    batch, n = x.shape[:2]
+    inputs = [x, metric, torch.ones(batch, n, 1)]
     if node.rule.name == "turbo":
-        inputs.append(torch.rand(x.shape[0], n).softmax(-1))
+        inputs.append(torch.rand(batch, n).softmax(-1))
+    if node.padded:
+        inputs.append(torch.ones(batch, n))
+    if node.causal:
+        inputs += [(torch.arange(n) == n - 1).float().expand(batch, n), torch.arange(n).float().expand(batch, n)]
     names = input_names(node)
     with tempfile.TemporaryDirectory(prefix="tokenfuse-node-") as work, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         path = Path(work, "node.onnx")
         torch.onnx.export(
             _Reference(node), tuple(inputs), str(path), dynamo=False, opset_version=opset, input_names=names,
-            output_names=OUTPUT_NAMES, dynamic_axes={name: {0: "batch"} for name in names + OUTPUT_NAMES},
+            output_names=output_names(node), dynamic_axes={name: {0: "batch"} for name in names + output_names(node)},
         )
         return onnx.load(str(path))
 

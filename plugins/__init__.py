@@ -37,16 +37,39 @@ def library_path(build_dir: Path | None = None) -> Path | None:
     return path if path.is_file() else None
 
 
+def _pypi_nvcc() -> Path | None:
+    """nvcc from the PyPI wheel nvidia-cuda-nvcc (nvidia/cu13/bin/nvcc; cuda_nvcc/bin for CUDA 12),
+    which scripts/setup.sh installs into .venv when the system has no CUDA toolkit."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in getattr(nvidia, "__path__", []):
+        found = sorted(Path(root).glob("*/bin/nvcc"))
+        if found:
+            return found[-1]
+    return None
+
+
 def _nvcc() -> Path:
     for candidate in (
         os.environ.get("CUDACXX"),
         os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc"),
         shutil.which("nvcc"),
         "/usr/local/cuda/bin/nvcc",
+        _pypi_nvcc(),
     ):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    raise UsageError("nvcc not found: install the CUDA toolkit (or pip install nvidia-cuda-nvcc) and set CUDA_HOME")
+    raise UsageError("nvcc not found: install the CUDA toolkit (or run scripts/setup.sh, which installs nvidia-cuda-nvcc "
+                     "into .venv) or set CUDA_HOME")
+
+
+def cmake_path() -> str | None:
+    """cmake on PATH, else the one the PyPI wheel `cmake` put beside this Python (scripts/setup.sh
+    installs it into .venv when the system has none; .venv/bin need not be on PATH)."""
+    beside = Path(sys.executable).parent / "cmake"
+    return shutil.which("cmake") or (str(beside) if beside.is_file() else None)
 
 
 def _kernel_lens_headers() -> Path | None:
@@ -80,12 +103,18 @@ def build(build_dir: Path | None = None, *, architectures: str = DEFAULT_ARCHITE
     The compile happens in a scratch folder and the library is moved into `build_dir` only when it
     succeeded, so a failed build leaves no half-written library behind.
     """
-    cmake = shutil.which("cmake")
+    cmake = cmake_path()
     if cmake is None:
-        raise UsageError("cmake not found: install CMake >= 3.18 (apt-get install cmake, or pip install cmake)")
+        raise UsageError("cmake not found: install CMake >= 3.18 (apt-get install cmake, or scripts/setup.sh, "
+                         "which installs the cmake wheel into .venv)")
     nvcc = _nvcc()
     build_dir = Path(build_dir or default_build_dir())
     configure = [cmake, "-S", str(SOURCE_DIR), f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={architectures}"]
+    # The PyPI runtime wheel ships libcudart.so.13 but no unversioned libcudart.so, which is what
+    # CMake's FindCUDAToolkit looks for: name it (the plugin itself links libcudart_static.a).
+    versioned = sorted(nvcc.resolve().parents[1].glob("lib/libcudart.so.*"))
+    if versioned and not (nvcc.resolve().parents[1] / "lib" / "libcudart.so").exists():
+        configure.append(f"-DCUDA_CUDART={versioned[-1]}")
     root = tensorrt_root or os.environ.get("TENSORRT_ROOT")
     if root:
         configure.append(f"-DTENSORRT_ROOT={root}")

@@ -1,19 +1,24 @@
-"""The SimilarityEnergyMerge CUDA kernels on a GPU, without TensorRT: correctness against the
-exporter's reference on fresh random inputs, and timings against the same step as PyTorch ops.
+"""The SimilarityEnergyMerge CUDA kernels on a GPU, without TensorRT, in one command:
 
-    nvcc -O3 -shared -Xcompiler -fPIC -arch=native \\
-        plugins/similarityEnergyMergePlugin/similarityEnergyMergeKernels.cu -o build/libtokenfuse_kernels.so
-    python scripts/plugin_gpu_check.py build/libtokenfuse_kernels.so --out docs/plugin-gpu.json
-    compute-sanitizer --tool memcheck python scripts/plugin_gpu_check.py build/libtokenfuse_kernels.so --quick
+    python scripts/plugin_gpu_check.py                 # build, check, time, write docs/plugin-gpu.md
+    python scripts/plugin_gpu_check.py --sanitize      # also every compute-sanitizer tool (quick inputs)
+    python scripts/plugin_gpu_check.py --quick         # correctness only, few inputs
 
-Correctness (per method and variant, fp32 and fp16, many seeds): the kernel's slots must equal the
-reference's except where the reference's deciding scores are within `--tie` of each other; merged
-x within 1e-4 (fp32) or 2e-2 relative (fp16) where the slots agree. Timing (ViT-B shapes: N = 197,
-C = 768, D = 64, B in 1, 8, 32, 64): CUDA-event medians of the fused step and of the reference
-step in PyTorch, and of one fp16 ViT-B block (attention + MLP) for scale.
+Needs torch with CUDA and nvcc (CUDACXX, CUDA_HOME/bin, PATH or /usr/local/cuda); no TensorRT and
+none of tokenfuse's other dependencies (exporter/methods.py and tests/reference.py are loaded by
+path). The kernels are compiled into build/plugin-gpu/ (created) for this GPU, unless --library
+names a library with the kernels' C entry points (the plugin library, say).
 
-Only torch is needed: tokenfuse's methods.py is loaded by path, so the package's other
-dependencies (timm, onnx, ...) need not be installed on the GPU machine.
+Correctness, per method and PiToMe variant, fp32 and fp16, N 197/577/1024, D 64/768, C up to 1280:
+* exact ties (metric rows of four ones among sixteen zeros; cosines are multiples of 1/4): the
+  kernel's slots must equal the exporter's PyTorch merge everywhere;
+* random inputs: slots must be equal in every batch element except those where the float64 NumPy
+  reference finds two deciding keys within --near-tie of each other (fp32 rounding may order such
+  a pair either way); those are counted and reported, never silently passed;
+* merged tokens within 1e-4 (fp32) or 2e-2 (fp16) relative where the slots agree, sizes equal.
+* non-finite metrics (NaN, Inf): slots equal PyTorch's (both give such rows the lowest similarity).
+Timing: CUDA-event medians of each method at B 1/8/32/64, N 197/577, D 64/768 (C = 768, fp16),
+against one ViT-B fp16 block (attention + MLP) in PyTorch at the same B and N.
 """
 
 from __future__ import annotations
@@ -22,97 +27,226 @@ import argparse
 import ctypes
 import importlib.util
 import json
+import os
+import platform
+import shutil
 import statistics
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "plugins" / "similarityEnergyMergePlugin" / "similarityEnergyMergeKernels.cu"
+BUILD_DIR = ROOT / "build" / "plugin-gpu"
+REPORT = ROOT / "docs" / "plugin-gpu.md"
 METHODS = {"tome": 0, "pitome": 1, "crossget": 2, "turbo": 3}
 VARIANTS = {"plain": 0, "bsm": 1, "text": 2}
 CASES = [("tome", "plain"), ("crossget", "plain"), ("turbo", "plain"), ("pitome", "plain"), ("pitome", "bsm"), ("pitome", "text")]
+NEAR_TIE = 1e-5  # deciding keys closer than this may order differently in fp32 (kernel and PyTorch alike)
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+TRAILING_ZEROS = 6  # entry points may gain trailing arguments (text encoders); zeros there mean "none"
 
 
-def load_methods():
-    spec = importlib.util.spec_from_file_location("tokenfuse_methods", ROOT / "exporter" / "methods.py")
+def load_by_path(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-class MergeParams(ctypes.Structure):
-    """tokenfuse::MergeParams (similarityEnergyMergeKernels.h), field for field."""
+def load_methods():
+    return load_by_path("tokenfuse_methods", ROOT / "exporter" / "methods.py")
 
-    _fields_ = [(name, ctypes.c_int32) for name in ("method", "variant", "batch", "tokens", "out_tokens", "channels", "metric_dim", "protected")] + [
-        (name, ctypes.c_float) for name in ("margin", "alpha", "turbo_weight")
-    ]
+
+def load_reference():
+    return load_by_path("tokenfuse_reference", ROOT / "tests" / "reference.py")
+
+
+# ---- the near-tie gate (pure; unit-tested on the CPU) ---------------------------------------------
+
+def near_tie_elements(reference, rule, metric: np.ndarray, r: int, protected: int, cls_attn: np.ndarray | None,
+                      bound: float = NEAR_TIE) -> np.ndarray:
+    """[B] bool: batch elements where the float64 reference sees two deciding keys within `bound`
+    (or an exact tie of summed keys between different rows). Non-finite metrics: none."""
+    variant = {"plain": "plain", "text": "text", "bsm": "bsm-early"}[rule.variant]
+    near = np.zeros(len(metric), dtype=bool)
+    if r == 0 or not np.isfinite(metric).all():
+        return near
+    for b in range(len(metric)):
+        _, info = reference.reference_plan(
+            rule.name, metric[b:b + 1].astype(np.float64), r, protected=protected, layer=0,
+            num_layers=2 if variant == "bsm-early" else 1, margin=rule.margin, alpha=rule.alpha, pitome_variant=variant,
+            cls_attn=None if cls_attn is None else cls_attn[b:b + 1].astype(np.float64),
+            turbo_alpha=rule.turbo_weight / 30.0, return_info=True)
+        near[b] = info["min_gap"] < bound or info["inexact_tie"]
+    return near
+
+
+def slot_gate(got: np.ndarray, want: np.ndarray, near: np.ndarray) -> dict:
+    """Slots [B, N] must agree in every element that is not a near tie; near ties are counted."""
+    differs = (got != want).any(-1)
+    return {"elements": int(len(got)), "near_tie_elements": int(near.sum()),
+            "differing_elements": int(differs.sum()), "differing_outside_near_ties": int((differs & ~near).sum()),
+            "passed": not bool((differs & ~near).any())}
+
+
+# ---- the report (pure; unit-tested on the CPU) ----------------------------------------------------
+
+def markdown_report(environment: dict, correctness: list[dict], timings: list[dict], sanitizers: dict, command: str) -> str:
+    """docs/plugin-gpu.md: what ran, where, and every figure."""
+    lines = ["# SimilarityEnergyMerge kernels on a GPU", "",
+             f"Written by `{command}` (scripts/plugin_gpu_check.py); every figure below comes from that run.", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in environment.items()]
+    lines += ["", "## Correctness against the exporter's PyTorch merge", "",
+              f"Near ties: a batch element whose deciding keys (float64 reference) come within {NEAR_TIE:g} of each other "
+              "is left out of the slot comparison and counted.", "",
+              "| inputs | method | variant | dtype | N | D | elements | near ties left out | differing (outside near ties) | max rel. error | passed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in correctness:
+        lines.append(f"| {row['inputs']} | {row['method']} | {row['variant']} | {row['dtype']} | {row['n']} | {row['d']} | "
+                     f"{row['elements']} | {row['near_tie_elements']} | {row['differing_elements']} "
+                     f"({row['differing_outside_near_ties']}) | {row['max_rel_error']:.2e} | {'yes' if row['passed'] else 'NO'} |")
+    if sanitizers:
+        lines += ["", "## compute-sanitizer (quick inputs)", "", "| tool | exit status | errors reported |", "|---|---|---|"]
+        lines += [f"| {tool} | {r['returncode']} | {r['summary']} |" for tool, r in sanitizers.items()]
+    if timings:
+        lines += ["", "## Time per merging layer (fp16, C = 768; CUDA-event medians)", "",
+                  "| method | variant | B | N | D | merge (ms) | ViT-B fp16 block (ms) | merge / block |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in timings:
+            lines.append(f"| {row['method']} | {row['variant']} | {row['batch']} | {row['n']} | {row['d']} | "
+                         f"{row['merge_ms']:.4f} | {row['block_ms']:.4f} | {row['merge_ms'] / row['block_ms']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- the GPU side ---------------------------------------------------------------------------------
+
+def nvcc() -> str:
+    for candidate in (os.environ.get("CUDACXX"), os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc"),
+                      shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    raise SystemExit("nvcc not found: set CUDACXX or CUDA_HOME, or put nvcc on PATH")
+
+
+def build_kernels(build_dir: Path = BUILD_DIR) -> Path:
+    """The kernels as a shared library for this machine's GPU (build_dir is created)."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / "libtokenfuse_kernels.so"
+    major, minor = torch.cuda.get_device_capability()
+    command = [nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo",
+               f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}", "-I", str(KERNELS.parent),
+               str(KERNELS), "-o", str(library)]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return library
 
 
 class Kernels:
-    def __init__(self, path: str):
-        self.lib = ctypes.CDLL(path)
+    def __init__(self, path: Path):
+        self.lib = ctypes.CDLL(str(path))
         self.lib.tokenfuseMergeWorkspaceSize.restype = ctypes.c_size_t
         self.lib.tokenfuseMergeWorkspaceSize.argtypes = [ctypes.c_int32] * 3
+        for name in ("tokenfuseMergeFloat", "tokenfuseMergeHalf"):
+            getattr(self.lib, name).restype = ctypes.c_int
+            getattr(self.lib, name).argtypes = [ctypes.c_void_p] * (10 + TRAILING_ZEROS)
 
     def merge(self, rule, out_tokens, protected, x, metric, size, cls_attn):
+        """x [B, N, C], metric [B, N, D] (CUDA, fp32 or fp16), size [B, N] fp32, cls_attn [B, N] or None."""
         batch, n, channels = x.shape
-        params = MergeParams(METHODS[rule.name], VARIANTS[rule.variant], batch, n, out_tokens, channels, metric.shape[-1], protected,
-                             rule.margin, rule.alpha, rule.turbo_weight)
+        words = torch.zeros(11 + 16, dtype=torch.int32)  # MergeParams, then zeros for fields added later
+        words[:8] = torch.tensor([METHODS[rule.name], VARIANTS[rule.variant], batch, n, out_tokens, channels, metric.shape[-1], protected])
+        words[8:11] = torch.tensor([rule.margin, rule.alpha, rule.turbo_weight], dtype=torch.float32).view(torch.int32)
         out_x = torch.empty(batch, out_tokens, channels, dtype=x.dtype, device=x.device)
-        out_size = torch.empty(batch, out_tokens, 1, device=x.device)
+        out_size = torch.empty(batch, out_tokens, device=x.device)
         slots = torch.empty(batch, n, dtype=torch.int32, device=x.device)
-        workspace = torch.empty(self.lib.tokenfuseMergeWorkspaceSize(batch, n, metric.shape[-1]), dtype=torch.uint8, device=x.device)
+        workspace = torch.empty(max(self.lib.tokenfuseMergeWorkspaceSize(batch, n, metric.shape[-1]), 1), dtype=torch.uint8, device=x.device)
         entry = self.lib.tokenfuseMergeHalf if x.dtype == torch.float16 else self.lib.tokenfuseMergeFloat
-        pointer = ctypes.c_void_p
-        status = entry(ctypes.byref(params), pointer(x.data_ptr()), pointer(metric.data_ptr()), pointer(size.data_ptr()),
-                       pointer(cls_attn.data_ptr() if cls_attn is not None else 0), pointer(out_x.data_ptr()), pointer(out_size.data_ptr()),
-                       pointer(slots.data_ptr()), pointer(workspace.data_ptr()), pointer(torch.cuda.current_stream().cuda_stream))
+        status = entry(words.data_ptr(), x.data_ptr(), metric.data_ptr(), size.data_ptr(),
+                       cls_attn.data_ptr() if cls_attn is not None else None, out_x.data_ptr(), out_size.data_ptr(),
+                       slots.data_ptr(), workspace.data_ptr(), torch.cuda.current_stream().cuda_stream, *([None] * TRAILING_ZEROS))
         if status != 0:
             raise RuntimeError(f"kernel launch returned cudaError {status}")
         return out_x, out_size, slots
 
 
-def inputs(rule, batch, n, channels, dim, dtype, generator):
-    x = torch.randn(batch, n, channels, generator=generator).to(dtype)
-    metric = torch.randn(batch, n, dim, generator=generator).to(dtype)
-    size = torch.randint(1, 4, (batch, n, 1), generator=generator).float()
-    cls_attn = torch.rand(batch, n, generator=generator).softmax(-1) if rule.name == "turbo" else None
-    return x, metric, size, cls_attn
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    metric: torch.Tensor
+    size: torch.Tensor
+    cls_attn: torch.Tensor
 
 
-def correctness(kernels, methods, seeds: int, tie: float) -> list[dict]:
+def draw(kind: str, batch: int, n: int, channels: int, dim: int, dtype, seed: int) -> Inputs:
+    rng = np.random.default_rng(seed)
+    if kind == "ties":
+        patterns = np.zeros((5, 16), dtype=np.float32)
+        for row in patterns:
+            row[rng.choice(16, 4, replace=False)] = 1.0
+        metric = patterns[rng.integers(0, 5, (batch, n))]
+        cls_attn = (rng.integers(0, 4, (batch, n)) / 8).astype(np.float32)
+    else:
+        metric = rng.standard_normal((batch, n, dim)).astype(np.float32)
+        if kind == "non-finite":
+            metric[0, 3, 1], metric[-1, 7, :], metric[-1, 9, 0] = np.nan, np.inf, -np.inf
+        logits = rng.standard_normal((batch, n))
+        cls_attn = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    x = rng.standard_normal((batch, n, channels)).astype(np.float32)
+    size = rng.integers(1, 4, (batch, n)).astype(np.float32)
+    return Inputs(torch.from_numpy(x).to(dtype), torch.from_numpy(metric).to(dtype), torch.from_numpy(size), torch.from_numpy(cls_attn))
+
+
+def rule_for(methods, name: str, variant: str, ties: bool):
+    # On ties the energies must be exact sums: ELU at margin 0 (cosines >= 0), Gaussian at 0.99 (0 or 1)
+    margin = {"plain": 0.0, "bsm": 0.0, "text": 0.99}[variant] if ties else {"plain": 0.675, "bsm": 0.45, "text": 0.6}[variant]
+    return methods.LayerRule(name, margin=margin, variant=variant, turbo_weight=2.0 if ties else 12.5)
+
+
+def check_one(kernels, methods, reference, kind, name, variant, dtype, n, d, channels, seed, batch) -> dict:
+    rule = rule_for(methods, name, variant, kind == "ties")
+    protected = 1 + seed % 2
+    r = methods.max_removable(name, n, protected) * 2 // 3
+    inputs = draw(kind, batch, n, channels, d, dtype, seed)
+    cls_attn = inputs.cls_attn if name == "turbo" else None
+    plan = methods.match_step(rule, inputs.metric.float(), r, protected=protected, cls_attn=cls_attn)
+    want_x, want_size = methods.TokenMerge(plan.dst_slot, plan.num_out).merge(inputs.x, inputs.size.unsqueeze(-1))
+    got_x, got_size, got_slots = kernels.merge(rule, n - r, protected, inputs.x.cuda(), inputs.metric.cuda(), inputs.size.cuda(),
+                                               inputs.cls_attn.cuda() if name == "turbo" else None)
+    got_slots = got_slots.cpu().numpy()
+    want_slots = plan.dst_slot.numpy()
+    near = (near_tie_elements(reference, rule, inputs.metric.float().numpy(), r, protected, None if cls_attn is None else cls_attn.numpy())
+            if kind == "random" else np.zeros(batch, dtype=bool))
+    row = {"inputs": kind, "method": name, "variant": variant, "dtype": str(dtype).split(".")[-1], "n": n, "d": d,
+           **slot_gate(got_slots, want_slots, near)}
+    same = torch.from_numpy((got_slots == want_slots).all(-1))
+    error = 0.0
+    if same.any():
+        got, want = got_x.cpu().float()[same], want_x.float()[same]
+        error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+        row["passed"] &= bool(torch.allclose(got_size.cpu()[same], want_size[..., 0][same]))
+    row["max_rel_error"] = error
+    row["passed"] &= error <= (1e-4 if dtype == torch.float32 else 2e-2)
+    return row
+
+
+def correctness(kernels, methods, reference, quick: bool) -> list[dict]:
     rows = []
-    for name, variant in CASES:
-        rule = methods.LayerRule(name, margin=0.675, variant=variant, turbo_weight=12.5)
+    shapes = [(197, 64, 768), (577, 64, 256), (1024, 768, 64), (197, 1280, 1280)]
+    for index, (name, variant) in enumerate(CASES):
         for dtype in (torch.float32, torch.float16):
-            agree = total = mismatched_rows = 0
-            worst = 0.0
-            for seed in range(seeds):
-                generator = torch.Generator().manual_seed(seed)
-                n = (197, 577, 1024)[seed % 3]
-                protected = 1 + seed % 2
-                r = (n - protected) // 2 if name == "pitome" else n // 4
-                x, metric, size, cls_attn = inputs(rule, 4, n, 64 + 32 * (seed % 3), (64, 768)[seed % 2], dtype, generator)
-                plan = methods.match_step(rule, metric, r, protected=protected, cls_attn=cls_attn)
-                want_x, want_size = plan.merge(x, size)
-                cuda = [t.cuda() if t is not None else None for t in (x, metric, size, cls_attn)]
-                got_x, got_size, got_slots = kernels.merge(rule, n - r, protected, *cuda)
-                got_slots = got_slots.cpu().long()
-                same = (got_slots == plan.dst_slot).all(-1)
-                agree += int((got_slots == plan.dst_slot).sum())
-                total += got_slots.numel()
-                mismatched_rows += int((~same).sum())
-                if same.any():
-                    error = (got_x.cpu().float()[same] - want_x.float()[same]).abs().max() / want_x.float().abs().max().clamp_min(1e-6)
-                    worst = max(worst, float(error))
-                    torch.testing.assert_close(got_size.cpu()[same], want_size[same])
-            limit = 1e-4 if dtype == torch.float32 else 2e-2
-            rows.append({"method": name, "variant": variant, "dtype": str(dtype).split(".")[-1], "slot_agreement": agree / total,
-                         "rows_with_a_different_decision": mismatched_rows, "max_rel_error_same_decisions": worst, "limit": limit,
-                         "passed": worst <= limit and (dtype == torch.float16 or agree / total >= 1 - tie)})
-            print(json.dumps(rows[-1]), flush=True)
+            for k, (n, d, channels) in enumerate(shapes[:1] if quick else shapes):
+                seed = 100 * index + 10 * k + (dtype == torch.float16)
+                for kind in ("ties", "random", "non-finite"):
+                    rows.append(check_one(kernels, methods, reference, kind, name, variant, dtype, n, d, channels, seed,
+                                          batch=2 if quick else 8))
+                    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -131,50 +265,86 @@ def timed(fn, repeats=50) -> float:
     return statistics.median(times)
 
 
-def timings(kernels, methods) -> list[dict]:
-    rows = []
-    block = vit_block()
-    for name, variant in CASES:
-        rule = methods.LayerRule(name, margin=0.675, variant=variant, turbo_weight=12.5)
-        for batch in (1, 8, 32, 64):
-            generator = torch.Generator().manual_seed(0)
-            x, metric, size, cls_attn = (t.cuda() if t is not None else None for t in inputs(rule, batch, 197, 768, 64, torch.float16, generator))
-            r = 19
-            fused = timed(lambda: kernels.merge(rule, 197 - r, 1, x, metric, size, cls_attn))
-            torch_ops = timed(lambda: methods.match_step(rule, metric, r, protected=1, cls_attn=cls_attn).merge(x, size))
-            layer = timed(lambda: block(x))
-            rows.append({"method": name, "variant": variant, "batch": batch, "fused_ms": fused, "pytorch_ops_ms": torch_ops,
-                         "speedup": torch_ops / fused, "vit_b_layer_ms": layer, "share_of_layer": fused / layer})
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
 def vit_block():
     """One ViT-B block (pre-norm attention + MLP, fp16) for the scale of a layer."""
     layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, activation="gelu", batch_first=True, norm_first=True, dropout=0.0)
     return layer.half().cuda().eval()
 
 
+def timings(kernels, methods) -> list[dict]:
+    rows = []
+    block = vit_block()
+    for n in (197, 577):
+        for batch in (1, 8, 32, 64):
+            x = torch.randn(batch, n, 768, dtype=torch.float16, device="cuda")
+            block_ms = timed(lambda: block(x))
+            for d in (64, 768):
+                inputs = draw("random", batch, n, 768, d, torch.float16, seed=n + batch + d)
+                size, cls_attn = inputs.size.cuda(), inputs.cls_attn.cuda()
+                metric = inputs.metric.cuda()
+                for name, variant in CASES:
+                    rule = rule_for(methods, name, variant, ties=False)
+                    r = methods.max_removable(name, n, 1) // 4
+                    merge_ms = timed(lambda: kernels.merge(rule, n - r, 1, x, metric, size, cls_attn if name == "turbo" else None))
+                    rows.append({"method": name, "variant": variant, "batch": batch, "n": n, "d": d, "merge_ms": merge_ms, "block_ms": block_ms})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def driver_version() -> str:
+    try:
+        version = ctypes.c_int()
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+        return f"CUDA driver API {version.value // 1000}.{version.value % 1000 // 10}"
+    except OSError:
+        return "unknown"
+
+
+def environment() -> dict:
+    smi = shutil.which("nvidia-smi")
+    driver = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip() if smi else ""
+    return {"device": torch.cuda.get_device_name(), "compute capability": "sm_%d%d" % torch.cuda.get_device_capability(),
+            "driver": f"{driver or 'unknown'} ({driver_version()})", "CUDA (torch)": torch.version.cuda,
+            "nvcc": subprocess.run([nvcc(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1],
+            "torch": torch.__version__, "host": platform.node()}
+
+
+def run_sanitizers(library: Path) -> dict:
+    """This script with --quick under each compute-sanitizer tool."""
+    tool = shutil.which("compute-sanitizer") or str(Path(nvcc()).parent / "compute-sanitizer")
+    results = {}
+    for name in SANITIZER_TOOLS:
+        done = subprocess.run([tool, "--tool", name, "--error-exitcode", "3", sys.executable, __file__, "--quick",
+                               "--library", str(library), "--no-report"], capture_output=True, text=True)
+        summary = next((line.strip() for line in reversed(done.stdout.splitlines()) if "ERROR SUMMARY" in line), "no summary")
+        results[name] = {"returncode": done.returncode, "summary": summary}
+        print(name, results[name], flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("library", help="a library with the kernels' C entry points (the plugin library or the nvcc line above)")
-    parser.add_argument("--seeds", type=int, default=30)
-    parser.add_argument("--tie", type=float, default=1e-3, help="fp32: the share of slots allowed to differ (near-ties)")
-    parser.add_argument("--quick", action="store_true", help="a few seeds and no timings (for compute-sanitizer)")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--library", type=Path, help="a library with the kernels' C entry points (default: build them)")
+    parser.add_argument("--quick", action="store_true", help="small correctness inputs and no timings")
+    parser.add_argument("--sanitize", action="store_true", help="also run --quick under memcheck, racecheck, synccheck, initcheck")
+    parser.add_argument("--report", type=Path, default=REPORT)
+    parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check runs the kernels on a GPU")
-    methods, kernels = load_methods(), Kernels(args.library)
+    library = args.library or build_kernels()
+    kernels, methods, reference = Kernels(library), load_methods(), load_reference()
     with torch.no_grad():
-        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "correctness": correctness(kernels, methods, 3 if args.quick else args.seeds, args.tie)}
-        if not args.quick:
-            result["timings"] = timings(kernels, methods)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    failed = [row for row in result["correctness"] if not row["passed"]]
-    print(f"{len(failed)} of {len(result['correctness'])} correctness rows failed")
+        rows = correctness(kernels, methods, reference, args.quick)
+        times = [] if args.quick else timings(kernels, methods)
+    sanitizers = run_sanitizers(library) if args.sanitize else {}
+    failed = [row for row in rows if not row["passed"]] + [t for t, r in sanitizers.items() if r["returncode"] != 0]
+    if not args.no_report:
+        command = "python scripts/plugin_gpu_check.py" + (" --sanitize" if args.sanitize else "") + (" --quick" if args.quick else "")
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(markdown_report(environment(), rows, times, sanitizers, command))
+        print(f"wrote {args.report}")
+    print(f"{len(failed)} failed of {len(rows)} correctness rows and {len(sanitizers)} sanitizer runs")
     sys.exit(1 if failed else 0)
 
 

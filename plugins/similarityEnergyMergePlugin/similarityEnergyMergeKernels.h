@@ -7,8 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
+#include "cudaPortability.h"
 
 namespace tokenfuse
 {
@@ -47,17 +46,29 @@ struct MergeParams
     float turboWeight;  // Turbo's alpha' of this layer
 };
 
+//! Text encoders' extra inputs and outputs, all fp32 [B, N] in and [B, K] out; null for image
+//! encoders. `valid` needs `outValid`; `frozen` and `positions` (CLIP text) come with `valid`.
+struct TextTokens
+{
+    float const* valid{nullptr};     // padding mask: > 0.5 for a real token
+    float const* frozen{nullptr};    // > 0.5 for the token that never merges and goes last (CLIP text's EOS)
+    float const* positions{nullptr}; // causal positions; a merged token takes its latest member's
+    float* outValid{nullptr};        // 1 for a slot with a real member, else 0
+    float* outPositions{nullptr};
+};
+
 //! The most tokens `method` can remove from `tokens` in one step (as the exporter's max_removable).
 int32_t maxRemovable(MergeMethod method, int32_t tokens, int32_t protectedTokens);
 
-//! Scratch memory the launch needs: unit metric rows and the slot membership lists.
+//! Scratch memory the launch needs: the [B, N, N] fp32 similarities and the slot membership lists.
 size_t mergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t metricDim);
 
 //! Match and merge: `slots` [B, N] gets each input token's output slot, `outX` [B, K, C] the
 //! size-weighted means and `outSize` [B, K] the summed sizes. `clsAttn` is read by turbo only.
 template <typename T>
 cudaError_t launchSimilarityEnergyMerge(MergeParams const& params, T const* x, T const* metric, float const* size,
-    float const* clsAttn, T* outX, float* outSize, int32_t* slots, void* workspace, cudaStream_t stream);
+    float const* clsAttn, T* outX, float* outSize, int32_t* slots, void* workspace, cudaStream_t stream,
+    TextTokens const& text = {});
 
 } // namespace tokenfuse
 
@@ -65,12 +76,15 @@ cudaError_t launchSimilarityEnergyMerge(MergeParams const& params, T const* x, T
 
 extern "C"
 {
-//! C entry points for harnesses (ctypes): fp32 and fp16 inputs, same arguments as the template.
+//! C entry points for harnesses (ctypes): fp32 and fp16 inputs, same arguments as the template,
+//! then the TextTokens pointers in their order (all null for an image encoder).
 TOKENFUSE_API cudaError_t tokenfuseMergeFloat(tokenfuse::MergeParams const* params, float const* x, float const* metric,
     float const* size, float const* clsAttn, float* outX, float* outSize, int32_t* slots, void* workspace,
-    cudaStream_t stream);
+    cudaStream_t stream, float const* valid, float const* frozen, float const* positions, float* outValid,
+    float* outPositions);
 TOKENFUSE_API cudaError_t tokenfuseMergeHalf(tokenfuse::MergeParams const* params, __half const* x, __half const* metric,
     float const* size, float const* clsAttn, __half* outX, float* outSize, int32_t* slots, void* workspace,
-    cudaStream_t stream);
+    cudaStream_t stream, float const* valid, float const* frozen, float const* positions, float* outValid,
+    float* outPositions);
 TOKENFUSE_API size_t tokenfuseMergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t metricDim);
 }

@@ -136,6 +136,14 @@ std::string parseFields(PluginFieldCollection const* fc, MergeFields& out)
         {
             ok = real(field, out.turboWeight);
         }
+        else if (name == "padded")
+        {
+            ok = integer(field, out.padded);
+        }
+        else if (name == "causal")
+        {
+            ok = integer(field, out.causal);
+        }
         else
         {
             bool parserField = false;
@@ -164,6 +172,14 @@ std::string parseFields(PluginFieldCollection const* fc, MergeFields& out)
     if (!(out.margin < 1.f))
     {
         return "margin must be < 1";
+    }
+    if ((out.padded != 0 && out.padded != 1) || (out.causal != 0 && out.causal != 1))
+    {
+        return "padded and causal must be 0 or 1";
+    }
+    if (out.causal && !out.padded)
+    {
+        return "causal (frozen token and positions) needs padded (the padding mask) too";
     }
     return {};
 }
@@ -238,20 +254,25 @@ char const* SimilarityEnergyMergePlugin::getPluginNamespace() const noexcept
 
 int32_t SimilarityEnergyMergePlugin::getNbOutputs() const noexcept
 {
-    return 3;
+    return mFields.nbOutputs();
 }
 
 int32_t SimilarityEnergyMergePlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
-    if (nbOutputs != 3 || nbInputs != mFields.nbInputs())
+    if (nbOutputs != mFields.nbOutputs() || nbInputs != mFields.nbInputs())
     {
-        logError("expects " + std::to_string(mFields.nbInputs()) + " inputs and 3 outputs");
+        logError("expects " + std::to_string(mFields.nbInputs()) + " inputs and " + std::to_string(mFields.nbOutputs())
+            + " outputs");
         return -1;
     }
     outputTypes[0] = inputTypes[0];
     outputTypes[1] = DataType::kFLOAT;
     outputTypes[2] = DataType::kINT32;
+    for (int32_t i = 3; i < nbOutputs; ++i) // merged mask, merged positions
+    {
+        outputTypes[i] = DataType::kFLOAT;
+    }
     return 0;
 }
 
@@ -261,12 +282,12 @@ std::string SimilarityEnergyMergePlugin::shapeProblem(Dims const* in, int32_t nb
     {
         return mMethodName + " takes " + std::to_string(mFields.nbInputs()) + " inputs, got " + std::to_string(nbInputs);
     }
-    int32_t const ranks[] = {3, 3, 3, 2};
     for (int32_t i = 0; i < nbInputs; ++i)
     {
-        if (in[i].nbDims != ranks[i])
+        int32_t const rank = i < 3 ? 3 : 2; // x, metric, size; then [B, N] rows
+        if (in[i].nbDims != rank)
         {
-            return "input " + std::to_string(i) + " must have rank " + std::to_string(ranks[i]);
+            return "input " + std::to_string(i) + " must have rank " + std::to_string(rank);
         }
     }
     int64_t const tokens = in[0].d[1];
@@ -291,7 +312,8 @@ std::string SimilarityEnergyMergePlugin::shapeProblem(Dims const* in, int32_t nb
         return std::to_string(tokens) + " tokens; at most " + std::to_string(kMaxTokens) + " are supported";
     }
     int64_t const removed = tokens - mFields.outTokens;
-    int32_t const limit = maxRemovable(mFields.method, static_cast<int32_t>(tokens), mFields.protectedTokens);
+    int32_t const limit
+        = maxRemovable(mFields.method, static_cast<int32_t>(tokens), mFields.protectedTokens + mFields.causal);
     if (removed < 0 || removed > limit)
     {
         return mMethodName + " can go from " + std::to_string(tokens) + " tokens to between "
@@ -305,9 +327,10 @@ int32_t SimilarityEnergyMergePlugin::getOutputShapes(DimsExprs const* inputs, in
     DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
     IExprBuilder& exprBuilder) noexcept
 {
-    if (nbInputs != mFields.nbInputs() || nbOutputs != 3 || inputs[0].nbDims != 3)
+    if (nbInputs != mFields.nbInputs() || nbOutputs != mFields.nbOutputs() || inputs[0].nbDims != 3)
     {
-        logError("expects " + std::to_string(mFields.nbInputs()) + " inputs (x of rank 3) and 3 outputs");
+        logError("expects " + std::to_string(mFields.nbInputs()) + " inputs (x of rank 3) and "
+            + std::to_string(mFields.nbOutputs()) + " outputs");
         return -1;
     }
     IDimensionExpr const* k = exprBuilder.constant(mFields.outTokens);
@@ -322,13 +345,19 @@ int32_t SimilarityEnergyMergePlugin::getOutputShapes(DimsExprs const* inputs, in
     outputs[2].nbDims = 2;
     outputs[2].d[0] = inputs[0].d[0];
     outputs[2].d[1] = inputs[0].d[1];
+    for (int32_t i = 3; i < nbOutputs; ++i) // merged mask, merged positions: [B, K]
+    {
+        outputs[i].nbDims = 2;
+        outputs[i].d[0] = inputs[0].d[0];
+        outputs[i].d[1] = k;
+    }
     return 0;
 }
 
 bool SimilarityEnergyMergePlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != mFields.nbInputs() || nbOutputs != 3 || pos < 0 || pos >= nbInputs + nbOutputs)
+    if (nbInputs != mFields.nbInputs() || nbOutputs != mFields.nbOutputs() || pos < 0 || pos >= nbInputs + nbOutputs)
     {
         return false;
     }
@@ -351,7 +380,7 @@ bool SimilarityEnergyMergePlugin::supportsFormatCombination(
     {
         return desc.type == DataType::kINT32;
     }
-    return desc.type == DataType::kFLOAT; // size, the CLS attention row, merged size
+    return desc.type == DataType::kFLOAT; // size, cls_attn, valid, frozen, positions; merged size, mask, positions
 }
 
 int32_t SimilarityEnergyMergePlugin::configurePlugin(
@@ -362,7 +391,9 @@ int32_t SimilarityEnergyMergePlugin::configurePlugin(
     {
         dims.push_back(in[i].desc.dims);
     }
-    std::string const problem = nbOutputs == 3 ? shapeProblem(dims.data(), nbInputs) : "expects 3 outputs";
+    std::string const problem = nbOutputs == mFields.nbOutputs()
+        ? shapeProblem(dims.data(), nbInputs)
+        : "expects " + std::to_string(mFields.nbOutputs()) + " outputs";
     if (!problem.empty())
     {
         logError(problem);
@@ -411,7 +442,20 @@ int32_t SimilarityEnergyMergePlugin::enqueue(PluginTensorDesc const* inputDesc, 
     params.alpha = mFields.alpha;
     params.turboWeight = mFields.turboWeight;
     float const* size = static_cast<float const*>(inputs[2]);
-    float const* clsAttn = mFields.method == MergeMethod::kTURBO ? static_cast<float const*>(inputs[3]) : nullptr;
+    int32_t next = 3; // the optional inputs follow in their order
+    float const* clsAttn = mFields.method == MergeMethod::kTURBO ? static_cast<float const*>(inputs[next++]) : nullptr;
+    TextTokens text;
+    if (mFields.padded)
+    {
+        text.valid = static_cast<float const*>(inputs[next++]);
+        text.outValid = static_cast<float*>(outputs[3]);
+    }
+    if (mFields.causal)
+    {
+        text.frozen = static_cast<float const*>(inputs[next++]);
+        text.positions = static_cast<float const*>(inputs[next++]);
+        text.outPositions = static_cast<float*>(outputs[4]);
+    }
     auto* outSize = static_cast<float*>(outputs[1]);
     auto* slots = static_cast<int32_t*>(outputs[2]);
     cudaError_t status;
@@ -419,13 +463,13 @@ int32_t SimilarityEnergyMergePlugin::enqueue(PluginTensorDesc const* inputDesc, 
     {
         status = launchSimilarityEnergyMerge(params, static_cast<__half const*>(inputs[0]),
             static_cast<__half const*>(inputs[1]), size, clsAttn, static_cast<__half*>(outputs[0]), outSize, slots,
-            workspace, stream);
+            workspace, stream, text);
     }
     else
     {
         status = launchSimilarityEnergyMerge(params, static_cast<float const*>(inputs[0]),
             static_cast<float const*>(inputs[1]), size, clsAttn, static_cast<float*>(outputs[0]), outSize, slots,
-            workspace, stream);
+            workspace, stream, text);
     }
     if (status != cudaSuccess)
     {
@@ -452,6 +496,8 @@ PluginFieldCollection const* SimilarityEnergyMergePlugin::getFieldsToSerialize()
         PluginField("margin", &mFields.margin, PluginFieldType::kFLOAT32, 1),
         PluginField("alpha", &mFields.alpha, PluginFieldType::kFLOAT32, 1),
         PluginField("turbo_weight", &mFields.turboWeight, PluginFieldType::kFLOAT32, 1),
+        PluginField("padded", &mFields.padded, PluginFieldType::kINT32, 1),
+        PluginField("causal", &mFields.causal, PluginFieldType::kINT32, 1),
     };
     mSerializedCollection.nbFields = static_cast<int32_t>(mSerialized.size());
     mSerializedCollection.fields = mSerialized.data();
@@ -468,6 +514,8 @@ SimilarityEnergyMergeCreator::SimilarityEnergyMergeCreator()
         PluginField("margin", nullptr, PluginFieldType::kFLOAT32, 1),
         PluginField("alpha", nullptr, PluginFieldType::kFLOAT32, 1),
         PluginField("turbo_weight", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("padded", nullptr, PluginFieldType::kINT32, 1),
+        PluginField("causal", nullptr, PluginFieldType::kINT32, 1),
     };
     mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
     mFieldCollection.fields = mFieldNames.data();

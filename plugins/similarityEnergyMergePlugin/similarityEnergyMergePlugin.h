@@ -24,10 +24,18 @@ struct MergeFields
     float margin{0.9f};
     float alpha{1.f};
     float turboWeight{30.f};
+    int32_t padded{0}; // 1: a padding mask comes in and the merged mask goes out (text encoders)
+    int32_t causal{0}; // 1: the frozen token and causal positions come in, merged positions go out (CLIP text)
 
+    //! x, metric, size, [cls_attn (turbo)], [valid (padded)], [frozen, positions (causal)]
     int32_t nbInputs() const
     {
-        return method == MergeMethod::kTURBO ? 4 : 3;
+        return 3 + (method == MergeMethod::kTURBO ? 1 : 0) + padded + 2 * causal;
+    }
+    //! merged x, merged size, slots, [merged valid (padded)], [merged positions (causal)]
+    int32_t nbOutputs() const
+    {
+        return 3 + padded + causal;
     }
 };
 

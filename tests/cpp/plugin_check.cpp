@@ -118,6 +118,8 @@ struct Fields
     float margin{0.5f};
     float alpha{1.f};
     float turboWeight{30.f};
+    int32_t padded{0};
+    int32_t causal{0};
     std::vector<PluginField> list;
     PluginFieldCollection collection{};
 
@@ -129,7 +131,9 @@ struct Fields
             PluginField("protected", &protectedTokens, PluginFieldType::kINT32, 1),
             PluginField("margin", &margin, PluginFieldType::kFLOAT32, 1),
             PluginField("alpha", &alpha, PluginFieldType::kFLOAT32, 1),
-            PluginField("turbo_weight", &turboWeight, PluginFieldType::kFLOAT32, 1)};
+            PluginField("turbo_weight", &turboWeight, PluginFieldType::kFLOAT32, 1),
+            PluginField("padded", &padded, PluginFieldType::kINT32, 1),
+            PluginField("causal", &causal, PluginFieldType::kINT32, 1)};
         collection.nbFields = int32_t(list.size());
         collection.fields = list.data();
         return &collection;
@@ -228,8 +232,8 @@ void checkMethod(IPluginCreatorV3One* creator, std::string const& method, std::s
         check(!build->supportsFormatCombination(0, wrong.data(), nbInputs, 3), tag + ": refuses int8 and non-linear x");
 
         check(build->configurePlugin(io.data(), nbInputs, io.data() + nbInputs, 3) == 0, tag + ": configures N=197 -> K=150 (" + typeName + ")");
-        check(build->getWorkspaceSize(io.data(), nbInputs, io.data() + nbInputs, 3) >= size_t(32) * 197 * 64 * 4,
-            tag + ": workspace holds the unit metric of the largest batch");
+        check(build->getWorkspaceSize(io.data(), nbInputs, io.data() + nbInputs, 3) >= size_t(32) * 197 * 197 * 4,
+            tag + ": workspace holds the similarities of the largest batch");
     }
 
     std::vector<DynamicPluginTensorDesc> big = {desc(DataType::kFLOAT, {-1, 1500, 768}),
@@ -276,6 +280,61 @@ void checkMethod(IPluginCreatorV3One* creator, std::string const& method, std::s
     delete plugin;
 }
 
+//! A CLIP-text node (padded and causal): six inputs, five outputs, the frozen token in the limit.
+void checkText(IPluginCreatorV3One* creator)
+{
+    Fields fields;
+    fields.method = "pitome";
+    fields.padded = 1;
+    fields.causal = 1;
+    IPluginV3* plugin = creator->createPlugin("text", fields.get(), TensorRTPhase::kBUILD);
+    check(plugin != nullptr, "text: createPlugin with padded and causal");
+    if (plugin == nullptr)
+    {
+        return;
+    }
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    check(build->getNbOutputs() == 5, "text: 5 outputs (merged mask and positions)");
+    DataType inTypes[6] = {DataType::kHALF, DataType::kHALF, DataType::kFLOAT, DataType::kFLOAT, DataType::kFLOAT,
+        DataType::kFLOAT};
+    DataType outTypes[5];
+    check(build->getOutputDataTypes(outTypes, 5, inTypes, 6) == 0 && outTypes[0] == DataType::kHALF
+            && outTypes[2] == DataType::kINT32 && outTypes[3] == DataType::kFLOAT && outTypes[4] == DataType::kFLOAT,
+        "text: output types (fp16, fp32, int32, fp32, fp32)");
+    std::vector<DynamicPluginTensorDesc> io = {desc(DataType::kHALF, {-1, 77, 512}), desc(DataType::kHALF, {-1, 77, 512}),
+        desc(DataType::kFLOAT, {-1, 77, 1}), desc(DataType::kFLOAT, {-1, 77}), desc(DataType::kFLOAT, {-1, 77}),
+        desc(DataType::kFLOAT, {-1, 77}), desc(DataType::kHALF, {-1, 40, 512}), desc(DataType::kFLOAT, {-1, 40, 1}),
+        desc(DataType::kINT32, {-1, 77}), desc(DataType::kFLOAT, {-1, 40}), desc(DataType::kFLOAT, {-1, 40})};
+    bool all = true;
+    for (int32_t pos = 0; pos < int32_t(io.size()); ++pos)
+    {
+        all = all && build->supportsFormatCombination(pos, io.data(), 6, 5);
+    }
+    check(all, "text: supports the fp16 combination at every position");
+    fields.k = 40; // 77 - 37: at most (77 - 1 protected - 1 frozen) / 2 = 37 removed
+    IPluginV3* fits = creator->createPlugin("text", fields.get(), TensorRTPhase::kBUILD);
+    auto* fitsBuild = static_cast<IPluginV3OneBuild*>(fits->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    check(fitsBuild->configurePlugin(io.data(), 6, io.data() + 6, 5) == 0, "text: configures N=77 -> K=40");
+    fields.k = 39;
+    IPluginV3* tooMany = creator->createPlugin("text", fields.get(), TensorRTPhase::kBUILD);
+    auto* tooManyBuild = static_cast<IPluginV3OneBuild*>(tooMany->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    check(tooManyBuild->configurePlugin(io.data(), 6, io.data() + 6, 5) != 0,
+        "text: refuses N=77 -> K=39 (the frozen token never merges)");
+    std::string const first = serialized(fits);
+    IPluginV3* restored = creator->createPlugin(
+        "restored", static_cast<IPluginV3OneRuntime*>(fits->getCapabilityInterface(PluginCapabilityType::kRUNTIME))->getFieldsToSerialize(),
+        TensorRTPhase::kRUNTIME);
+    check(restored != nullptr && serialized(restored) == first && first.find("padded=") != std::string::npos,
+        "text: padded and causal survive a serialisation round trip");
+    Fields unpadded = fields;
+    unpadded.padded = 0;
+    check(creator->createPlugin("bad", unpadded.get(), TensorRTPhase::kBUILD) == nullptr, "text: refuses causal without padded");
+    delete restored;
+    delete tooMany;
+    delete fits;
+    delete plugin;
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -310,7 +369,7 @@ int main(int argc, char** argv)
     {
         listed += std::string(names->fields[i].name) + " ";
     }
-    check(listed == "method variant K protected margin alpha turbo_weight ", "field names: " + listed);
+    check(listed == "method variant K protected margin alpha turbo_weight padded causal ", "field names: " + listed);
 
     for (char const* method : {"tome", "crossget", "turbo"})
     {
@@ -320,6 +379,7 @@ int main(int argc, char** argv)
     {
         checkMethod(creator, "pitome", variant);
     }
+    checkText(creator);
 
     Fields bad;
     bad.method = "median";
