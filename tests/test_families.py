@@ -221,3 +221,10 @@ def test_models_whose_blocks_look_like_no_family_are_refused(tmp_path):
     AlbertModel(AlbertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, embedding_size=16)).save_pretrained(tmp_path)
     with pytest.raises(UsageError, match="not supported.*supported models"):
         load_model(f"hf:{tmp_path}")
+
+
+def test_plugin_lowering_refuses_relative_positions(family_dirs, tmp_path):
+    """The plugin node carries no token positions, so MPNet's relative position bias would see stale ones."""
+    with pytest.raises(UsageError, match="relative position"):
+        export(f"hf:{family_dirs['mpnet']}", tmp_path / "m.onnx", method="tome", r=2, seq_len=SEQ_LEN, lowering="plugin", log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import emulated_kernels as ek
-from missing_tool import missing_tool
+from requires import skip_or_fail
 from reference import reference_plan
 from tokenfuse.exporter.methods import NON_FINITE_SIMILARITY, LayerRule, cosine_similarity, max_removable, match_step
 
@@ -62,14 +62,14 @@ def build_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cpu_kernels(build_dir):
     if ek.compiler() is None:
-        missing_tool("no C++ compiler (set CXX, or install g++): the CPU build of the kernels cannot be made")
+        skip_or_fail("no C++ compiler (set CXX, or install g++): the CPU build of the kernels cannot be made")
     return ek.load_library(ek.build_library(build_dir))
 
 
 def _driver(build_dir: Path, sanitizer: str) -> Path:
     problem = ek.sanitizer_problem(sanitizer)
     if problem:
-        missing_tool(problem)
+        skip_or_fail(problem)
     path = build_dir / f"merge_driver_{sanitizer}"
     return path if path.is_file() else ek.build_driver(build_dir, sanitizer)
 
@@ -309,7 +309,7 @@ def test_deleting_any_syncthreads_makes_the_race_test_fail(build_dir):
     every method must then fail (a reported race, a wrong result or a crash)."""
     problem = ek.sanitizer_problem("thread")
     if problem:
-        missing_tool(problem)
+        skip_or_fail(problem)
     source = ek.KERNEL_SOURCE.read_text()
     spots = [m.span() for m in SYNC.finditer(source)]
     assert spots, "no __syncthreads in the kernels"
@@ -385,7 +385,7 @@ def test_emulation_builtins_behave_as_cuda(build_dir, sanitizer):
     under ThreadSanitizer the emulation itself must be race-free."""
     problem = ek.sanitizer_problem(sanitizer) if sanitizer != "none" else None
     if ek.compiler() is None or problem:
-        missing_tool(problem or "no C++ compiler (set CXX, or install g++)")
+        skip_or_fail(problem or "no C++ compiler (set CXX, or install g++)")
     program = ek._compile(build_dir / f"emulation_self_test_{sanitizer}", [ek.EMULATION_DIR / "emulationSelfTest.cpp"],
                           ek.SANITIZERS[sanitizer] + ["-Wno-tsan"] * (sanitizer == "thread"))
     done = subprocess.run([str(program)], capture_output=True, text=True, timeout=300,

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from missing_tool import missing_tool
+from requires import import_or_skip, skip_or_fail
 from reference import reference_plan
 from tokenfuse import plugins
 from tokenfuse.cli import main
@@ -49,11 +49,11 @@ PLUGIN_LOWERED_VIT_B_NODES = 1049
 def library(tmp_path_factory) -> Path:
     """The plugin library, compiled for every target architecture with the kernel-lens headers."""
     if plugins.cmake_path() is None:
-        missing_tool("no cmake (scripts/setup.sh installs the cmake wheel into .venv)")
+        skip_or_fail("no cmake (scripts/setup.sh installs the cmake wheel into .venv)")
     try:
         plugins._nvcc()
     except UsageError as error:
-        missing_tool(str(error))
+        skip_or_fail(str(error))
     return plugins.build(tmp_path_factory.mktemp("plugin-build"), log=lambda *_: None)
 
 
@@ -105,10 +105,7 @@ def test_library_holds_code_for_every_target(library):
 
 
 def test_loads_into_tensorrt_rtx_and_creates_every_method(library):
-    try:
-        import tensorrt_rtx as trt
-    except ImportError as error:
-        missing_tool(f"tensorrt_rtx (pip install tensorrt-rtx-cu13): {error}")
+    trt = import_or_skip("tensorrt_rtx")
     registry = trt.get_plugin_registry()
     assert registry.load_library(str(library)) is not None
     creator = registry.get_creator(OP_TYPE, "1", DOMAIN)
@@ -138,13 +135,13 @@ def test_build_interface_answers_correctly(library, tmp_path):
     headers = plugins._kernel_lens_headers()
     assert headers is not None
     if shutil.which("g++") is None:
-        missing_tool("no g++ to compile tests/cpp/plugin_check.cpp")
+        skip_or_fail("no g++ to compile tests/cpp/plugin_check.cpp")
     program = tmp_path / "plugin_check"
     # cuda_runtime_api.h, for the headers: CUDA_HOME's, the toolkit's or the PyPI wheel's beside its nvcc
     roots = [os.environ.get("CUDA_HOME") or "/usr/local/cuda", plugins._nvcc().resolve().parents[1]]
     cuda_include = next((Path(root, "include") for root in roots if Path(root, "include", "cuda_runtime_api.h").is_file()), None)
     if cuda_include is None:
-        missing_tool(f"cuda_runtime_api.h not found under {roots}")
+        skip_or_fail(f"cuda_runtime_api.h not found under {roots}")
     subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-isystem", str(headers), "-I", str(cuda_include),
                     str(REPO / "tests" / "cpp" / "plugin_check.cpp"), "-ldl", "-o", str(program)], check=True)
     done = subprocess.run([str(program), str(library)], capture_output=True, text=True)

@@ -7,7 +7,7 @@ import pytest
 from requires import import_or_skip, skip_or_fail
 
 
-@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception), ("false", pytest.skip.Exception)])
 def test_missing_dependencies_fail_under_ci_and_skip_elsewhere(monkeypatch, ci, outcome):
     monkeypatch.setenv("CI", ci)
     with pytest.raises(outcome, match="no_such_module_for_tokenfuse"):
