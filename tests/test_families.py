@@ -228,3 +228,42 @@ def test_plugin_lowering_refuses_relative_positions(family_dirs, tmp_path):
     with pytest.raises(UsageError, match="relative position"):
         export(f"hf:{family_dirs['mpnet']}", tmp_path / "m.onnx", method="tome", r=2, seq_len=SEQ_LEN, lowering="plugin", log=lambda *_: None)
     assert list(tmp_path.iterdir()) == []
+
+
+SENTENCE_FAMILIES = ["roberta", "xlm-roberta", "electra", "distilbert", "mpnet"]
+
+
+@pytest.mark.parametrize("name", SENTENCE_FAMILIES)
+def test_sentence_transformers_directory_of_each_text_family(family_dirs, name, tmp_path):
+    """A family saved as a sentence-transformers directory (mean pooling + Normalize): `none` equals
+    SentenceTransformer.encode, and a merged export records the pooling and validates."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertTokenizerFast
+
+    base = tmp_path / "base"
+    shutil.copytree(family_dirs[name], base)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(295)]  # the configs' 300 ids
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), model_input_names=["input_ids", "attention_mask"]).save_pretrained(base)
+    transformer = Transformer(str(base), max_seq_length=SEQ_LEN)
+    directory = tmp_path / "st"
+    SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="mean"), Normalize()],
+                        device="cpu").save(str(directory))
+
+    rng = torch.Generator().manual_seed(4)
+    texts = [" ".join(vocab[5 + int(i)] for i in torch.randint(0, 295, (int(n),), generator=rng)) for n in (3, 9, 17, 22)]
+    adapter = load_model(f"hf:{directory}", seq_len=SEQ_LEN)
+    tokens = BertTokenizerFast.from_pretrained(str(directory))(
+        texts, padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+    settings, _ = MergeOptions(method="none").resolve(adapter)
+    with torch.no_grad():
+        ours, _ = adapter.run(settings, {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]})
+    expected = SentenceTransformer(str(directory), device="cpu").encode(texts, convert_to_tensor=True, batch_size=len(texts))
+    assert torch.allclose(ours["embedding"], expected, atol=1e-5)
+
+    manifest = export(adapter, tmp_path / "m.onnx", method="pitome", r=0.8, seed=0, log=lambda *_: None)
+    assert manifest["pooling"] == {"mode": "mean", "normalize": True}
+    assert manifest["validation"]["passed"], manifest["validation"]
