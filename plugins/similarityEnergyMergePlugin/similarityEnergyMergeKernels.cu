@@ -664,6 +664,23 @@ __device__ __forceinline__ float pitomeAffinity(float sim, MergeParams const& p)
     return x > 0.f ? x : __fmul_rn(expm1f(x), p.alpha); // F.elu: alpha * expm1(x)
 }
 
+//! Every kSOURCE token's partner: its most similar kB token (the lowest index on ties), a warp per row.
+__device__ void partnerSourcesWithB(MatchShared& s, Rows const& rows)
+{
+    for (int32_t i = rows.warp; i < rows.tokens; i += rows.warps)
+    {
+        if (s.role[i] != kSOURCE)
+        {
+            continue;
+        }
+        ArgMax const best = rowArgMax(rows, i, [&](int32_t j) { return s.role[j] == kB; });
+        if (rows.lane == 0)
+        {
+            s.partner[i] = best.index;
+        }
+    }
+}
+
 __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const& p, int32_t r)
 {
     int32_t const n = rows.tokens;
@@ -713,18 +730,7 @@ __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const&
         s.role[i] = role;
     }
     __syncthreads();
-    for (int32_t i = rows.warp; i < n; i += rows.warps)
-    {
-        if (s.role[i] != kSOURCE)
-        {
-            continue;
-        }
-        ArgMax const best = rowArgMax(rows, i, [&](int32_t j) { return s.role[j] == kB; });
-        if (rows.lane == 0)
-        {
-            s.partner[i] = best.index;
-        }
-    }
+    partnerSourcesWithB(s, rows);
     int32_t const kept = s.freeCount - 2 * r;
     placeAmong(s, n, [&](int32_t i) { return s.role[i] == kB; }, [&](int32_t i) { return s.rank[i]; });
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
@@ -781,18 +787,7 @@ __device__ void crossgetSlots(MatchShared& s, Rows const& rows, MergeParams cons
         s.role[i] = s.free[i] ? (s.rank[i] < r ? kSOURCE : kB) : kNONE;
     }
     __syncthreads();
-    for (int32_t i = rows.warp; i < n; i += rows.warps)
-    {
-        if (s.role[i] != kSOURCE)
-        {
-            continue;
-        }
-        ArgMax const best = rowArgMax(rows, i, [&](int32_t j) { return s.role[j] == kB; });
-        if (rows.lane == 0)
-        {
-            s.partner[i] = best.index;
-        }
-    }
+    partnerSourcesWithB(s, rows);
     placeAmong(s, n, [&](int32_t i) { return s.role[i] == kB; }, [](int32_t i) { return i; });
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
