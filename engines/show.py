@@ -17,7 +17,7 @@ import torch
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
 from ..exporter.settings import MergeOptions
-from .serve import Preprocessor
+from .preprocess import Preprocessor
 
 MANIFEST_OPTIONS = ("min_tokens", "margin", "alpha", "pitome_variant", "turbo_alpha", "turbo_beta", "turbo_gamma", "turbo_threshold", "metric")
 
@@ -211,7 +211,7 @@ def _hex(colour) -> str:
 
 
 def text_html(words: list[str], maps: dict, name: str, method: str) -> str:
-    parts = [f"<!doctype html><meta charset='utf-8'><title>tokenfuse show</title><body style='font-family:sans-serif'>",
+    parts = ["<!doctype html><meta charset='utf-8'><title>tokenfuse show</title><body style='font-family:sans-serif'>",
              f"<h3>{html.escape(Path(name).name)}, {html.escape(method)}: words of one token in one colour</h3>"]
     for layer, labels in maps.items():
         groups = word_groups(words, labels)

@@ -22,7 +22,7 @@ from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
 from .bench import machine, measure_pair
 from .runtime import load
-from .serve import Preprocessor
+from .preprocess import Preprocessor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 NEIGHBOURS = 10  # each item's nearest neighbours within the data set, for embedding models

@@ -18,7 +18,8 @@ import uvicorn
 from PIL import Image
 
 from tokenfuse.engines.runtime import load
-from tokenfuse.engines.serve import Preprocessor, create_app
+from tokenfuse.engines.preprocess import Preprocessor
+from tokenfuse.engines.serve import create_app
 from tokenfuse.exporter import export
 
 

@@ -314,7 +314,7 @@ def test_show_text_words_per_token(tmp_path, tiny_bert):
 
     result = show(spec, text, tmp_path / "u.html", layers=[1], method="tome", r=3, seq_len=14)
     runner = load(tmp_path / "t.onnx")
-    from tokenfuse.engines.serve import Preprocessor
+    from tokenfuse.engines.preprocess import Preprocessor
 
     feeds = Preprocessor(runner.manifest).text(text)
     out = runner.run(feeds)
@@ -346,7 +346,7 @@ def test_grayscale_model_gets_one_channel():
 
     from PIL import Image
 
-    from tokenfuse.engines.serve import Preprocessor
+    from tokenfuse.engines.preprocess import Preprocessor
 
     prep = Preprocessor({"preprocess": {"kind": "image", "size": [8, 8], "mean": [0.5], "std": [0.25], "interpolation": "bilinear", "crop_pct": 1.0}})
     for mode in ("L", "RGB"):
