@@ -41,7 +41,7 @@ def _add_export(sub):
     budget.add_argument("--min-tokens", type=int, help="never keep fewer tokens than this")
     model = p.add_argument_group("model")
     model.add_argument("--weights", help="state dict (.pth/.pt/.safetensors) for a timm model")
-    model.add_argument("--random-init", action="store_true", help="random weights for a timm model (no pretrained weights, no download)")
+    model.add_argument("--random-init", action="store_true", help="random weights for a timm model (timm's initialisation with torch seed 0: the same every time; no download)")
     model.add_argument("--seq-len", type=int, help="fixed sequence length of text models (default: 128 for BERT, the maximum, 77, for CLIP text)")
     model.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower to export (default vision)")
     model.add_argument("--metric", choices=("keys", "hidden"), help="similarity measured on attention keys or hidden states (default: keys; hidden for CLIP)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 import pytest
@@ -55,7 +56,7 @@ class SharedExports:
 
     def __init__(self, root, minilm_path: str):
         self.root, self.minilm_path = root, minilm_path
-        self._adapters, self._exports = {}, {}
+        self._adapters, self._exports, self._engines = {}, {}, {}
 
     def adapter(self, model: str):
         from tokenfuse.exporter import load_model
@@ -76,8 +77,48 @@ class SharedExports:
             self._exports[model, method] = (path, manifest)
         return self._exports[model, method]
 
+    def engine(self, model: str, method: str):
+        """(engine path, sidecar) of that export built with TensorRT-RTX for batch 1:2:4, once.
+        The build is given a timing-cache path, which TensorRT-RTX must leave unwritten."""
+        from tokenfuse.engines.build import build_engine
+
+        if (model, method) not in self._engines:
+            onnx_path, _ = self.get(model, method)
+            out = self.root / f"{model}-{method}.engine"
+            sidecar = build_engine(onnx_path, out, batch=(1, 2, 4), timing_cache=self.root / "timing.cache", log=lambda *_: None)
+            self._engines[model, method] = (out, sidecar)
+        return self._engines[model, method]
+
 
 @pytest.fixture(scope="session")
 def shared_exports(tmp_path_factory, minilm_path) -> SharedExports:
-    """Shared exports (treat the files as read-only): shared_exports.get("vit-b", "pitome")."""
+    """Shared exports and engines (treat the files as read-only): shared_exports.get("vit-b", "pitome"),
+    shared_exports.engine("vit-ti", "pitome")."""
     return SharedExports(tmp_path_factory.mktemp("shared-exports"), minilm_path)
+
+
+@pytest.fixture(autouse=True)
+def cpu_share(request, tmp_path_factory):
+    """Under pytest-xdist, a test marked `exclusive_cpu` runs while no other worker runs a test.
+
+    The CPU emulation of the kernels runs every CUDA thread of a block as an OS thread meeting at
+    barriers; sharing two cores with another worker made it 7 times slower (measured). Every other
+    test holds a shared lock; an exclusive test first takes the turnstile, so no new test starts
+    while it waits for the running ones to finish, then takes the lock alone.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    exclusive = request.node.get_closest_marker("exclusive_cpu") is not None
+    shared_dir = tmp_path_factory.getbasetemp().parent  # the same directory for every worker of this run
+    with open(shared_dir / "cpu.turnstile", "a") as turnstile, open(shared_dir / "cpu.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)

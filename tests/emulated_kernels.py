@@ -75,17 +75,9 @@ def build_library(out_dir: Path, source: Path = KERNEL_SOURCE) -> Path:
                     ["-O2", "-fPIC", "-shared"])
 
 
-def build_driver(out_dir: Path, sanitizer: str = "none", source: Path = KERNEL_SOURCE, driver_object: Path | None = None) -> Path:
-    """merge_driver_<sanitizer>: the kernels and mergeDriver.cpp in one sanitized executable
-    (`driver_object`: mergeDriver.cpp already compiled with the same sanitizer, from `driver_object_for`)."""
-    driver = driver_object or EMULATION_DIR / "mergeDriver.cpp"
-    return _compile(Path(out_dir) / f"merge_driver_{sanitizer}", [source, driver], SANITIZERS[sanitizer])
-
-
-def driver_object_for(out_dir: Path, sanitizer: str) -> Path:
-    """mergeDriver.cpp compiled once, to link with many variants of the kernels."""
-    return _compile(Path(out_dir) / f"mergeDriver_{sanitizer}.o", [EMULATION_DIR / "mergeDriver.cpp"],
-                    [*SANITIZERS[sanitizer], "-c"])
+def build_driver(out_dir: Path, sanitizer: str = "none", source: Path = KERNEL_SOURCE) -> Path:
+    """merge_driver_<sanitizer>: the kernels and mergeDriver.cpp in one sanitized executable."""
+    return _compile(Path(out_dir) / f"merge_driver_{sanitizer}", [source, EMULATION_DIR / "mergeDriver.cpp"], SANITIZERS[sanitizer])
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gates import assert_validated_exactly
 from tokenfuse.cli import main
 
 
@@ -28,7 +29,8 @@ def test_headline_command_through_the_installed_entry_point(tmp_path):
     for piece in ("tokens in", "FLOPs ratio 0.565", "PiToMe paper", "0.538", "[1/3]", "[2/3]", "[3/3]"):
         assert piece in result.stdout
     manifest = json.loads(out.with_suffix(".json").read_text())
-    assert manifest["validation"]["passed"] and manifest["validation"]["merge_agreement"] >= 0.99 and manifest["schedule"][-1] == 60
+    assert_validated_exactly(manifest)
+    assert manifest["schedule"][-1] == 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.json", "vit.onnx"]
 
 

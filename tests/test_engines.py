@@ -13,6 +13,8 @@ from tokenfuse.engines.build import build_engine, parse_batch, sidecar_path
 from tokenfuse.engines.runtime import load
 from tokenfuse.exporter.errors import UsageError
 
+pytestmark = pytest.mark.xdist_group("vit-ti")  # one pytest-xdist worker makes the shared ViT-Ti export and engine once
+
 
 @pytest.fixture(scope="module")
 def tiny(shared_exports):
@@ -21,18 +23,16 @@ def tiny(shared_exports):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("built")
-    out = root / "tiny.engine"
-    sidecar = build_engine(tiny, out, batch=(1, 2, 4), timing_cache=root / "timing.cache", log=lambda *_: None)
-    return out, sidecar, root
+def engine(shared_exports):
+    """That export built for batch 1:2:4 with a timing-cache path given (conftest's shared engine)."""
+    return shared_exports.engine("vit-ti", "pitome")
 
 
 def test_build_writes_engine_sidecar_and_timing_cache(tiny, engine):
-    out, sidecar, root = engine
+    out, sidecar = engine
     assert out.stat().st_size > 1_000_000
     # TensorRT-RTX has no timing cache (its cache calls are no-ops); full TensorRT writes one
-    assert on_disk_timing(out) is None and not (root / "timing.cache").exists()
+    assert on_disk_timing(out) is None and not (out.parent / "timing.cache").exists()
     on_disk = json.loads(sidecar_path(out).read_text())
     assert on_disk == sidecar
     assert on_disk["tensorrt"]["flavour"] == "TensorRT-RTX" and on_disk["tensorrt"]["version"]
@@ -85,7 +85,7 @@ def test_onnx_runner_runs_and_checks_inputs(tiny):
 
 
 def test_engine_runner_refusals_on_a_cpu_machine(engine, tmp_path):
-    out, sidecar, _ = engine
+    out, sidecar = engine
     with pytest.raises(UsageError, match="no NVIDIA GPU|has none"):
         load(out)
     corrupt = tmp_path / "corrupt.engine"
@@ -128,16 +128,19 @@ def test_bench_exports_the_baseline_and_reports_against_the_flops_ideal(tiny, tm
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_build_and_bench(tiny, tmp_path, capsys):
-    engine_out = tmp_path / "cli.engine"
-    assert main(["build", str(tiny), "-o", str(engine_out), "--batch", "1:1:2", "--timing-cache", str(tmp_path / "t.cache")]) == 0
+def test_cli_export_build_and_bench(hf_dirs, tmp_path, capsys):
+    """The three commands chained as a user runs them, on a small Hugging Face ViT."""
+    model, engine_out = tmp_path / "vit.onnx", tmp_path / "cli.engine"
+    assert main(["export", "--model", f"hf:{hf_dirs['vit']}", "--method", "pitome", "--r", "0.9", "--seed", "0", "-o", str(model)]) == 0
+    assert main(["build", str(model), "-o", str(engine_out), "--batch", "1:1:2", "--timing-cache", str(tmp_path / "t.cache")]) == 0
     assert engine_out.is_file() and sidecar_path(engine_out).is_file()
     report_file, plot_file = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert main(["bench", str(tiny), "--baseline", str(tiny), "--batch", "1", "--min-rounds", "3", "--seconds", "2",
+    assert main(["bench", str(model), "--batch", "1", "--min-rounds", "3", "--seconds", "2",
                  "--json", str(report_file), "--plot", str(plot_file)]) == 0
     out = capsys.readouterr().out
     assert "| 1 |" in out and plot_file.is_file()
-    assert json.loads(report_file.read_text())["results"][0]["batch"] == 1
+    report = json.loads(report_file.read_text())
+    assert report["results"][0]["batch"] == 1 and report["method"] == "pitome"
 
 
 @pytest.mark.parametrize("args", [["build", "missing.onnx", "-o", "x.engine"], ["bench", "missing.onnx"], ["build", "m.onnx", "-o", "x.engine", "--batch", "9:1:2"]])

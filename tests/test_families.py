@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 
+from gates import assert_validated_exactly
 from tokenfuse.engines.build import compile_engine
 from tokenfuse.exporter import export, load_model, patch
 from tokenfuse.exporter.adapters import adapter_for
@@ -97,9 +98,8 @@ def test_none_equals_the_models_own_forward(family_dirs, name):
 @pytest.mark.parametrize("name", EXPORTED)
 def test_merged_exports_validate_and_build(family_dirs, name, method, tmp_path):
     out = tmp_path / "m.onnx"
-    manifest = export(f"hf:{family_dirs[name]}", out, method=method, r=0.8, seq_len=SEQ_LEN, log=lambda *_: None, turbo_threshold=0)
-    assert manifest["validation"]["passed"], manifest["validation"]
-    assert manifest["validation"]["max_abs_error"] <= 1e-4
+    manifest = export(f"hf:{family_dirs[name]}", out, method=method, r=0.8, seq_len=SEQ_LEN, seed=0, log=lambda *_: None, turbo_threshold=0)
+    assert_validated_exactly(manifest)
     assert manifest["schedule"][-1] < manifest["budget"]["layers"][0]["tokens_in"]
     assert manifest["settings"]["protected_tokens"] == PROTECTED.get(name, 1)
     assert compile_engine(out, batch=(1, 2, 2), log=lambda *_: None)[0]
@@ -141,8 +141,8 @@ def test_timm_map_none_equals_original(timm_map, name):
 def test_timm_map_exports_validate_and_build(timm_map, name, method, tmp_path):
     adapter = adapter_for(timm_map[name])
     out = tmp_path / "m.onnx"
-    manifest = export(adapter, out, method=method, r=0.8, log=lambda *_: None, turbo_threshold=0)
-    assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_error"] <= 1e-4
+    manifest = export(adapter, out, method=method, r=0.8, seed=0, log=lambda *_: None, turbo_threshold=0)
+    assert_validated_exactly(manifest)
     assert manifest["schedule"][-1] < manifest["budget"]["layers"][0]["tokens_in"]
     assert compile_engine(out, batch=(1, 2, 2), log=lambda *_: None)[0]
 
@@ -266,4 +266,4 @@ def test_sentence_transformers_directory_of_each_text_family(family_dirs, name, 
 
     manifest = export(adapter, tmp_path / "m.onnx", method="pitome", r=0.8, seed=0, log=lambda *_: None)
     assert manifest["pooling"] == {"mode": "mean", "normalize": True}
-    assert manifest["validation"]["passed"], manifest["validation"]
+    assert_validated_exactly(manifest)

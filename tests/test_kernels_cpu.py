@@ -31,6 +31,9 @@ from requires import skip_or_fail
 from reference import reference_plan
 from tokenfuse.exporter.methods import NON_FINITE_SIMILARITY, LayerRule, cosine_similarity, max_removable, match_step
 
+# One pytest-xdist worker builds the kernels once; each test runs with the CPU to itself (conftest's cpu_share).
+pytestmark = [pytest.mark.xdist_group("kernels"), pytest.mark.exclusive_cpu]
+
 NEAR_TIE = 1e-5  # decision keys closer than this may legitimately order differently in fp32
 CUDA_INVALID_CONFIGURATION = 9
 
@@ -269,11 +272,13 @@ def sanitizer_cases() -> list[ek.MergeCase]:
     return cases
 
 
+SANITIZER_ENV = {"address": {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=66",
+                             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=66"},
+                 "thread": {"TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0"}}
+
+
 def run_sanitized(driver: Path, cases, work_dir: Path, sanitizer: str):
-    options = {"address": {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=66",
-                           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=66"},
-               "thread": {"TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0"}}[sanitizer]
-    return ek.run_driver(driver, cases, work_dir, env=options, timeout=600)
+    return ek.run_driver(driver, cases, work_dir, env=SANITIZER_ENV[sanitizer], timeout=600)
 
 
 def check_sanitized(driver, cases, work_dir, sanitizer):
@@ -304,36 +309,58 @@ def race_cases() -> list[ek.MergeCase]:
             for rule in RANDOM_RULES.values()]
 
 
+DELETED_SYNC = "TOKENFUSE_DELETED_SYNC"
+
+
+def deletable_syncs(source: str) -> tuple[str, int]:
+    """`source` with its k-th __syncthreads skipped when $TOKENFUSE_DELETED_SYNC is k, and how many
+    there are: one ThreadSanitizer build stands for every single deletion."""
+    count = 0
+
+    def site(_match) -> str:
+        nonlocal count
+        count += 1
+        return f"(tfemuDeletedSync() == {count - 1} ? void() : __syncthreads());"
+
+    body = SYNC.sub(site, source)
+    selector = (f"#include <cstdlib>\nstatic int tfemuDeletedSync() {{ static const int site = std::getenv(\"{DELETED_SYNC}\") ? "
+                f"std::atoi(std::getenv(\"{DELETED_SYNC}\")) : -1; return site; }}\n")
+    return selector + body, count
+
+
 def test_deleting_any_syncthreads_makes_the_race_test_fail(build_dir):
-    """Each __syncthreads of the .cu in turn deleted (in a temp copy): the ThreadSanitizer run of
-    every method must then fail (a reported race, a wrong result or a crash)."""
+    """Each __syncthreads of the .cu in turn deleted: the ThreadSanitizer run of every method must
+    then fail (a reported race, a wrong result or a crash)."""
     problem = ek.sanitizer_problem("thread")
     if problem:
         skip_or_fail(problem)
     source = ek.KERNEL_SOURCE.read_text()
-    spots = [m.span() for m in SYNC.finditer(source)]
-    assert spots, "no __syncthreads in the kernels"
+    lines = [source.count("\n", 0, m.start()) + 1 for m in SYNC.finditer(source)]
+    assert lines, "no __syncthreads in the kernels"
+    work = build_dir / "nosync"
+    work.mkdir(exist_ok=True)
+    copy = work / ek.KERNEL_SOURCE.name
+    text, sites = deletable_syncs(source)
+    assert sites == len(lines)
+    copy.write_text(text)
+    driver = ek.build_driver(work, "thread", source=copy)
     cases = race_cases()
     wants = [ek.torch_merge(case) for case in cases]
 
-    def deleted(index: int) -> str:
-        start, end = spots[index]
-        work = build_dir / f"nosync{index}"
-        work.mkdir(exist_ok=True)
-        copy = work / ek.KERNEL_SOURCE.name
-        copy.write_text(source[:start] + "/* __syncthreads deleted */;" + source[end:])
-        line = source.count("\n", 0, start) + 1
-        driver = ek.build_driver(work, "thread", source=copy, driver_object=driver_object)
-        done, results = run_sanitized(driver, cases, work / "cases", "thread")
-        if done.returncode != 0 or "ThreadSanitizer" in done.stderr:
-            return ""
+    def run(index: int | None):
+        """'' when the run noticed the deletion (or, with nothing deleted, ran clean and right)."""
+        env = {DELETED_SYNC: str(-1 if index is None else index)}
+        done, results = ek.run_driver(driver, cases, work / f"cases{index}", env=SANITIZER_ENV["thread"] | env, timeout=600)
+        failed = done.returncode != 0 or "ThreadSanitizer" in done.stderr
         wrong = any(got is None or not np.array_equal(got.slots, want.slots) for got, want in zip(results, wants))
-        return "" if wrong else f"line {line}"
+        if index is None:
+            return "" if not (failed or wrong) else done.stderr[-2000:]
+        return "" if failed or wrong else f"line {lines[index]}"
 
-    driver_object = ek.driver_object_for(build_dir, "thread")
+    assert run(None) == "", "the build that deletes nothing must pass the race test"
     with ThreadPoolExecutor(max_workers=2) as pool:
-        unnoticed = [where for where in pool.map(deleted, range(len(spots))) if where]
-    print(f"\n{len(spots)} __syncthreads deleted one at a time; unnoticed: {unnoticed or 'none'}")
+        unnoticed = [where for where in pool.map(run, range(sites)) if where]
+    print(f"\n{sites} __syncthreads deleted one at a time; unnoticed: {unnoticed or 'none'}")
     assert not unnoticed, f"deleting the __syncthreads at {unnoticed} went unnoticed by the race test"
 
 

@@ -7,6 +7,8 @@ import torch
 
 from tokenfuse.exporter.settings import MergeOptions
 
+pytestmark = pytest.mark.xdist_group("minilm")  # one pytest-xdist worker makes the shared MiniLM adapter once
+
 METHODS = ["tome", "pitome", "crossget", "turbo"]
 
 

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from gates import assert_validated_exactly
 from requires import import_or_skip, skip_or_fail
 from reference import reference_plan
 from tokenfuse import plugins
@@ -30,6 +31,8 @@ from tokenfuse.exporter.methods import LayerRule, MethodConfig, max_removable
 from tokenfuse.exporter.plugin_lowering import (
     DOMAIN, OP_TYPE, MergeNode, as_function, input_names, output_names, reference, reference_model,
 )
+
+pytestmark = pytest.mark.xdist_group("plugin")  # one pytest-xdist worker makes the plugin library and the ViT-B plugin export once
 
 RULES = [
     LayerRule("tome"),
@@ -298,8 +301,8 @@ def test_vit_b_plugin_export_validates_and_records_the_lowering(vit_b_plugin):
     nodes = [n for n in model.graph.node if n.op_type == OP_TYPE]
     assert len(nodes) == 12 and manifest["plugin"]["nodes"] == 12
     assert len(model.graph.node) == PLUGIN_LOWERED_VIT_B_NODES  # the README's figure
-    assert manifest["lowering"] == "plugin" and manifest["validation"]["passed"]
-    assert manifest["validation"]["max_abs_error"] < 1e-4 and manifest["validation"]["merge_agreement"] >= 0.95
+    assert manifest["lowering"] == "plugin"
+    assert_validated_exactly(manifest)
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attributes["plugin_namespace"] == b"tokenfuse" and attributes["plugin_version"] == b"1"
     assert attributes["K"] == manifest["schedule"][0] and attributes["method"] == b"pitome"
@@ -310,13 +313,17 @@ def test_vit_b_plugin_export_validates_and_records_the_lowering(vit_b_plugin):
 
 @pytest.mark.parametrize("method", ["tome", "crossget", "turbo"])
 def test_other_methods_export_with_the_plugin_lowering(method, tmp_path):
-    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", random_init=True, method=method, r=0.9, lowering="plugin", log=lambda *_: None)
-    assert manifest["validation"]["passed"] and manifest["plugin"]["nodes"] > 0
+    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", random_init=True, method=method, r=0.9, lowering="plugin", seed=0, log=lambda *_: None)
+    assert_validated_exactly(manifest)
+    assert manifest["plugin"]["nodes"] > 0
 
 
 def test_fp16_plugin_export_validates(tmp_path):
-    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", random_init=True, method="pitome", lowering="plugin", dtype="fp16", log=lambda *_: None)
-    assert manifest["validation"]["passed"] and manifest["dtype"] == "fp16"
+    manifest = export("timm:vit_tiny_patch16_224", tmp_path / "m.onnx", random_init=True, method="pitome", lowering="plugin", dtype="fp16", seed=0, log=lambda *_: None)
+    assert manifest["dtype"] == "fp16" and manifest["validation"]["passed"]
+    # measured with seed 0 (and --random-init's fixed weights): 0.9157 of the decisions agree (half
+    # precision flips near-ties), relative error 1.9e-3
+    assert manifest["validation"]["merge_agreement"] >= 0.91 and manifest["validation"]["max_rel_error"] <= 2.5e-3, manifest["validation"]
 
 
 def test_tensorrt_rtx_stops_where_documented(vit_b_plugin, library, tmp_path):
@@ -370,9 +377,10 @@ def test_text_encoders_export_with_the_plugin_lowering(hf_dirs, model, method, t
     tower = {"tower": "text"} if model == "clip-text" else {}
     path = tmp_path / "t.onnx"
     seq_len = 48 if method == "turbo" else 24  # Turbo merges only layers of 40 tokens or more
-    manifest = export(f"hf:{hf_dirs[model]}", path, method=method, r=0.8, seq_len=seq_len, lowering="plugin", log=lambda *_: None,
-                      **tower)
-    assert manifest["validation"]["passed"] and manifest["plugin"]["nodes"] > 0
+    manifest = export(f"hf:{hf_dirs[model]}", path, method=method, r=0.8, seq_len=seq_len, lowering="plugin", seed=0,
+                      log=lambda *_: None, **tower)
+    assert_validated_exactly(manifest)
+    assert manifest["plugin"]["nodes"] > 0
     nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == OP_TYPE]
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attributes["padded"] == 1 and attributes["causal"] == int(model == "clip-text")

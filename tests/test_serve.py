@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
 import socket
 import threading
 import time
@@ -21,6 +22,8 @@ from tokenfuse.engines.runtime import load
 from tokenfuse.engines.preprocess import Preprocessor
 from tokenfuse.engines.serve import create_app
 from tokenfuse.exporter import export
+
+pytestmark = pytest.mark.xdist_group("vit-ti")  # one pytest-xdist worker makes the shared ViT-Ti export once
 
 
 def _free_port() -> int:
@@ -51,9 +54,12 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def vision_model(tmp_path_factory):
+def vision_model(tmp_path_factory, shared_exports):
+    """conftest's ViT-Ti pitome export, served under the name `tiny`."""
+    shared, _ = shared_exports.get("vit-ti", "pitome")
     path = tmp_path_factory.mktemp("serve") / "tiny.onnx"
-    export("timm:vit_tiny_patch16_224", path, random_init=True, method="pitome", r=0.9, validate=False, log=lambda *_: None)
+    for suffix in (".onnx", ".json"):
+        shutil.copyfile(shared.with_suffix(suffix), path.with_suffix(suffix))
     return path
 
 

@@ -90,7 +90,7 @@ def test_cli_reads_the_cache_from_the_environment_with_the_network_off(hub_cache
     env = {**os.environ, "HF_HUB_CACHE": str(hub_cache["cache"]), "HF_HUB_OFFLINE": "1"}
     tokenfuse = str(Path(sys.executable).parent / "tokenfuse")
     runs = {
-        "bert": ["--model", f"hf:{HUB_ID}", "--seq-len", "16", "--method", "pitome", "--r", "0.8"],
+        "bert": ["--model", f"hf:{HUB_ID}", "--seq-len", "16", "--method", "pitome", "--r", "0.8", "--seed", "0"],
         "vit": ["--model", f"timm:{TIMM_NAME}", "--method", "none", "--no-validate"],
     }
     for name, args in runs.items():

@@ -10,9 +10,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tokenfuse.cli import main
-from tokenfuse.engines.build import build_engine, sidecar_path
+from tokenfuse.engines.build import sidecar_path
 from tokenfuse.engines.triton import write_repository
 from tokenfuse.exporter.errors import UsageError
+
+pytestmark = pytest.mark.xdist_group("vit-ti")  # one pytest-xdist worker makes the shared ViT-Ti export and engine once
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +46,16 @@ def test_onnx_repository_matches_the_model(exported, tmp_path, which):
 
 
 @pytest.fixture(scope="module")
-def vit_engine(exported, tmp_path_factory):
-    engine = tmp_path_factory.mktemp("triton-engine") / "vit.engine"
-    build_engine(exported[0], engine, batch=(1, 4, 8), log=lambda *_: None)
-    return engine
+def vit_engine(shared_exports):
+    """The ViT-Ti export built for batch 1:2:4 (conftest's shared engine)."""
+    return shared_exports.engine("vit-ti", "pitome")[0]
 
 
 def test_engine_repository_uses_the_plan_and_its_profile(vit_engine, tmp_path):
     engine = vit_engine
     folder = write_repository(engine, tmp_path / "repo")
     config = _parse(folder)
-    assert config.platform == "tensorrt_plan" and config.max_batch_size == 8
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
     assert (folder / "1" / "model.plan").read_bytes() == engine.read_bytes()
     assert [t.name for t in config.output] == ["logits", "last_hidden_state", "token_sizes"]
     assert list(config.output[1].dims) == [60, 192]  # pitome r=0.9: 197 tokens -> 60

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..budgets import Shape
 from ..encoder import BlockView, TokenState, pool_attention, weighted_mean
 from ..errors import UsageError
 from . import ImageAdapter, load_state_dict, unsupported
+
+RANDOM_INIT_SEED = 0
 
 
 class TimmViT(ImageAdapter):
@@ -158,7 +162,9 @@ def load_timm(name: str, weights: str | None, random_init: bool = False) -> Timm
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise UsageError(f"timm:{name}: unknown timm model{hint}; names are timm's, e.g. vit_base_patch16_224")
-    model = timm.create_model(name, pretrained=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)  # --random-init gives the same weights every time, so runs reproduce
+        model = timm.create_model(name, pretrained=False)
     _check(model, name)
     if not (weights or random_init):
         from ..sources import load_timm_pretrained
