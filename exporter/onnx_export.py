@@ -145,6 +145,10 @@ def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, batches
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # As many threads as the PyTorch side (one setting, torch.set_num_threads, bounds the whole
+    # validation), and no spinning: the two runtimes take turns, so a spinning pool only burns CPU.
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     seed = int(time.time_ns() % 2**31) if seed is None else seed

@@ -54,7 +54,9 @@ def _with_slot_outputs(path, target):
 
 
 def _session(path):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # conftest shares the cores between pytest-xdist workers
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _ort_outputs(session, inputs):

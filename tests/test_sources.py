@@ -76,6 +76,21 @@ def test_timm_name_loads_pretrained_weights_from_the_cache(hub_cache, use_cache)
     assert not torch.equal(random.model.pos_embed, hub_cache["timm_state"]["pos_embed"])
 
 
+def test_random_init_is_the_same_every_time_and_leaves_the_global_generator_alone():
+    """--random-init is timm's initialisation under torch seed 0: runs (and tests) reproduce."""
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = load_model(f"timm:{TIMM_NAME}", random_init=True).model.state_dict()
+    assert torch.equal(torch.rand(1), before)  # the caller's random stream is untouched
+    second = load_model(f"timm:{TIMM_NAME}", random_init=True).model
+    assert _same_weights(second, first)
+    torch.manual_seed(0)
+    import timm
+
+    assert _same_weights(timm.create_model(TIMM_NAME, pretrained=False), first)
+
+
 def test_hub_id_loads_from_the_cache(hub_cache, hf_dirs, use_cache):
     from transformers import BertModel
 
