@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 
+from gates import assert_validated_exactly
 from tokenfuse.exporter import export, load_model, patch
 from tokenfuse.exporter.adapters import adapter_for
 from tokenfuse.exporter.settings import MergeOptions
@@ -78,8 +79,7 @@ def test_timm_variants_none_equals_original_and_merged_validates(name, tmp_path)
         ours, _ = adapter.run(settings, {"pixel_values": pixels})
         assert torch.allclose(next(iter(ours.values())), model(pixels), atol=1e-5)
     manifest = export(adapter, tmp_path / "m.onnx", method="pitome", r=0.8, seed=0, log=lambda *_: None)
-    validation = manifest["validation"]
-    assert validation["passed"] and validation["merge_agreement"] == 1.0 and validation["max_abs_error"] <= 1e-4, validation
+    assert_validated_exactly(manifest)
     assert manifest["settings"]["protected_tokens"] == model.num_prefix_tokens
 
 

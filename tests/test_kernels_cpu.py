@@ -15,6 +15,7 @@ kernels behind them. Inputs:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -312,20 +313,14 @@ def race_cases() -> list[ek.MergeCase]:
 DELETED_SYNC = "TOKENFUSE_DELETED_SYNC"
 
 
-def deletable_syncs(source: str) -> tuple[str, int]:
-    """`source` with its k-th __syncthreads skipped when $TOKENFUSE_DELETED_SYNC is k, and how many
-    there are: one ThreadSanitizer build stands for every single deletion."""
-    count = 0
-
-    def site(_match) -> str:
-        nonlocal count
-        count += 1
-        return f"(tfemuDeletedSync() == {count - 1} ? void() : __syncthreads());"
-
-    body = SYNC.sub(site, source)
+def deletable_syncs(source: str) -> str:
+    """`source` with its k-th __syncthreads skipped when $TOKENFUSE_DELETED_SYNC is k: one
+    ThreadSanitizer build stands for every single deletion."""
+    site = itertools.count()
+    body = SYNC.sub(lambda _: f"(tfemuDeletedSync() == {next(site)} ? void() : __syncthreads());", source)
     selector = (f"#include <cstdlib>\nstatic int tfemuDeletedSync() {{ static const int site = std::getenv(\"{DELETED_SYNC}\") ? "
                 f"std::atoi(std::getenv(\"{DELETED_SYNC}\")) : -1; return site; }}\n")
-    return selector + body, count
+    return selector + body
 
 
 def test_deleting_any_syncthreads_makes_the_race_test_fail(build_dir):
@@ -340,27 +335,24 @@ def test_deleting_any_syncthreads_makes_the_race_test_fail(build_dir):
     work = build_dir / "nosync"
     work.mkdir(exist_ok=True)
     copy = work / ek.KERNEL_SOURCE.name
-    text, sites = deletable_syncs(source)
-    assert sites == len(lines)
-    copy.write_text(text)
+    copy.write_text(deletable_syncs(source))
     driver = ek.build_driver(work, "thread", source=copy)
     cases = race_cases()
     wants = [ek.torch_merge(case) for case in cases]
 
-    def run(index: int | None):
-        """'' when the run noticed the deletion (or, with nothing deleted, ran clean and right)."""
-        env = {DELETED_SYNC: str(-1 if index is None else index)}
-        done, results = ek.run_driver(driver, cases, work / f"cases{index}", env=SANITIZER_ENV["thread"] | env, timeout=600)
-        failed = done.returncode != 0 or "ThreadSanitizer" in done.stderr
+    def run(index: int) -> tuple[bool, str]:
+        """With the index-th __syncthreads deleted (-1: none): whether the race test failed (a
+        reported race, a crash or a wrong result), and the run's stderr."""
+        env = SANITIZER_ENV["thread"] | {DELETED_SYNC: str(index)}
+        done, results = ek.run_driver(driver, cases, work / f"cases{index}", env=env, timeout=600)
         wrong = any(got is None or not np.array_equal(got.slots, want.slots) for got, want in zip(results, wants))
-        if index is None:
-            return "" if not (failed or wrong) else done.stderr[-2000:]
-        return "" if failed or wrong else f"line {lines[index]}"
+        return done.returncode != 0 or "ThreadSanitizer" in done.stderr or wrong, done.stderr
 
-    assert run(None) == "", "the build that deletes nothing must pass the race test"
+    failed, stderr = run(-1)
+    assert not failed, "the build that deletes nothing must pass the race test: " + stderr[-2000:]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        unnoticed = [where for where in pool.map(run, range(sites)) if where]
-    print(f"\n{sites} __syncthreads deleted one at a time; unnoticed: {unnoticed or 'none'}")
+        unnoticed = [f"line {line}" for line, (failed, _) in zip(lines, pool.map(run, range(len(lines)))) if not failed]
+    print(f"\n{len(lines)} __syncthreads deleted one at a time; unnoticed: {unnoticed or 'none'}")
     assert not unnoticed, f"deleting the __syncthreads at {unnoticed} went unnoticed by the race test"
 
 

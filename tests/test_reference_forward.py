@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import reference
+from gates import assert_validated_exactly
 from tokenfuse.engines.build import compile_engine
 from tokenfuse.exporter import export, patch
 from tokenfuse.exporter import encoder as encoder_module
@@ -321,8 +322,7 @@ def test_exported_onnx_matches_the_reference(families, name, method, tmp_path):
     inputs, expected = _well_separated(family, settings, seed=1)
     path = tmp_path / "m.onnx"
     manifest = export(family.adapter, path, method=method, r=0.75, turbo_threshold=0, seed=0, log=lambda *_: None)
-    validation = manifest["validation"]
-    assert validation["passed"] and validation["merge_agreement"] == 1.0 and validation["max_abs_error"] <= 1e-5, validation
+    assert_validated_exactly(manifest, max_abs_error=1e-5)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
