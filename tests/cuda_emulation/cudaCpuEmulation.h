@@ -2,12 +2,16 @@
  * CUDA's built-ins on CPU threads, so that the plugin's .cu (through cudaPortability.h) compiles
  * with g++ -std=c++20 -DTOKENFUSE_CPU_EMULATION and runs in CI, where there is no GPU.
  *
- * Model: each CUDA thread of a block is a std::thread (from a pool reused by every block); the blocks of a grid run one after another;
- * __syncthreads() is a std::barrier over the block; warp shuffles and votes exchange values
- * through a per-warp buffer and one wait on a per-warp std::barrier; shared memory is one
- * per-block arena filled with 0xFF (so a read of never-written shared memory shows as NaN / -1);
- * device memory is host memory. A thread that returns drops out of its barriers, as a CUDA thread
- * that exits no longer takes part in __syncthreads.
+ * Model: each CUDA thread of a block is a fiber (a stack of its own, switched in user space on one
+ * OS thread) and the blocks of a grid run one after another; __syncthreads() is a barrier over the
+ * block at which a fiber yields until all have arrived; warp shuffles and votes exchange values
+ * through a per-warp buffer and one wait on a per-warp barrier; shared memory is one per-block
+ * arena filled with 0xFF (so a read of never-written shared memory shows as NaN / -1); device
+ * memory is host memory. A thread that returns drops out of its barriers, as a CUDA thread that
+ * exits no longer takes part in __syncthreads. Fibers make a barrier cost two user-space switches
+ * and keep a launch on one core. Under ThreadSanitizer (which must see real threads to find races)
+ * each CUDA thread is a std::thread instead, from a pool reused by every block, meeting at
+ * std::barriers.
  *
  * Limits checked at launch as a GPU would: at most 1024 threads per block, grid.y and grid.z at
  * most 65535, static + dynamic shared memory at most 99 KiB. `tfemu::setExecute(false)` makes
@@ -29,17 +33,29 @@
 #include <functional>
 #include <math.h>
 #include <memory>
-#include <semaphore>
-#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SANITIZE_THREAD__)
+#define TFEMU_OS_THREADS 1 // ThreadSanitizer finds races between real threads only
+#include <semaphore>
+#include <thread>
+#else
+#define TFEMU_OS_THREADS 0
+#include <sys/mman.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+#endif
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #define TFEMU_POISON(address, bytes) ASAN_POISON_MEMORY_REGION(address, bytes)
 #define TFEMU_UNPOISON(address, bytes) ASAN_UNPOISON_MEMORY_REGION(address, bytes)
+#define TFEMU_STACK_BYTES (1u << 20) // AddressSanitizer's redzones make frames larger
 #else
+#define TFEMU_STACK_BYTES (256u << 10)
 #define TFEMU_POISON(address, bytes) ((void) (address), (void) (bytes))
 #define TFEMU_UNPOISON(address, bytes) ((void) (address), (void) (bytes))
 #endif
@@ -216,6 +232,59 @@ constexpr size_t kMaxSharedBytes = 99 * 1024;
 // Room past the limit so an oversized kernel still runs its block and the launch reports the error.
 constexpr size_t kArenaBytes = 2 * kMaxSharedBytes;
 
+#if TFEMU_OS_THREADS
+using Barrier = std::barrier<>;
+#else
+void yieldFiber();
+inline unsigned long long arrivals = 0; // barrier arrivals and exits so far: no change in a sweep over the fibers is a deadlock
+
+//! std::barrier's arrive_and_wait / arrive_and_drop for fibers: a waiting fiber yields until the
+//! phase it arrived in completes.
+class Barrier
+{
+public:
+    explicit Barrier(unsigned participants)
+        : expected(participants)
+    {
+    }
+    void arrive_and_wait()
+    {
+        unsigned const phase = arrive();
+        while (phase == completed)
+        {
+            yieldFiber();
+        }
+    }
+    void arrive_and_drop()
+    {
+        --expected;
+        ++arrivals;
+        completeIfAllArrived();
+    }
+
+private:
+    unsigned arrive()
+    {
+        unsigned const phase = completed;
+        ++arrived;
+        ++arrivals;
+        completeIfAllArrived();
+        return phase;
+    }
+    void completeIfAllArrived()
+    {
+        if (arrived > 0 && arrived == expected)
+        {
+            arrived = 0;
+            ++completed;
+        }
+    }
+    unsigned expected;
+    unsigned arrived = 0;
+    unsigned completed = 0; // phases completed so far
+};
+#endif
+
 struct Warp
 {
     explicit Warp(unsigned laneCount)
@@ -224,7 +293,7 @@ struct Warp
     {
     }
     unsigned lanes;
-    std::barrier<> exchange;
+    Barrier exchange;
     // Two buffers used in turn: a lane writes buffer p of exchange k + 2 only after every lane has
     // passed the wait of exchange k + 1, so after all have read exchange k: one wait per exchange.
     uint64_t buffer[2][32] = {};
@@ -248,7 +317,7 @@ struct Block
     {
         TFEMU_UNPOISON(arena, sizeof(arena));
     }
-    std::barrier<> sync;
+    Barrier sync;
     std::vector<std::unique_ptr<Warp>> warps;
     size_t dynamicBytes;
     std::atomic<size_t> sharedHighWater{0};
@@ -359,8 +428,8 @@ inline unsigned ballot(bool predicate)
     return bits;
 }
 
-class ThreadPool;
-ThreadPool& pool();
+class Workers;
+Workers& workers();
 
 template <typename... Params>
 void runBlock(void (*kernel)(Params...), std::tuple<Params...> const& args, dim3 grid, dim3 block, dim3 blockIndex,
@@ -504,9 +573,10 @@ inline cudaError_t cudaGetLastError()
     return error;
 }
 
+#if TFEMU_OS_THREADS
 //! The std::threads that play the CUDA threads of a block: created once, reused by every block
 //! (creating 1024 threads per block would cost more than most kernels).
-class tfemu::ThreadPool
+class tfemu::Workers
 {
 public:
     //! Runs job(t) for t in [0, threads) on `threads` pool threads at once and waits for all.
@@ -529,7 +599,7 @@ public:
         current = nullptr;
     }
 
-    ~ThreadPool()
+    ~Workers()
     {
         stopping = true;
         for (auto& worker : workers)
@@ -569,18 +639,208 @@ private:
     std::binary_semaphore finished{0};
     bool stopping = false;
 };
+#else
+#if defined(__SANITIZE_ADDRESS__)
+// AddressSanitizer must be told which stack is live across each switch.
+#define TFEMU_START_SWITCH(save, bottom, bytes) __sanitizer_start_switch_fiber(save, bottom, bytes)
+#define TFEMU_FINISH_SWITCH(save, bottom, bytes) __sanitizer_finish_switch_fiber(save, bottom, bytes)
+#else
+#define TFEMU_START_SWITCH(save, bottom, bytes) ((void) (save), (void) (bottom), (void) (bytes))
+#define TFEMU_FINISH_SWITCH(save, bottom, bytes) ((void) (save), (void) (bottom), (void) (bytes))
+#endif
 
-inline tfemu::ThreadPool& tfemu::pool()
+namespace tfemu
 {
-    static ThreadPool threads;
-    return threads;
+#if defined(__x86_64__)
+//! A fiber's saved stack pointer; its callee-saved registers and floating-point control words are
+//! on its stack. Switching needs no system call (swapcontext saves the signal mask with one, which
+//! made it most of the emulation's time).
+struct Context
+{
+    void* stack = nullptr;
+};
+
+//! Pushes the System V callee-saved registers, MXCSR and the x87 control word, saves the stack
+//! pointer in *from, loads `to` and pops what was pushed there.
+__attribute__((naked, noinline)) static void switchStack(void** /*from*/, void* /*to*/)
+{
+    asm volatile(
+        "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+        "subq $8, %rsp\n\tstmxcsr (%rsp)\n\tfnstcw 4(%rsp)\n\t"
+        "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+        "ldmxcsr (%rsp)\n\tfldcw 4(%rsp)\n\taddq $8, %rsp\n\t"
+        "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret");
+}
+
+//! A context that, switched to, calls entry() on [stack, stack + bytes) (entry must never return).
+inline void prepare(Context& context, char* stack, size_t bytes, void (*entry)())
+{
+    auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15));
+    *--top = 0;                                      // entry's return address: none
+    *--top = reinterpret_cast<uintptr_t>(entry);     // switchStack's ret lands here
+    for (int reg = 0; reg < 6; ++reg)
+    {
+        *--top = 0;                                  // rbp, rbx, r12-r15
+    }
+    --top;
+    asm volatile("stmxcsr (%0)\n\tfnstcw 4(%0)" : : "r"(top) : "memory"); // this thread's FP modes
+    context.stack = top;
+}
+
+inline void switchContext(Context& from, Context& to)
+{
+    switchStack(&from.stack, to.stack);
+}
+#else
+struct Context
+{
+    ucontext_t state;
+};
+
+inline void prepare(Context& context, char* stack, size_t bytes, void (*entry)())
+{
+    getcontext(&context.state);
+    context.state.uc_stack.ss_sp = stack;
+    context.state.uc_stack.ss_size = bytes;
+    context.state.uc_link = nullptr;
+    makecontext(&context.state, entry, 0);
+}
+
+inline void switchContext(Context& from, Context& to)
+{
+    swapcontext(&from.state, &to.state);
+}
+#endif
+} // namespace tfemu
+
+//! The fibers that play the CUDA threads of a block, all on the launching thread. Stacks are mapped
+//! once (a guard page below each, so an overflow faults) and reused by every block. A sweep resumes
+//! each unfinished fiber until it yields at a barrier or returns; the thread-local CUDA state
+//! (threadIdx, the shared-memory bump) is saved and restored at each switch.
+class tfemu::Workers
+{
+public:
+    void run(unsigned threads, std::function<void(unsigned)> const& job)
+    {
+        while (stacks.size() < threads)
+        {
+            void* stack = mmap(nullptr, kGuardBytes + TFEMU_STACK_BYTES, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+            if (stack == MAP_FAILED || mprotect(stack, kGuardBytes, PROT_NONE) != 0)
+            {
+                fail("cannot map a fiber stack");
+            }
+            stacks.push_back(static_cast<char*>(stack) + kGuardBytes);
+        }
+        this->job = &job;
+        fibers.assign(threads, Fiber{});
+        for (unsigned t = 0; t < threads; ++t)
+        {
+            // A fiber that ended never unwound its frames: clear AddressSanitizer's marks on its stack.
+            TFEMU_UNPOISON(stacks[t], TFEMU_STACK_BYTES);
+            prepare(fibers[t].context, stacks[t], TFEMU_STACK_BYTES, &Workers::entry);
+        }
+        for (unsigned live = threads; live > 0;)
+        {
+            unsigned long long const before = arrivals;
+            for (running = 0; running < threads; ++running)
+            {
+                Fiber& fiber = fibers[running];
+                if (fiber.finished)
+                {
+                    continue;
+                }
+                current = fiber.state;
+                threadIdx = fiber.index;
+                void* fakeStack = nullptr;
+                TFEMU_START_SWITCH(&fakeStack, stacks[running], TFEMU_STACK_BYTES);
+                switchContext(scheduler, fiber.context);
+                TFEMU_FINISH_SWITCH(fakeStack, nullptr, nullptr);
+                live -= fiber.finished ? 1 : 0;
+            }
+            if (live > 0 && arrivals == before)
+            {
+                fail("deadlock: the threads of a block wait at barriers the others never reach");
+            }
+        }
+        this->job = nullptr;
+    }
+
+    //! From a fiber: back to the scheduler, which resumes it after the other fibers had their turn.
+    void yield()
+    {
+        Fiber& fiber = fibers[running];
+        fiber.state = current;
+        fiber.index = threadIdx;
+        switchToScheduler(&fiber.fakeStack);
+        TFEMU_FINISH_SWITCH(fiber.fakeStack, nullptr, nullptr);
+    }
+
+    ~Workers()
+    {
+        for (char* stack : stacks)
+        {
+            munmap(stack - kGuardBytes, kGuardBytes + TFEMU_STACK_BYTES);
+        }
+    }
+
+private:
+    static constexpr size_t kGuardBytes = 4096;
+
+    struct Fiber
+    {
+        Context context;
+        ThreadState state;
+        dim3 index;
+        void* fakeStack = nullptr;
+        bool finished = false;
+    };
+
+    static void entry();
+
+    void switchToScheduler(void** fakeStack)
+    {
+        TFEMU_START_SWITCH(fakeStack, schedulerStack, schedulerStackBytes);
+        switchContext(fibers[running].context, scheduler);
+    }
+
+    std::vector<char*> stacks;
+    std::vector<Fiber> fibers;
+    std::function<void(unsigned)> const* job = nullptr;
+    unsigned running = 0;
+    Context scheduler;
+    void const* schedulerStack = nullptr; // for AddressSanitizer
+    size_t schedulerStackBytes = 0;
+};
+
+inline void tfemu::Workers::entry()
+{
+    Workers& self = workers();
+    TFEMU_FINISH_SWITCH(nullptr, &self.schedulerStack, &self.schedulerStackBytes);
+    unsigned const index = self.running;
+    (*self.job)(index);
+    self.fibers[index].finished = true;
+    self.switchToScheduler(nullptr); // nullptr: this fiber's stack is done with
+    fail("a finished fiber was resumed");
+}
+
+inline void tfemu::yieldFiber()
+{
+    workers().yield();
+}
+#endif
+
+inline tfemu::Workers& tfemu::workers()
+{
+    static Workers instance;
+    return instance;
 }
 
 template <typename... Params>
 void tfemu::runBlock(void (*kernel)(Params...), std::tuple<Params...> const& args, dim3 grid, dim3 block,
     dim3 blockIndex, Block& state)
 {
-    pool().run(block.x * block.y * block.z, [&](unsigned linear) {
+    workers().run(block.x * block.y * block.z, [&](unsigned linear) {
         current = ThreadState{&state, linear, 0};
         threadIdx = dim3(linear % block.x, linear / block.x % block.y, linear / (block.x * block.y));
         blockIdx = blockIndex;
