@@ -126,7 +126,7 @@ def test_malformed_images_get_4xx(vision_model, request_kwargs, status):
 
 
 def test_bounded_load_loses_nothing_it_accepted(vision_model):
-    """16 concurrent clients for a bounded time; every accepted request is answered correctly,
+    """16 concurrent clients for 3 seconds; every accepted request is answered correctly,
     the rest get 429, and no request gets a 5xx."""
     runner = load(vision_model)
     pre = Preprocessor(runner.manifest)
@@ -135,7 +135,7 @@ def test_bounded_load_loses_nothing_it_accepted(vision_model):
     with Server(create_app(vision_model, max_batch=8, queue_size=6, max_queue_delay_ms=None)) as url:
         def client_loop(worker: int):
             with httpx.Client(base_url=url, timeout=60) as client:
-                deadline = time.time() + 8
+                deadline = time.time() + 3
                 while time.time() < deadline:
                     i = worker % 8
                     reply = client.post("/v1/embed/images", files=[("files", ("a.png", _png(i), "image/png"))])
