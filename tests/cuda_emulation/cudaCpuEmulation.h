@@ -236,7 +236,8 @@ constexpr size_t kArenaBytes = 2 * kMaxSharedBytes;
 using Barrier = std::barrier<>;
 #else
 void yieldFiber();
-inline unsigned long long arrivals = 0; // barrier arrivals and exits so far: no change in a sweep over the fibers is a deadlock
+// Barrier arrivals and exits on this thread so far: no change in a sweep over the fibers is a deadlock.
+inline thread_local unsigned long long arrivals = 0;
 
 //! std::barrier's arrive_and_wait / arrive_and_drop for fibers: a waiting fiber yields until the
 //! phase it arrived in completes.
@@ -832,7 +833,11 @@ inline void tfemu::yieldFiber()
 
 inline tfemu::Workers& tfemu::workers()
 {
+#if TFEMU_OS_THREADS
     static Workers instance;
+#else
+    static thread_local Workers instance; // fibers run on the launching thread: launches from two threads stay apart
+#endif
     return instance;
 }
 
