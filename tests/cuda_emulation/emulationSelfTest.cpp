@@ -3,6 +3,10 @@
 #include "cudaCpuEmulation.h"
 
 #include <cstdio>
+#if !TFEMU_OS_THREADS
+#include <latch>
+#include <thread>
+#endif
 
 namespace
 {
@@ -119,6 +123,25 @@ int main()
     int out[32] = {};
     check(tfLaunch(early, dim3(3, 2), dim3(64), 0, nullptr, out) == cudaSuccess && out[5] == 2 * 100 + 10 + 1000 + 30000,
         "returned threads, blockIdx, gridDim");
+
+#if !TFEMU_OS_THREADS
+    // Fibers belong to the launching thread: two host threads launching at once stay apart.
+    constexpr unsigned kBlocks = 64;
+    int counts[2][6] = {{0, 0, -1, 1 << 30, 0, 0}, {0, 0, -1, 1 << 30, 0, 0}};
+    float sums[2] = {};
+    int marks[2][kBlocks] = {};
+    std::latch start(2);
+    auto launch = [&](int t) {
+        start.arrive_and_wait();
+        tfLaunch(blockOps, dim3(kBlocks), dim3(256), 256 * sizeof(int), nullptr, counts[t], &sums[t], marks[t]);
+    };
+    std::thread other(launch, 1);
+    launch(0);
+    other.join();
+    check(counts[0][0] == 256 * kBlocks && counts[1][0] == 256 * kBlocks && counts[0][1] == 256 * kBlocks
+            && counts[1][1] == 256 * kBlocks && sums[0] == 128.f * kBlocks && sums[1] == 128.f * kBlocks,
+        "launches from two host threads at once");
+#endif
 
     check(tfLaunch(early, dim3(1), dim3(1025), 0, nullptr, out) == cudaErrorInvalidValue, "block over 1024 threads");
     check(cudaGetLastError() == cudaErrorInvalidValue && cudaGetLastError() == cudaSuccess, "cudaGetLastError resets");
