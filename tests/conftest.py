@@ -103,9 +103,10 @@ def shared_exports(tmp_path_factory, minilm_path) -> SharedExports:
 def cpu_share(request, tmp_path_factory):
     """Under pytest-xdist, a test marked `exclusive_cpu` runs while no other worker runs a test.
 
-    Under ThreadSanitizer the CPU emulation of the kernels runs every CUDA thread of a block as an
-    OS thread meeting at barriers; sharing two cores with another worker made that emulation 7
-    times slower (measured on the exact-tie suite). Every other test holds a shared lock; an
+    Two kinds of test take it: the ThreadSanitizer runs of the kernels' CPU emulation, which run
+    every CUDA thread of a block as an OS thread meeting at barriers (sharing two cores with another
+    worker made that emulation 7 times slower, measured on the exact-tie suite), and a latency
+    bound that another worker's load would blur. Every other test holds a shared lock; an
     exclusive test first takes the turnstile, so no new test starts while it waits for the running
     ones to finish, then takes the lock alone.
     """
