@@ -280,8 +280,8 @@ SANITIZER_ENV = {"address": {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:ex
                  "thread": {"TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0"}}
 
 
-def run_sanitized(driver: Path, cases, work_dir: Path, sanitizer: str):
-    return ek.run_driver(driver, cases, work_dir, env=SANITIZER_ENV[sanitizer], timeout=600)
+def run_sanitized(driver: Path, cases, work_dir: Path, sanitizer: str, env: dict | None = None):
+    return ek.run_driver(driver, cases, work_dir, env=SANITIZER_ENV[sanitizer] | (env or {}), timeout=600)
 
 
 def check_sanitized(driver, cases, work_dir, sanitizer):
@@ -347,8 +347,7 @@ def test_deleting_any_syncthreads_makes_the_race_test_fail(build_dir):
     def run(index: int) -> tuple[bool, str]:
         """With the index-th __syncthreads deleted (-1: none): whether the race test failed (a
         reported race, a crash or a wrong result), and the run's stderr."""
-        env = SANITIZER_ENV["thread"] | {DELETED_SYNC: str(index)}
-        done, results = ek.run_driver(driver, cases, work / f"cases{index}", env=env, timeout=600)
+        done, results = run_sanitized(driver, cases, work / f"cases{index}", "thread", env={DELETED_SYNC: str(index)})
         wrong = any(got is None or not np.array_equal(got.slots, want.slots) for got, want in zip(results, wants))
         return done.returncode != 0 or "ThreadSanitizer" in done.stderr or wrong, done.stderr
 
