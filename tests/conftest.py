@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 
 import pytest
@@ -97,32 +96,3 @@ def shared_exports(tmp_path_factory, minilm_path) -> SharedExports:
     """Shared exports and engines (treat the files as read-only): shared_exports.get("vit-b", "pitome"),
     shared_exports.engine("vit-ti", "pitome")."""
     return SharedExports(tmp_path_factory.mktemp("shared-exports"), minilm_path)
-
-
-@pytest.fixture(autouse=True)
-def cpu_share(request, tmp_path_factory):
-    """Under pytest-xdist, a test marked `exclusive_cpu` runs while no other worker runs a test.
-
-    Two kinds of test take it: the ThreadSanitizer runs of the kernels' CPU emulation, which run
-    every CUDA thread of a block as an OS thread meeting at barriers (sharing two cores with another
-    worker made that emulation 7 times slower, measured on the exact-tie suite), and a latency
-    bound that another worker's load would blur. Every other test holds a shared lock; an
-    exclusive test first takes the turnstile, so no new test starts while it waits for the running
-    ones to finish, then takes the lock alone.
-    """
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    exclusive = request.node.get_closest_marker("exclusive_cpu") is not None
-    shared_dir = tmp_path_factory.getbasetemp().parent  # the same directory for every worker of this run
-    with open(shared_dir / "cpu.turnstile", "a") as turnstile, open(shared_dir / "cpu.lock", "a") as lock:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        if not exclusive:
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            if exclusive:
-                fcntl.flock(turnstile, fcntl.LOCK_UN)

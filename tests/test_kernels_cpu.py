@@ -33,8 +33,7 @@ from reference import reference_plan
 from tokenfuse.exporter.methods import NON_FINITE_SIMILARITY, LayerRule, cosine_similarity, max_removable, match_step
 
 # One pytest-xdist worker builds the kernels once. The emulation runs a block's threads as fibers on
-# one core, except under ThreadSanitizer (real threads): those tests run with the CPU to themselves
-# (conftest's cpu_share).
+# one core, under ThreadSanitizer too.
 pytestmark = pytest.mark.xdist_group("kernels")
 
 NEAR_TIE = 1e-5  # decision keys closer than this may legitimately order differently in fp32
@@ -298,7 +297,6 @@ def test_address_and_undefined_behaviour_sanitizers_are_clean(asan_driver, build
     check_sanitized(asan_driver, cases, build_dir / "asan", "address")
 
 
-@pytest.mark.exclusive_cpu
 def test_thread_sanitizer_is_clean(tsan_driver, build_dir):
     check_sanitized(tsan_driver, sanitizer_cases(), build_dir / "tsan", "thread")
 
@@ -326,7 +324,6 @@ def deletable_syncs(source: str) -> str:
     return selector + body
 
 
-@pytest.mark.exclusive_cpu
 def test_deleting_any_syncthreads_makes_the_race_test_fail(build_dir):
     """Each __syncthreads of the .cu in turn deleted: the ThreadSanitizer run of every method must
     then fail (a reported race, a wrong result or a crash)."""
@@ -400,7 +397,7 @@ def test_text_inputs_match_pytorch(cpu_kernels):
                 np.testing.assert_array_equal(out_positions, plan.merge_positions(torch.from_numpy(positions)).numpy(), err_msg=what)
 
 
-@pytest.mark.parametrize("sanitizer", ["none", pytest.param("thread", marks=pytest.mark.exclusive_cpu)])
+@pytest.mark.parametrize("sanitizer", ["none", "thread"])
 def test_emulation_builtins_behave_as_cuda(build_dir, sanitizer):
     """tests/cuda_emulation/emulationSelfTest.cpp: shuffles, votes, atomics, shared memory, early
     exit, launch limits, half conversions, vector types and math, each against CUDA's definition;

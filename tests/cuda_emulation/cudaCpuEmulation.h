@@ -9,9 +9,9 @@
  * arena filled with 0xFF (so a read of never-written shared memory shows as NaN / -1); device
  * memory is host memory. A thread that returns drops out of its barriers, as a CUDA thread that
  * exits no longer takes part in __syncthreads. Fibers make a barrier cost two user-space switches
- * and keep a launch on one core. Under ThreadSanitizer (which must see real threads to find races)
- * each CUDA thread is a std::thread instead, from a pool reused by every block, meeting at
- * std::barriers.
+ * and keep a launch on one core. Under ThreadSanitizer each fiber is also a ThreadSanitizer fiber
+ * (a thread of its own to the race detector): switches carry no happens-before, barriers and warp
+ * exchanges do, so a race between two CUDA threads is reported as between two OS threads.
  *
  * Limits checked at launch as a GPU would: at most 1024 threads per block, grid.y and grid.z at
  * most 65535, static + dynamic shared memory at most 99 KiB. `tfemu::setExecute(false)` makes
@@ -23,7 +23,6 @@
 #pragma once
 
 #include <atomic>
-#include <barrier>
 #include <cfloat>
 #include <cstddef>
 #include <cstdint>
@@ -37,16 +36,18 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__SANITIZE_THREAD__)
-#define TFEMU_OS_THREADS 1 // ThreadSanitizer finds races between real threads only
-#include <semaphore>
-#include <thread>
-#else
-#define TFEMU_OS_THREADS 0
 #include <sys/mman.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
+
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define TFEMU_RELEASE(address) __tsan_release(address)
+#define TFEMU_ACQUIRE(address) __tsan_acquire(address)
+#else
+#define TFEMU_RELEASE(address) ((void) (address))
+#define TFEMU_ACQUIRE(address) ((void) (address))
 #endif
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -232,15 +233,55 @@ constexpr size_t kMaxSharedBytes = 99 * 1024;
 // Room past the limit so an oversized kernel still runs its block and the launch reports the error.
 constexpr size_t kArenaBytes = 2 * kMaxSharedBytes;
 
-#if TFEMU_OS_THREADS
-using Barrier = std::barrier<>;
-#else
+//! Emulator bookkeeping that every fiber of a thread reads and writes. Fibers never run at once,
+//! but ThreadSanitizer sees each as a thread of its own: relaxed atomics keep this bookkeeping out
+//! of its reports without ordering the fibers' own memory accesses.
+template <typename T>
+class Relaxed
+{
+public:
+    constexpr Relaxed(T initial = T())
+        : value(initial)
+    {
+    }
+    Relaxed(Relaxed const& other)
+        : value(T(other))
+    {
+    }
+    operator T() const
+    {
+        return value.load(std::memory_order_relaxed);
+    }
+    Relaxed& operator=(T next)
+    {
+        value.store(next, std::memory_order_relaxed);
+        return *this;
+    }
+    Relaxed& operator=(Relaxed const& other)
+    {
+        return *this = T(other);
+    }
+    T operator++()
+    {
+        return *this = *this + 1;
+    }
+    T operator--()
+    {
+        return *this = *this - 1;
+    }
+
+private:
+    std::atomic<T> value;
+};
+
 void yieldFiber();
 // Barrier arrivals and exits on this thread so far: no change in a sweep over the fibers is a deadlock.
-inline thread_local unsigned long long arrivals = 0;
+inline thread_local Relaxed<unsigned long long> arrivals;
 
 //! std::barrier's arrive_and_wait / arrive_and_drop for fibers: a waiting fiber yields until the
-//! phase it arrived in completes.
+//! phase it arrived in completes. For ThreadSanitizer, each arrival releases and each completed
+//! wait acquires, on one address per phase parity (a fast fiber's next arrival must not reach a
+//! fiber still leaving this phase); an exiting thread releases nothing, as in CUDA.
 class Barrier
 {
 public:
@@ -250,11 +291,16 @@ public:
     }
     void arrive_and_wait()
     {
-        unsigned const phase = arrive();
+        unsigned const phase = completed;
+        TFEMU_RELEASE(&phases[phase % 2]);
+        ++arrived;
+        ++arrivals;
+        completeIfAllArrived();
         while (phase == completed)
         {
             yieldFiber();
         }
+        TFEMU_ACQUIRE(&phases[phase % 2]);
     }
     void arrive_and_drop()
     {
@@ -264,14 +310,6 @@ public:
     }
 
 private:
-    unsigned arrive()
-    {
-        unsigned const phase = completed;
-        ++arrived;
-        ++arrivals;
-        completeIfAllArrived();
-        return phase;
-    }
     void completeIfAllArrived()
     {
         if (arrived > 0 && arrived == expected)
@@ -280,11 +318,11 @@ private:
             ++completed;
         }
     }
-    unsigned expected;
-    unsigned arrived = 0;
-    unsigned completed = 0; // phases completed so far
+    Relaxed<unsigned> expected;
+    Relaxed<unsigned> arrived{0};
+    Relaxed<unsigned> completed{0}; // phases completed so far
+    char phases[2] = {};            // ThreadSanitizer's synchronisation addresses
 };
-#endif
 
 struct Warp
 {
@@ -321,19 +359,27 @@ struct Block
     Barrier sync;
     std::vector<std::unique_ptr<Warp>> warps;
     size_t dynamicBytes;
-    std::atomic<size_t> sharedHighWater{0};
+    Relaxed<size_t> sharedHighWater{0};
     alignas(128) unsigned char arena[kArenaBytes];
 };
 
+//! A CUDA thread's own state, one per fiber (not thread-locals, which the fibers of a thread share).
 struct ThreadState
 {
     Block* block = nullptr;
     unsigned linear = 0;
     size_t bump = 0;        // next free byte of the static shared declarations
     unsigned exchanges = 0; // warp exchanges so far (picks the buffer)
+    dim3 threadIdx, blockIdx, blockDim, gridDim;
 };
 
-inline thread_local ThreadState current;
+// The running fiber's state, set by the scheduler before each switch.
+inline thread_local std::atomic<ThreadState*> running{nullptr};
+
+inline ThreadState& self()
+{
+    return *running.load(std::memory_order_relaxed);
+}
 inline thread_local cudaError_t lastError = cudaSuccess;
 inline std::atomic<bool> execute{true};
 
@@ -351,12 +397,12 @@ inline void setExecute(bool run)
 
 inline Warp& currentWarp()
 {
-    return *current.block->warps[current.linear / 32];
+    return *self().block->warps[self().linear / 32];
 }
 
 inline unsigned currentLane()
 {
-    return current.linear % 32;
+    return self().linear % 32;
 }
 
 inline void checkFullMask(unsigned mask)
@@ -374,17 +420,18 @@ inline void checkFullMask(unsigned mask)
 template <typename T>
 T& staticShared()
 {
-    Block& block = *current.block;
-    size_t const start = (block.dynamicBytes + current.bump + alignof(T) - 1) / alignof(T) * alignof(T);
+    ThreadState& thread = self();
+    Block& block = *thread.block;
+    size_t const start = (block.dynamicBytes + thread.bump + alignof(T) - 1) / alignof(T) * alignof(T);
     size_t const end = start + sizeof(T);
     if (end > kArenaBytes)
     {
         fail("static shared memory far beyond the 99 KiB a block may have");
     }
-    current.bump = end - block.dynamicBytes;
-    size_t seen = block.sharedHighWater.load();
-    while (seen < end && !block.sharedHighWater.compare_exchange_weak(seen, end))
+    thread.bump = end - block.dynamicBytes;
+    if (block.sharedHighWater < end)
     {
+        block.sharedHighWater = end;
     }
     TFEMU_UNPOISON(block.arena + start, sizeof(T));
     return *reinterpret_cast<T*>(block.arena + start);
@@ -392,7 +439,7 @@ T& staticShared()
 
 inline unsigned char* dynamicShared()
 {
-    return current.block->arena;
+    return self().block->arena;
 }
 
 //! One value per lane in, lane `source(lane)`'s value out (own value where source is out of range).
@@ -402,7 +449,7 @@ T exchange(T value, Source source)
     static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "shuffle of a type over 8 bytes");
     Warp& warp = currentWarp();
     unsigned const lane = currentLane();
-    uint64_t* buffer = warp.buffer[current.exchanges++ % 2];
+    uint64_t* buffer = warp.buffer[self().exchanges++ % 2];
     std::memcpy(&buffer[lane], &value, sizeof(T));
     warp.exchange.arrive_and_wait();
     int const from = source(int(lane));
@@ -418,7 +465,7 @@ inline unsigned ballot(bool predicate)
 {
     Warp& warp = currentWarp();
     unsigned const lane = currentLane();
-    uint64_t* buffer = warp.buffer[current.exchanges++ % 2];
+    uint64_t* buffer = warp.buffer[self().exchanges++ % 2];
     buffer[lane] = predicate ? 1 : 0;
     warp.exchange.arrive_and_wait();
     unsigned bits = 0;
@@ -439,10 +486,10 @@ void runBlock(void (*kernel)(Params...), std::tuple<Params...> const& args, dim3
 } // namespace tfemu
 
 // ---- thread indices -----------------------------------------------------------------------------
-inline thread_local dim3 threadIdx;
-inline thread_local dim3 blockIdx;
-inline thread_local dim3 blockDim;
-inline thread_local dim3 gridDim;
+#define threadIdx (::tfemu::self().threadIdx)
+#define blockIdx (::tfemu::self().blockIdx)
+#define blockDim (::tfemu::self().blockDim)
+#define gridDim (::tfemu::self().gridDim)
 
 // ---- shared memory ------------------------------------------------------------------------------
 #define TF_SHARED(Type, name) Type& name = ::tfemu::staticShared<Type>()
@@ -451,7 +498,7 @@ inline thread_local dim3 gridDim;
 // ---- synchronisation ----------------------------------------------------------------------------
 inline void __syncthreads()
 {
-    tfemu::current.block->sync.arrive_and_wait();
+    tfemu::self().block->sync.arrive_and_wait();
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu)
 {
@@ -574,73 +621,6 @@ inline cudaError_t cudaGetLastError()
     return error;
 }
 
-#if TFEMU_OS_THREADS
-//! The std::threads that play the CUDA threads of a block: created once, reused by every block
-//! (creating 1024 threads per block would cost more than most kernels).
-class tfemu::Workers
-{
-public:
-    //! Runs job(t) for t in [0, threads) on `threads` pool threads at once and waits for all.
-    void run(unsigned threads, std::function<void(unsigned)> const& job)
-    {
-        while (workers.size() < threads)
-        {
-            auto worker = std::make_unique<Worker>();
-            Worker* self = worker.get();
-            worker->thread = std::thread([this, self, index = unsigned(workers.size())] { serve(*self, index); });
-            workers.push_back(std::move(worker));
-        }
-        current = &job;
-        pending.store(threads);
-        for (unsigned t = 0; t < threads; ++t)
-        {
-            workers[t]->start.release();
-        }
-        finished.acquire();
-        current = nullptr;
-    }
-
-    ~Workers()
-    {
-        stopping = true;
-        for (auto& worker : workers)
-        {
-            worker->start.release();
-            worker->thread.join();
-        }
-    }
-
-private:
-    struct Worker
-    {
-        std::thread thread;
-        std::binary_semaphore start{0};
-    };
-
-    void serve(Worker& self, unsigned index)
-    {
-        for (;;)
-        {
-            self.start.acquire();
-            if (stopping)
-            {
-                return;
-            }
-            (*current)(index);
-            if (pending.fetch_sub(1) == 1)
-            {
-                finished.release();
-            }
-        }
-    }
-
-    std::vector<std::unique_ptr<Worker>> workers;
-    std::function<void(unsigned)> const* current = nullptr;
-    std::atomic<unsigned> pending{0};
-    std::binary_semaphore finished{0};
-    bool stopping = false;
-};
-#else
 #if defined(__SANITIZE_ADDRESS__)
 // AddressSanitizer must be told which stack is live across each switch.
 #define TFEMU_START_SWITCH(save, bottom, bytes) __sanitizer_start_switch_fiber(save, bottom, bytes)
@@ -648,6 +628,13 @@ private:
 #else
 #define TFEMU_START_SWITCH(save, bottom, bytes) ((void) (save), (void) (bottom), (void) (bytes))
 #define TFEMU_FINISH_SWITCH(save, bottom, bytes) ((void) (save), (void) (bottom), (void) (bytes))
+#endif
+#if defined(__SANITIZE_THREAD__)
+// Tells ThreadSanitizer which fiber runs next, carrying no happens-before (a switch with it would
+// order every fiber after all those that ran before, finished ones included).
+#define TFEMU_TSAN_SWITCH(fiber) __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync)
+#else
+#define TFEMU_TSAN_SWITCH(fiber) ((void) (fiber))
 #endif
 
 namespace tfemu
@@ -688,9 +675,12 @@ inline void prepare(Context& context, char* stack, size_t bytes, void (*entry)()
     context.stack = top;
 }
 
-inline void switchContext(Context& from, Context& to)
+//! Switches from `from` to `to`, which ThreadSanitizer knows as `raceFiber`.
+inline void switchContext(Context& from, Context& to, void* raceFiber)
 {
-    switchStack(&from.stack, to.stack);
+    void* const target = to.stack; // read while ThreadSanitizer still sees the fiber being left
+    TFEMU_TSAN_SWITCH(raceFiber);
+    switchStack(&from.stack, target);
 }
 #else
 struct Context
@@ -707,8 +697,9 @@ inline void prepare(Context& context, char* stack, size_t bytes, void (*entry)()
     makecontext(&context.state, entry, 0);
 }
 
-inline void switchContext(Context& from, Context& to)
+inline void switchContext(Context& from, Context& to, void* raceFiber)
 {
+    TFEMU_TSAN_SWITCH(raceFiber);
     swapcontext(&from.state, &to.state);
 }
 #endif
@@ -716,8 +707,9 @@ inline void switchContext(Context& from, Context& to)
 
 //! The fibers that play the CUDA threads of a block, all on the launching thread. Stacks are mapped
 //! once (a guard page below each, so an overflow faults) and reused by every block. A sweep resumes
-//! each unfinished fiber until it yields at a barrier or returns; the thread-local CUDA state
-//! (threadIdx, the shared-memory bump) is saved and restored at each switch.
+//! each unfinished fiber until it yields at a barrier or returns. For ThreadSanitizer, each fiber's
+//! start is ordered after the block's set-up and its end before the block's tear-down, and nothing
+//! else: switches carry no happens-before, so only barriers order the CUDA threads.
 class tfemu::Workers
 {
 public:
@@ -732,6 +724,9 @@ public:
                 fail("cannot map a fiber stack");
             }
             stacks.push_back(static_cast<char*>(stack) + kGuardBytes);
+#if defined(__SANITIZE_THREAD__)
+            raceFibers.push_back(__tsan_create_fiber(0));
+#endif
         }
         this->job = &job;
         fibers.assign(threads, Fiber{});
@@ -740,22 +735,26 @@ public:
             // A fiber that ended never unwound its frames: clear AddressSanitizer's marks on its stack.
             TFEMU_UNPOISON(stacks[t], TFEMU_STACK_BYTES);
             prepare(fibers[t].context, stacks[t], TFEMU_STACK_BYTES, &Workers::entry);
+            fibers[t].owner = this;
+            fibers[t].index = t;
+#if defined(__SANITIZE_THREAD__)
+            fibers[t].raceFiber = raceFibers[t];
+#endif
         }
+        TFEMU_RELEASE(&blockEdges[0]); // the set-up, before every fiber's start
         for (unsigned live = threads; live > 0;)
         {
             unsigned long long const before = arrivals;
-            for (running = 0; running < threads; ++running)
+            for (Fiber& fiber : fibers)
             {
-                Fiber& fiber = fibers[running];
                 if (fiber.finished)
                 {
                     continue;
                 }
-                current = fiber.state;
-                threadIdx = fiber.index;
+                running.store(&fiber, std::memory_order_relaxed);
                 void* fakeStack = nullptr;
-                TFEMU_START_SWITCH(&fakeStack, stacks[running], TFEMU_STACK_BYTES);
-                switchContext(scheduler, fiber.context);
+                TFEMU_START_SWITCH(&fakeStack, stacks[fiber.index], TFEMU_STACK_BYTES);
+                switchContext(scheduler, fiber.context, fiber.raceFiber);
                 TFEMU_FINISH_SWITCH(fakeStack, nullptr, nullptr);
                 live -= fiber.finished ? 1 : 0;
             }
@@ -764,16 +763,16 @@ public:
                 fail("deadlock: the threads of a block wait at barriers the others never reach");
             }
         }
+        TFEMU_ACQUIRE(&blockEdges[1]); // every fiber's end, before the tear-down
+        running.store(nullptr, std::memory_order_relaxed);
         this->job = nullptr;
     }
 
     //! From a fiber: back to the scheduler, which resumes it after the other fibers had their turn.
-    void yield()
+    static void yield()
     {
-        Fiber& fiber = fibers[running];
-        fiber.state = current;
-        fiber.index = threadIdx;
-        switchToScheduler(&fiber.fakeStack);
+        Fiber& fiber = static_cast<Fiber&>(self());
+        fiber.owner->switchToScheduler(fiber, &fiber.fakeStack);
         TFEMU_FINISH_SWITCH(fiber.fakeStack, nullptr, nullptr);
     }
 
@@ -783,61 +782,71 @@ public:
         {
             munmap(stack - kGuardBytes, kGuardBytes + TFEMU_STACK_BYTES);
         }
+#if defined(__SANITIZE_THREAD__)
+        for (void* fiber : raceFibers)
+        {
+            __tsan_destroy_fiber(fiber);
+        }
+#endif
     }
 
 private:
     static constexpr size_t kGuardBytes = 4096;
 
-    struct Fiber
+    struct Fiber : ThreadState
     {
         Context context;
-        ThreadState state;
-        dim3 index;
-        void* fakeStack = nullptr;
-        bool finished = false;
+        Workers* owner = nullptr;
+        unsigned index = 0;
+        void* fakeStack = nullptr;  // AddressSanitizer's
+        void* raceFiber = nullptr;  // ThreadSanitizer's
+        Relaxed<bool> finished{false}; // read by the scheduler between the fiber's turns
     };
 
     static void entry();
 
-    void switchToScheduler(void** fakeStack)
+    void switchToScheduler(Fiber& fiber, void** fakeStack)
     {
         TFEMU_START_SWITCH(fakeStack, schedulerStack, schedulerStackBytes);
-        switchContext(fibers[running].context, scheduler);
+        switchContext(fiber.context, scheduler, schedulerFiber);
     }
 
     std::vector<char*> stacks;
+    std::vector<void*> raceFibers; // ThreadSanitizer's, one per stack
+    char blockEdges[2] = {}; // ThreadSanitizer's synchronisation addresses
     std::vector<Fiber> fibers;
     std::function<void(unsigned)> const* job = nullptr;
-    unsigned running = 0;
     Context scheduler;
+#if defined(__SANITIZE_THREAD__)
+    void* const schedulerFiber = __tsan_get_current_fiber(); // the launching thread's own
+#else
+    void* const schedulerFiber = nullptr;
+#endif
     void const* schedulerStack = nullptr; // for AddressSanitizer
     size_t schedulerStackBytes = 0;
 };
 
 inline void tfemu::Workers::entry()
 {
-    Workers& self = workers();
-    TFEMU_FINISH_SWITCH(nullptr, &self.schedulerStack, &self.schedulerStackBytes);
-    unsigned const index = self.running;
-    (*self.job)(index);
-    self.fibers[index].finished = true;
-    self.switchToScheduler(nullptr); // nullptr: this fiber's stack is done with
+    Workers& owner = workers(); // not fiber.owner: nothing of the block may be read before the acquire
+    TFEMU_FINISH_SWITCH(nullptr, &owner.schedulerStack, &owner.schedulerStackBytes);
+    TFEMU_ACQUIRE(&owner.blockEdges[0]);
+    Fiber& fiber = static_cast<Fiber&>(self());
+    (*owner.job)(fiber.index);
+    fiber.finished = true;
+    TFEMU_RELEASE(&owner.blockEdges[1]);
+    owner.switchToScheduler(fiber, nullptr); // nullptr: this fiber's stack is done with
     fail("a finished fiber was resumed");
 }
 
 inline void tfemu::yieldFiber()
 {
-    workers().yield();
+    Workers::yield();
 }
-#endif
 
 inline tfemu::Workers& tfemu::workers()
 {
-#if TFEMU_OS_THREADS
-    static Workers instance;
-#else
     static thread_local Workers instance; // fibers run on the launching thread: launches from two threads stay apart
-#endif
     return instance;
 }
 
@@ -846,11 +855,8 @@ void tfemu::runBlock(void (*kernel)(Params...), std::tuple<Params...> const& arg
     dim3 blockIndex, Block& state)
 {
     workers().run(block.x * block.y * block.z, [&](unsigned linear) {
-        current = ThreadState{&state, linear, 0};
-        threadIdx = dim3(linear % block.x, linear / block.x % block.y, linear / (block.x * block.y));
-        blockIdx = blockIndex;
-        blockDim = block;
-        gridDim = grid;
+        self() = ThreadState{&state, linear, 0, 0,
+            dim3(linear % block.x, linear / block.x % block.y, linear / (block.x * block.y)), blockIndex, block, grid};
         std::apply(kernel, args);
         // An exited thread no longer holds back __syncthreads or its warp.
         state.sync.arrive_and_drop();

@@ -3,10 +3,8 @@
 #include "cudaCpuEmulation.h"
 
 #include <cstdio>
-#if !TFEMU_OS_THREADS
 #include <latch>
 #include <thread>
-#endif
 
 namespace
 {
@@ -124,7 +122,6 @@ int main()
     check(tfLaunch(early, dim3(3, 2), dim3(64), 0, nullptr, out) == cudaSuccess && out[5] == 2 * 100 + 10 + 1000 + 30000,
         "returned threads, blockIdx, gridDim");
 
-#if !TFEMU_OS_THREADS
     // Fibers belong to the launching thread: two host threads launching at once stay apart.
     constexpr unsigned kBlocks = 64;
     int counts[2][6] = {{0, 0, -1, 1 << 30, 0, 0}, {0, 0, -1, 1 << 30, 0, 0}};
@@ -141,7 +138,6 @@ int main()
     check(counts[0][0] == 256 * kBlocks && counts[1][0] == 256 * kBlocks && counts[0][1] == 256 * kBlocks
             && counts[1][1] == 256 * kBlocks && sums[0] == 128.f * kBlocks && sums[1] == 128.f * kBlocks,
         "launches from two host threads at once");
-#endif
 
     check(tfLaunch(early, dim3(1), dim3(1025), 0, nullptr, out) == cudaErrorInvalidValue, "block over 1024 threads");
     check(cudaGetLastError() == cudaErrorInvalidValue && cudaGetLastError() == cudaSuccess, "cudaGetLastError resets");
