@@ -19,19 +19,18 @@ def _run(args, tmp_path, capsys):
     return code, captured.out, captured.err
 
 
-def test_headline_command_through_the_installed_entry_point(tmp_path):
-    out = tmp_path / "vit.onnx"
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "tokenfuse"), "export", "--model", "timm:vit_base_patch16_224", "--random-init", "--method", "pitome", "--r", "0.9", "--seed", "0", "-o", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+@pytest.mark.xdist_group("vit-b-pitome")  # test_export's tests of this export share it
+def test_headline_command_through_the_installed_entry_point(shared_exports):
+    """conftest runs the README's headline command (with --random-init) to make ViT-B's pitome export."""
+    out, manifest = shared_exports.get("vit-b", "pitome")
+    result = shared_exports.headline_run
+    assert result.args[1:] == [*shared_exports.HEADLINE_ARGS, "-o", str(out)] and Path(result.args[0]).name == "tokenfuse"
     for piece in ("tokens in", "FLOPs ratio 0.565", "PiToMe paper", "0.538", "[1/3]", "[2/3]", "[3/3]"):
         assert piece in result.stdout
-    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest == json.loads(out.with_suffix(".json").read_text())
     assert_validated_exactly(manifest)
     assert manifest["schedule"][-1] == 60
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.json", "vit.onnx"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["vit.json", "vit.onnx"]
 
 
 def test_export_no_validate_and_options_reach_the_manifest(tmp_path, capsys):

@@ -23,26 +23,45 @@ from tokenfuse.exporter import export
 from tokenfuse.exporter.settings import MergeOptions
 
 METHODS = ["none", "tome", "pitome", "crossget", "turbo"]
-# pytest-xdist (--dist loadgroup): the tests of one model run on one worker, which exports it once
-VIT_B, MINILM = pytest.mark.xdist_group("vit-b"), pytest.mark.xdist_group("minilm")
-MODELS = [pytest.param("vit", marks=VIT_B), pytest.param("minilm", marks=MINILM)]
+
+
+def group(model: str, method: str):
+    """pytest-xdist (--dist loadgroup) keeps the tests of one export on one worker, which makes it
+    once: ViT-B per method (its five exports and builds in one group would hold one worker for
+    minutes), MiniLM as a whole."""
+    return pytest.mark.xdist_group(f"vit-b-{method}" if model == "vit" else "minilm")
+
+
+def cases(*vit_marks):
+    """(model, method) for every model and method, ids as "pitome-vit"; vit_marks go on ViT-B's."""
+    return [pytest.param(model, method, marks=[group(model, method), *(vit_marks if model == "vit" else ())], id=f"{method}-{model}")
+            for model in ("vit", "minilm") for method in METHODS]
+
+
+SHARED_NAMES = {"vit": "vit-b", "minilm": "minilm"}  # conftest's names
+
+
+class OnFirstUse(dict):
+    """Looks a missing key up with make(key); conftest's SharedExports keeps what it made."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key):
+        return self.make(key)
 
 
 @pytest.fixture(scope="module")
 def adapters(shared_exports):
-    return {"vit": shared_exports.adapter("vit-b"), "minilm": shared_exports.adapter("minilm")}
+    """Each model, loaded on first use (a worker that runs only MiniLM tests never builds ViT-B)."""
+    return OnFirstUse(lambda model: shared_exports.adapter(SHARED_NAMES[model]))
 
 
 @pytest.fixture(scope="module")
 def exported(shared_exports):
     """Each model exported once per method (r = 0.9, validation seed 0), on first use."""
-
-    class Lazy(dict):
-        def __missing__(self, key):
-            model, method = key
-            return shared_exports.get({"vit": "vit-b", "minilm": "minilm"}[model], method)
-
-    return Lazy()
+    return OnFirstUse(lambda key: shared_exports.get(SHARED_NAMES[key[0]], key[1]))
 
 
 def _session(model):
@@ -66,8 +85,7 @@ def _ort_outputs(session, inputs):
     return dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model, method", cases())
 def test_onnx_matches_merged_pytorch(adapters, exported, model, method):
     """Same decisions, same numbers: <= 1e-4 max abs error; decisions differ only at near-ties.
 
@@ -99,8 +117,7 @@ def test_onnx_matches_merged_pytorch(adapters, exported, model, method):
     assert_validated_exactly(manifest)  # the export's own validation, seed 0
 
 
-@pytest.mark.parametrize("model", [pytest.param("vit", marks=[pytest.mark.slow, VIT_B]), pytest.param("minilm", marks=MINILM)])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model, method", cases(pytest.mark.slow))
 def test_graph_is_tensorrt_ready_and_builds_with_tensorrt_rtx(exported, model, method):
     path, manifest = exported[model, method]
     graph = onnx.load(str(path))
@@ -114,7 +131,7 @@ def test_graph_is_tensorrt_ready_and_builds_with_tensorrt_rtx(exported, model, m
     assert len(engine) > 1_000_000
 
 
-@VIT_B
+@group("vit", "pitome")
 def test_manifest_is_the_contract(exported):
     path, manifest = exported["vit", "pitome"]
     on_disk = json.loads(path.with_suffix(".json").read_text())
@@ -134,7 +151,7 @@ def test_manifest_is_the_contract(exported):
     assert len(on_disk["preprocess"]["mean"]) == 3
 
 
-@MINILM
+@group("minilm", "pitome")
 def test_text_manifest_names_its_tokenizer_and_mask_inputs(exported, minilm_path):
     _, manifest = exported["minilm", "pitome"]
     assert manifest["preprocess"] == {"kind": "text", "tokenizer": minilm_path, "seq_len": 128}
@@ -142,7 +159,7 @@ def test_text_manifest_names_its_tokenizer_and_mask_inputs(exported, minilm_path
     assert manifest["settings"]["pitome_variant"] == "text" and manifest["settings"]["seq_len"] == 128
 
 
-@VIT_B
+@group("vit", "none")
 def test_none_equals_the_original_vit(adapters, exported):
     path, _ = exported["vit", "none"]
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
@@ -151,7 +168,7 @@ def test_none_equals_the_original_vit(adapters, exported):
     assert np.abs(_ort_outputs(_session(path), {"pixel_values": pixels})["logits"] - original).max() <= 1e-5
 
 
-@MINILM
+@group("minilm", "none")
 def test_none_equals_the_original_minilm(adapters, exported):
     path, _ = exported["minilm", "none"]
     inputs = adapters["minilm"].random_inputs(3, torch.Generator().manual_seed(6))

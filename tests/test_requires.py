@@ -18,3 +18,13 @@ def test_missing_dependencies_fail_under_ci_and_skip_elsewhere(monkeypatch, ci, 
 
 def test_present_modules_import():
     assert import_or_skip("json").dumps([1]) == "[1]"
+
+
+@pytest.mark.xdist_group("grouping-check")
+def test_xdist_groups_reach_the_scheduler(request):
+    """scripts/test.sh keeps the tests of one xdist_group on one worker, which makes each shared
+    export once: pytest-xdist tags the node id with the group. A pytest release it cannot tag
+    (pytest 9.2 with pytest-xdist 3.8) scatters the groups silently and repeats every shared export."""
+    if not request.config.getoption("loadgroup", default=False):
+        pytest.skip("checks the --dist loadgroup run of scripts/test.sh")
+    assert request.node.nodeid.endswith("@grouping-check"), request.node.nodeid

@@ -23,7 +23,7 @@ from tokenfuse.engines.preprocess import Preprocessor
 from tokenfuse.engines.serve import create_app
 from tokenfuse.exporter import export
 
-pytestmark = pytest.mark.xdist_group("vit-ti")  # one pytest-xdist worker makes the shared ViT-Ti export once
+pytestmark = pytest.mark.xdist_group("serve")  # one pytest-xdist worker makes this module's models once (apart from the engine tests' group: a ViT-Ti export is seconds)
 
 
 def _free_port() -> int:
