@@ -110,7 +110,7 @@ def test_engine_runner_refusals_on_a_cpu_machine(engine, tmp_path):
 
 
 def test_bench_exports_the_baseline_and_reports_against_the_flops_ideal(tiny, tmp_path):
-    report = bench_module.bench(tiny, batches=(1, 2), min_rounds=3, max_seconds=3, log=lambda *_: None)
+    report = bench_module.bench(tiny, batches=(1, 2), min_rounds=3, max_seconds=1, log=lambda *_: None)
     manifest = json.loads(tiny.with_suffix(".json").read_text())
     assert report["method"] == "pitome" and report["flops_ratio"] == manifest["budget"]["flops_ratio"] < 1
     assert [row["batch"] for row in report["results"]] == [1, 2]

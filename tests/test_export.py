@@ -98,7 +98,7 @@ def test_onnx_matches_merged_pytorch(adapters, exported, model, method):
     path, manifest = exported[model, method]
     settings, _ = MergeOptions(method=method, r=0.9).resolve(adapter)
     shipped_session, session = _session(path), _session(_with_slot_outputs(path))
-    for batch, seed in ((1, 101), (4, 202)):  # fresh inputs, not the export's own validation inputs
+    for batch, seed in ((1, 101), (2, 202)):  # fresh inputs, not the export's own validation inputs (batches 1 and 3)
         inputs = adapter.random_inputs(batch, torch.Generator().manual_seed(seed))
         got = _ort_outputs(session, inputs)
         shipped = _ort_outputs(shipped_session, inputs)
@@ -198,4 +198,5 @@ def test_fp16_export_validates_keeps_fp32_io_and_builds(tmp_path):
     graph = onnx.load(str(path))
     weights = [i for i in graph.graph.initializer if len(i.dims) == 2 and min(i.dims) >= 768]
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
-    assert compile_engine(path, batch=(1, 2, 2), log=lambda *_: None)[0]
+    # a fixed batch of 1 (13 s against 23 s for 1:2:2): dynamic-batch builds are checked in fp32 above
+    assert compile_engine(path, batch=(1, 1, 1), log=lambda *_: None)[0]

@@ -94,6 +94,12 @@ def test_none_equals_the_models_own_forward(family_dirs, name):
     assert _compare_with_original(adapter, inputs, original)
 
 
+# TensorRT-RTX builds: one method per family, in turn, so every method is built on text and vision
+# families (a family changes the model around the merge, not the merge's ops; every method is built
+# on ViT-B/16 and MiniLM in test_export and on BERT and CLIP text in test_reference_forward).
+BUILT_METHOD = {name: METHODS[i % len(METHODS)] for i, name in enumerate(EXPORTED)}
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", EXPORTED)
 def test_merged_exports_validate_and_build(family_dirs, name, method, tmp_path):
@@ -102,7 +108,8 @@ def test_merged_exports_validate_and_build(family_dirs, name, method, tmp_path):
     assert_validated_exactly(manifest)
     assert manifest["schedule"][-1] < manifest["budget"]["layers"][0]["tokens_in"]
     assert manifest["settings"]["protected_tokens"] == PROTECTED.get(name, 1)
-    assert compile_engine(out, batch=(1, 2, 2), log=lambda *_: None)[0]
+    if BUILT_METHOD[name] == method:
+        assert compile_engine(out, batch=(1, 2, 2), log=lambda *_: None)[0]
 
 
 def _timm_map_models():

@@ -70,6 +70,13 @@ def text_model(tmp_path_factory, minilm_path):
     return path
 
 
+@pytest.fixture(scope="module")
+def default_vision_server(vision_model):
+    """One server of the ViT-Ti model with the default settings, for tests that check only their own replies."""
+    with Server(create_app(vision_model)) as url:
+        yield url
+
+
 def _png(seed: int, size=(64, 48)) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -116,8 +123,8 @@ def test_texts_match_a_direct_run(text_model):
         (dict(data={"nothing": "here"}), 422),
     ],
 )
-def test_malformed_images_get_4xx(vision_model, request_kwargs, status):
-    with Server(create_app(vision_model)) as url, httpx.Client(base_url=url, timeout=30) as client:
+def test_malformed_images_get_4xx(default_vision_server, request_kwargs, status):
+    with httpx.Client(base_url=default_vision_server, timeout=30) as client:
         reply = client.post("/v1/embed/images", **request_kwargs)
         assert reply.status_code == status and reply.json()["detail"]
         wrong_kind = client.post("/v1/embed/texts", json={"texts": ["hello"]})
