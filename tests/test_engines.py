@@ -24,11 +24,11 @@ def tiny(shared_exports):
 
 @pytest.fixture(scope="module")
 def engine(shared_exports):
-    """That export built for batch 1:2:4 with a timing-cache path given (conftest's shared engine)."""
-    return shared_exports.engine("vit-ti", "pitome")
+    """The ViT-Ti tome export built for batch 1:2:4 with a timing-cache path given (conftest's shared engine)."""
+    return shared_exports.engine("vit-ti", "tome")
 
 
-def test_build_writes_engine_sidecar_and_timing_cache(tiny, engine):
+def test_build_writes_engine_sidecar_and_timing_cache(shared_exports, engine):
     out, sidecar = engine
     assert out.stat().st_size > 1_000_000
     # TensorRT-RTX has no timing cache (its cache calls are no-ops); full TensorRT writes one
@@ -42,7 +42,7 @@ def test_build_writes_engine_sidecar_and_timing_cache(tiny, engine):
     names = {b["name"]: b for b in on_disk["bindings"]}
     assert names["pixel_values"]["io"] == "input" and names["pixel_values"]["shape"] == [-1, 3, 224, 224]
     assert names["logits"]["io"] == "output" and names["last_hidden_state"]["shape"] == [-1, 60, 192]
-    assert on_disk["export_manifest"] == json.loads(tiny.with_suffix(".json").read_text())
+    assert on_disk["export_manifest"] == json.loads(shared_exports.get("vit-ti", "tome")[0].with_suffix(".json").read_text())
 
 
 def on_disk_timing(engine_path):

@@ -47,8 +47,8 @@ def test_onnx_repository_matches_the_model(exported, tmp_path, which):
 
 @pytest.fixture(scope="module")
 def vit_engine(shared_exports):
-    """The ViT-Ti export built for batch 1:2:4 (conftest's shared engine)."""
-    return shared_exports.engine("vit-ti", "pitome")[0]
+    """The ViT-Ti tome export built for batch 1:2:4 (conftest's shared engine)."""
+    return shared_exports.engine("vit-ti", "tome")[0]
 
 
 def test_engine_repository_uses_the_plan_and_its_profile(vit_engine, tmp_path):
@@ -58,7 +58,7 @@ def test_engine_repository_uses_the_plan_and_its_profile(vit_engine, tmp_path):
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
     assert (folder / "1" / "model.plan").read_bytes() == engine.read_bytes()
     assert [t.name for t in config.output] == ["logits", "last_hidden_state", "token_sizes"]
-    assert list(config.output[1].dims) == [60, 192]  # pitome r=0.9: 197 tokens -> 60
+    assert list(config.output[1].dims) == [60, 192]  # r=0.9: 197 tokens -> 60
 
 
 def test_refusals_leave_nothing(exported, tmp_path, capsys):

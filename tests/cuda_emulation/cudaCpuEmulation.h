@@ -735,7 +735,6 @@ public:
             // A fiber that ended never unwound its frames: clear AddressSanitizer's marks on its stack.
             TFEMU_UNPOISON(stacks[t], TFEMU_STACK_BYTES);
             prepare(fibers[t].context, stacks[t], TFEMU_STACK_BYTES, &Workers::entry);
-            fibers[t].owner = this;
             fibers[t].index = t;
 #if defined(__SANITIZE_THREAD__)
             fibers[t].raceFiber = raceFibers[t];
@@ -772,7 +771,7 @@ public:
     static void yield()
     {
         Fiber& fiber = static_cast<Fiber&>(self());
-        fiber.owner->switchToScheduler(fiber, &fiber.fakeStack);
+        workers().switchToScheduler(fiber, &fiber.fakeStack);
         TFEMU_FINISH_SWITCH(fiber.fakeStack, nullptr, nullptr);
     }
 
@@ -796,7 +795,6 @@ private:
     struct Fiber : ThreadState
     {
         Context context;
-        Workers* owner = nullptr;
         unsigned index = 0;
         void* fakeStack = nullptr;  // AddressSanitizer's
         void* raceFiber = nullptr;  // ThreadSanitizer's
@@ -828,7 +826,7 @@ private:
 
 inline void tfemu::Workers::entry()
 {
-    Workers& owner = workers(); // not fiber.owner: nothing of the block may be read before the acquire
+    Workers& owner = workers(); // the launching thread's: nothing of the block may be read before the acquire
     TFEMU_FINISH_SWITCH(nullptr, &owner.schedulerStack, &owner.schedulerStackBytes);
     TFEMU_ACQUIRE(&owner.blockEdges[0]);
     Fiber& fiber = static_cast<Fiber&>(self());
