@@ -726,6 +726,8 @@ public:
             stacks.push_back(static_cast<char*>(stack) + kGuardBytes);
 #if defined(__SANITIZE_THREAD__)
             raceFibers.push_back(__tsan_create_fiber(0));
+#else
+            raceFibers.push_back(nullptr);
 #endif
         }
         this->job = &job;
@@ -736,9 +738,6 @@ public:
             TFEMU_UNPOISON(stacks[t], TFEMU_STACK_BYTES);
             prepare(fibers[t].context, stacks[t], TFEMU_STACK_BYTES, &Workers::entry);
             fibers[t].index = t;
-#if defined(__SANITIZE_THREAD__)
-            fibers[t].raceFiber = raceFibers[t];
-#endif
         }
         TFEMU_RELEASE(&blockEdges[0]); // the set-up, before every fiber's start
         for (unsigned live = threads; live > 0;)
@@ -753,7 +752,7 @@ public:
                 running.store(&fiber, std::memory_order_relaxed);
                 void* fakeStack = nullptr;
                 TFEMU_START_SWITCH(&fakeStack, stacks[fiber.index], TFEMU_STACK_BYTES);
-                switchContext(scheduler, fiber.context, fiber.raceFiber);
+                switchContext(scheduler, fiber.context, raceFibers[fiber.index]);
                 TFEMU_FINISH_SWITCH(fakeStack, nullptr, nullptr);
                 live -= fiber.finished ? 1 : 0;
             }
@@ -797,7 +796,6 @@ private:
         Context context;
         unsigned index = 0;
         void* fakeStack = nullptr;  // AddressSanitizer's
-        void* raceFiber = nullptr;  // ThreadSanitizer's
         Relaxed<bool> finished{false}; // read by the scheduler between the fiber's turns
     };
 
@@ -810,7 +808,7 @@ private:
     }
 
     std::vector<char*> stacks;
-    std::vector<void*> raceFibers; // ThreadSanitizer's, one per stack
+    std::vector<void*> raceFibers; // ThreadSanitizer's, one per stack (nullptr without it)
     char blockEdges[2] = {}; // ThreadSanitizer's synchronisation addresses
     std::vector<Fiber> fibers;
     std::function<void(unsigned)> const* job = nullptr;
