@@ -11,9 +11,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from requires import in_ci
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest-xdist: share the cores between the workers
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (CI always does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run with --slow, under CI, or when -m names them; otherwise they are
+    deselected (pytest counts them in its summary line)."""
+    if config.getoption("--slow") or in_ci() or config.getoption("-m"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +118,7 @@ class SharedExports:
 
         The engine tests take ViT-Ti's tome export: TensorRT-RTX takes three times as long over a
         PiToMe graph (23 s against 7 s, measured: its fixed-order row sums), and PiToMe builds are
-        checked on ViT-B and MiniLM in test_export."""
+        checked on small models of each family (test_reference_forward, test_families)."""
         from tokenfuse.engines.build import build_engine
 
         if (model, method) not in self._engines:

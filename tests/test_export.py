@@ -1,11 +1,14 @@
-"""End to end on the two reference models: ViT-B/16 (random init) and all-MiniLM-L6-v2 (real weights).
+"""End to end on the reference models: timm ViT (random init) and all-MiniLM-L6-v2 (real weights).
 
 For every method: the exported ONNX agrees with the merged PyTorch model (fp32, <= 1e-4 max abs
-error on fresh inputs, every merge decision the same with the fixed seeds), holds only
-TensorRT-importable ops, and builds into a TensorRT-RTX engine on this CPU-only machine (the ViT-B
-builds are marked `slow`: tens of seconds each; CI runs them). `none` equals the original,
-unpatched model. The exports are conftest's shared ones (one per model and method per session).
-"""
+error on fresh inputs, the merge decisions agreeing exactly as measured with the fixed seeds),
+holds only TensorRT-importable ops, and builds into a TensorRT-RTX engine on this CPU-only
+machine. Every method runs on ViT-Ti/16, which has ViT-B/16's 12 layers, 197 tokens and merge
+schedule at a quarter of the width, and on MiniLM. ViT-B/16 itself runs PiToMe (the README's
+headline export). Marked `slow` (tens of seconds each; `--slow` and CI run them): ViT-B's other
+methods, and the engine builds of ViT-B and MiniLM (test_reference_forward and test_families build
+every method on small models of each family). `none` equals the original, unpatched model. The
+exports are conftest's shared ones (one per model and method per session)."""
 
 from __future__ import annotations
 
@@ -28,17 +31,15 @@ METHODS = ["none", "tome", "pitome", "crossget", "turbo"]
 def group(model: str, method: str):
     """pytest-xdist (--dist loadgroup) keeps the tests of one export on one worker, which makes it
     once: ViT-B per method (its five exports and builds in one group would hold one worker for
-    minutes), MiniLM as a whole."""
-    return pytest.mark.xdist_group(f"vit-b-{method}" if model == "vit" else "minilm")
+    minutes); ViT-Ti with the engine tests that share its exports; MiniLM as a whole."""
+    return pytest.mark.xdist_group(f"vit-b-{method}" if model == "vit-b" else model)
 
 
-def cases(*vit_marks):
-    """(model, method) for every model and method, ids as "pitome-vit"; vit_marks go on ViT-B's."""
-    return [pytest.param(model, method, marks=[group(model, method), *(vit_marks if model == "vit" else ())], id=f"{method}-{model}")
-            for model in ("vit", "minilm") for method in METHODS]
-
-
-SHARED_NAMES = {"vit": "vit-b", "minilm": "minilm"}  # conftest's names
+def cases(models):
+    """(model, method) params with ids as "pitome-vit-b"; ViT-B's are slow but for the headline's pitome."""
+    return [pytest.param(model, method, marks=[group(model, method), *([pytest.mark.slow] if model == "vit-b" and method != "pitome" else [])],
+                         id=f"{method}-{model}")
+            for model in models for method in METHODS]
 
 
 class OnFirstUse(dict):
@@ -55,13 +56,13 @@ class OnFirstUse(dict):
 @pytest.fixture(scope="module")
 def adapters(shared_exports):
     """Each model, loaded on first use (a worker that runs only MiniLM tests never builds ViT-B)."""
-    return OnFirstUse(lambda model: shared_exports.adapter(SHARED_NAMES[model]))
+    return OnFirstUse(shared_exports.adapter)
 
 
 @pytest.fixture(scope="module")
 def exported(shared_exports):
     """Each model exported once per method (r = 0.9, validation seed 0), on first use."""
-    return OnFirstUse(lambda key: shared_exports.get(SHARED_NAMES[key[0]], key[1]))
+    return OnFirstUse(lambda key: shared_exports.get(*key))
 
 
 def _session(model):
@@ -85,7 +86,12 @@ def _ort_outputs(session, inputs):
     return dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
 
 
-@pytest.mark.parametrize("model, method", cases())
+# Measured with these seeds: every decision agrees, except one near-tie that ONNX Runtime and
+# PyTorch order differently in one layer of ViT-Ti's PiToMe at batch 2 (2 of 262 tokens; 130/131).
+MEASURED_AGREEMENT = {("vit-ti", "pitome", 2): 130 / 131}
+
+
+@pytest.mark.parametrize("model, method", cases(("vit-ti", "vit-b", "minilm")))
 def test_onnx_matches_merged_pytorch(adapters, exported, model, method):
     """Same decisions, same numbers: <= 1e-4 max abs error; decisions differ only at near-ties.
 
@@ -108,7 +114,7 @@ def test_onnx_matches_merged_pytorch(adapters, exported, model, method):
             replayed, state = adapter.run(settings, inputs, replay=slots)
         assert list(shipped) == [k for k in got if not k.startswith("merge_slots.")] == list(free)
         agreement = [float((mine == theirs).float().mean()) for mine, theirs in zip(state.slots, slots)]
-        assert agreement == [1.0] * len(slots), agreement  # measured with these seeds: every decision agrees
+        assert min(agreement, default=1.0) == pytest.approx(MEASURED_AGREEMENT.get((model, method, batch), 1.0), abs=1e-6), agreement
         for name in free:
             assert got[name].shape == tuple(free[name].shape)
             assert np.abs(shipped[name] - got[name]).max() == 0.0
@@ -117,9 +123,9 @@ def test_onnx_matches_merged_pytorch(adapters, exported, model, method):
     assert_validated_exactly(manifest)  # the export's own validation, seed 0
 
 
-@pytest.mark.parametrize("model, method", cases(pytest.mark.slow))
-def test_graph_is_tensorrt_ready_and_builds_with_tensorrt_rtx(exported, model, method):
-    path, manifest = exported[model, method]
+@pytest.mark.parametrize("model, method", cases(("vit-ti", "vit-b", "minilm")))
+def test_graph_is_tensorrt_ready(exported, model, method):
+    path, _ = exported[model, method]
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -127,13 +133,19 @@ def test_graph_is_tensorrt_ready_and_builds_with_tensorrt_rtx(exported, model, m
     assert not ops & {"Sort", "TopK", "ScatterND", "ScatterElements", "If", "Loop"}, ops
     for value in graph.graph.input:
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+@pytest.mark.slow  # 7-45 s each; the default run builds every method on small BERT, CLIP text and vision models
+@pytest.mark.parametrize("model, method", cases(("vit-b", "minilm")))
+def test_builds_with_tensorrt_rtx(exported, model, method):
+    path, _ = exported[model, method]
     engine, _ = compile_engine(path, batch=(1, 2, 4), log=lambda *_: None)
     assert len(engine) > 1_000_000
 
 
-@group("vit", "pitome")
+@group("vit-b", "pitome")
 def test_manifest_is_the_contract(exported):
-    path, manifest = exported["vit", "pitome"]
+    path, manifest = exported["vit-b", "pitome"]
     on_disk = json.loads(path.with_suffix(".json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
     assert on_disk["model"] == "timm:vit_base_patch16_224" and on_disk["method"] == "pitome"
@@ -159,12 +171,12 @@ def test_text_manifest_names_its_tokenizer_and_mask_inputs(exported, minilm_path
     assert manifest["settings"]["pitome_variant"] == "text" and manifest["settings"]["seq_len"] == 128
 
 
-@group("vit", "none")
+@group("vit-ti", "none")
 def test_none_equals_the_original_vit(adapters, exported):
-    path, _ = exported["vit", "none"]
+    path, _ = exported["vit-ti", "none"]
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        original = adapters["vit"].model(pixels).numpy()
+        original = adapters["vit-ti"].model(pixels).numpy()
     assert np.abs(_ort_outputs(_session(path), {"pixel_values": pixels})["logits"] - original).max() <= 1e-5
 
 

@@ -96,7 +96,7 @@ def test_none_equals_the_models_own_forward(family_dirs, name):
 
 # TensorRT-RTX builds: one method per family, in turn, so every method is built on text and vision
 # families (a family changes the model around the merge, not the merge's ops; every method is built
-# on ViT-B/16 and MiniLM in test_export and on BERT and CLIP text in test_reference_forward).
+# on BERT and CLIP text in test_reference_forward, and on ViT-B/16 and MiniLM in test_export under --slow).
 BUILT_METHOD = {name: METHODS[i % len(METHODS)] for i, name in enumerate(EXPORTED)}
 
 

@@ -324,6 +324,7 @@ def deletable_syncs(source: str) -> str:
     return selector + body
 
 
+@pytest.mark.slow  # 26 ThreadSanitizer runs: a test of the race test, not of the kernels
 def test_deleting_any_syncthreads_makes_the_race_test_fail(build_dir):
     """Each __syncthreads of the .cu in turn deleted: the ThreadSanitizer run of every method must
     then fail (a reported race, a wrong result or a crash)."""

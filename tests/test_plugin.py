@@ -6,6 +6,7 @@ exports validate in ONNX Runtime, and an engine build stops where plugins/README
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from tokenfuse.exporter.plugin_lowering import (
     DOMAIN, OP_TYPE, MergeNode, as_function, input_names, output_names, reference, reference_model,
 )
 
-pytestmark = pytest.mark.xdist_group("plugin")  # one pytest-xdist worker makes the plugin library and the ViT-B plugin export once
+pytestmark = pytest.mark.xdist_group("plugin")  # one pytest-xdist worker makes the plugin library once
 
 RULES = [
     LayerRule("tome"),
@@ -48,16 +49,22 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN_LOWERED_VIT_B_NODES = 1049
 
 
-@pytest.fixture(scope="session")
-def library(tmp_path_factory) -> Path:
-    """The plugin library, compiled for every target architecture with the kernel-lens headers."""
+def build_library(build_dir: Path, **options) -> Path:
+    """The plugin library compiled with the kernel-lens headers (the test skips without cmake or nvcc; fails under CI)."""
     if plugins.cmake_path() is None:
         skip_or_fail("no cmake (scripts/setup.sh installs the cmake wheel into .venv)")
     try:
         plugins._nvcc()
     except UsageError as error:
         skip_or_fail(str(error))
-    return plugins.build(tmp_path_factory.mktemp("plugin-build"), log=lambda *_: None)
+    return plugins.build(build_dir, log=lambda *_: None, **options)
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory) -> Path:
+    """The plugin library for one target architecture: what these tests check does not depend on
+    the targets, and one compiles in a third of the time of all seven (test_library_holds_code_for_every_target)."""
+    return build_library(tmp_path_factory.mktemp("plugin-build"), architectures="75-real")
 
 
 _FIELD_BUFFERS: list[np.ndarray] = []  # a PluginField points into its array without keeping it alive
@@ -101,9 +108,14 @@ def fatbin_entries(data: bytes) -> list[tuple[str, int]]:
     return entries
 
 
-def test_library_holds_code_for_every_target(library):
+def test_library_holds_code_for_the_target_asked_for(library):
+    assert sorted(set(fatbin_entries(library.read_bytes()))) == [("cubin", 75)]
+
+
+@pytest.mark.slow  # the default build for every target: 20-30 s
+def test_library_holds_code_for_every_target(tmp_path):
     """sm_75 .. sm_90 machine code (sm_87 = Jetson Orin) plus PTX, as the CMake project asks."""
-    entries = fatbin_entries(library.read_bytes())
+    entries = fatbin_entries(build_library(tmp_path).read_bytes())
     assert sorted(set(entries)) == [("cubin", sm) for sm in (75, 80, 86, 87, 89, 90)] + [("ptx", 90)]
 
 
@@ -288,15 +300,10 @@ def test_layer_rules_match_the_per_layer_knobs():
     assert cfg.for_layer(6, 12).variant == "plain"
 
 
-@pytest.fixture(scope="module")
-def vit_b_plugin(tmp_path_factory):
-    path = tmp_path_factory.mktemp("plugin-export") / "vit.onnx"
+@pytest.mark.slow  # a ViT-B export, 25-35 s: the README's node count
+def test_vit_b_plugin_export_validates_and_records_the_lowering(tmp_path):
+    path = tmp_path / "vit.onnx"
     manifest = export("timm:vit_base_patch16_224", path, random_init=True, method="pitome", r=0.9, lowering="plugin", seed=0, log=lambda *_: None)
-    return path, manifest
-
-
-def test_vit_b_plugin_export_validates_and_records_the_lowering(vit_b_plugin):
-    path, manifest = vit_b_plugin
     model = onnx.load(str(path))
     nodes = [n for n in model.graph.node if n.op_type == OP_TYPE]
     assert len(nodes) == 12 and manifest["plugin"]["nodes"] == 12
@@ -311,12 +318,28 @@ def test_vit_b_plugin_export_validates_and_records_the_lowering(vit_b_plugin):
     json.loads(path.with_suffix(".json").read_text())  # written beside it
 
 
-@pytest.mark.parametrize("method", ["tome", "crossget", "turbo"])
-def test_other_methods_export_with_the_plugin_lowering(hf_dirs, method, tmp_path):
-    """The other vision methods on a small Hugging Face ViT (65 tokens, 3 layers): one plugin node per layer."""
-    manifest = export(f"hf:{hf_dirs['vit']}", tmp_path / "m.onnx", method=method, r=0.9, lowering="plugin", seed=0, log=lambda *_: None)
+@pytest.fixture(scope="module")
+def small_plugin_exports(hf_dirs, tmp_path_factory):
+    """Each vision method exported with the plugin lowering from a small Hugging Face ViT (65 tokens,
+    3 layers), validated, on first use."""
+    root = tmp_path_factory.mktemp("plugin-exports")
+
+    @functools.cache
+    def exported(method):
+        path = root / f"{method}.onnx"
+        return path, export(f"hf:{hf_dirs['vit']}", path, method=method, r=0.9, lowering="plugin", seed=0, log=lambda *_: None)
+
+    return exported
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "crossget", "turbo"])
+def test_vision_methods_export_with_the_plugin_lowering(small_plugin_exports, method):
+    """One plugin node per layer, validated in ONNX Runtime through the node's ONNX function."""
+    path, manifest = small_plugin_exports(method)
     assert_validated_exactly(manifest)
-    assert manifest["plugin"]["nodes"] == 3
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == OP_TYPE]
+    assert len(nodes) == manifest["plugin"]["nodes"] == 3
+    assert {onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "method"} == {method.encode()}
 
 
 def test_fp16_plugin_export_validates(tmp_path):
@@ -327,12 +350,11 @@ def test_fp16_plugin_export_validates(tmp_path):
     assert manifest["validation"]["merge_agreement"] >= 0.91 and manifest["validation"]["max_rel_error"] <= 2.5e-3, manifest["validation"]
 
 
-def test_tensorrt_rtx_stops_where_documented(hf_dirs, library, tmp_path):
+def test_tensorrt_rtx_stops_where_documented(small_plugin_exports, library, tmp_path):
     """TensorRT-RTX 1.7 without a GPU parses up to the first plugin node, finds and creates the
     plugin, then aborts inside its ONNX parser. If a later release gets further, the engine must
     build with the plugin layer in it. (A small HF ViT: parsing ViT-B's 330 MB twice took 20 s.)"""
-    path = tmp_path / "small.onnx"
-    export(f"hf:{hf_dirs['vit']}", path, method="pitome", r=0.9, lowering="plugin", validate=False, log=lambda *_: None)
+    path, _ = small_plugin_exports("pitome")
     done = parse_with_plugin(path, library)
     log = done.stdout + done.stderr
     assert "Successfully created plugin: SimilarityEnergyMerge" in log
@@ -347,7 +369,7 @@ def test_tensorrt_rtx_stops_where_documented(hf_dirs, library, tmp_path):
         assert not out.exists()
 
 
-def test_cli_plugin_path_and_refusals(library, vit_b_plugin, monkeypatch, tmp_path, capsys):
+def test_cli_plugin_path_and_refusals(library, small_plugin_exports, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("TOKENFUSE_PLUGIN_DIR", str(library.parent))
     assert main(["plugin", "path"]) == 0
     assert capsys.readouterr().out.strip() == str(library)
@@ -355,7 +377,7 @@ def test_cli_plugin_path_and_refusals(library, vit_b_plugin, monkeypatch, tmp_pa
     assert main(["plugin", "path"]) == 2
     assert "run: tokenfuse plugin build" in capsys.readouterr().err
     # a model with plugin nodes and no library built: build says what to do
-    assert main(["build", str(vit_b_plugin[0]), "-o", str(tmp_path / "x.engine")]) == 2
+    assert main(["build", str(small_plugin_exports("pitome")[0]), "-o", str(tmp_path / "x.engine")]) == 2
     assert "no plugin library was found; run `tokenfuse plugin build`" in capsys.readouterr().err
     assert not (tmp_path / "x.engine").exists()
 

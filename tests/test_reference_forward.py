@@ -307,7 +307,7 @@ def test_adapter_run_and_patch_match_the_reference(families, name, method):
 
 # TensorRT-RTX builds: every method for the text families (padding, causal positions and the frozen
 # EOS change the merge's ops per method), one method per vision family (every method is built on
-# ViT-B/16 and MiniLM in test_export).
+# ViT-B/16 and MiniLM in test_export, under --slow).
 ENGINE_BUILDS = {("bert", m) for m in METHODS} | {("clip-text", m) for m in METHODS} | {
     ("timm-vit", "tome"), ("timm-distilled", "pitome"), ("timm-registers", "crossget"), ("timm-avg-pool", "turbo"),
     ("hf-vit", "pitome"), ("hf-vit-cls", "turbo"), ("clip-vision", "crossget")}

@@ -1,6 +1,8 @@
-"""Under CI a missing test dependency fails; elsewhere it skips."""
+"""Under CI a missing test dependency fails (elsewhere it skips) and the slow tests run."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 
@@ -28,3 +30,23 @@ def test_xdist_groups_reach_the_scheduler(request):
     if not request.config.getoption("loadgroup", default=False):
         pytest.skip("checks the --dist loadgroup run of scripts/test.sh")
     assert request.node.nodeid.endswith("@grouping-check"), request.node.nodeid
+
+
+@pytest.mark.parametrize("ci, options, kept", [
+    ("true", {}, ["fast", "slow"]),  # CI runs everything
+    ("", {"--slow": True}, ["fast", "slow"]),
+    ("", {"-m": "slow"}, ["fast", "slow"]),  # -m decides for itself (pytest applies it next)
+    ("", {}, ["fast"]),
+])
+def test_slow_tests_run_under_ci_with_slow_or_when_asked_for(monkeypatch, ci, options, kept):
+    from conftest import pytest_collection_modifyitems
+
+    monkeypatch.setenv("CI", ci)
+    deselected = []
+    config = SimpleNamespace(getoption=lambda name: options.get(name, False if name == "--slow" else ""),
+                             hook=SimpleNamespace(pytest_deselected=lambda items: deselected.extend(items)))
+    items = [SimpleNamespace(name=name, get_closest_marker=lambda marker, name=name: marker == name == "slow" or None)
+             for name in ("fast", "slow")]
+    pytest_collection_modifyitems(config, items)
+    assert [item.name for item in items] == kept
+    assert [item.name for item in deselected] == (["slow"] if kept == ["fast"] else [])
