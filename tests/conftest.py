@@ -23,8 +23,8 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked slow run with --slow, under CI, or when -m names them; otherwise they are
-    deselected (pytest counts them in its summary line)."""
+    """Tests marked slow run with --slow, under CI, or when a -m expression selects them (given -m,
+    pytest's own selection decides); otherwise they are deselected, and pytest's summary counts them."""
     if config.getoption("--slow") or in_ci() or config.getoption("-m"):
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
