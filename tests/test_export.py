@@ -6,8 +6,8 @@ holds only TensorRT-importable ops, and builds into a TensorRT-RTX engine on thi
 machine. Every method runs on ViT-Ti/16, which has ViT-B/16's 12 layers, 197 tokens and merge
 schedule at a quarter of the width, and on MiniLM. ViT-B/16 itself runs PiToMe (the README's
 headline export). Marked `slow` (tens of seconds each; `--slow` and CI run them): ViT-B's other
-methods, and the engine builds of ViT-B and MiniLM (test_reference_forward and test_families build
-every method on small models of each family). `none` equals the original, unpatched model. The
+methods, and the engine builds of ViT-B and MiniLM (test_reference_forward builds every merge
+method on small BERT, CLIP-text and vision models; test_families one method per family, in turn). `none` equals the original, unpatched model. The
 exports are conftest's shared ones (one per model and method per session)."""
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_graph_is_tensorrt_ready(exported, model, method):
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-@pytest.mark.slow  # 7-45 s each; the default run builds every method on small BERT, CLIP text and vision models
+@pytest.mark.slow  # 7-45 s each; the default run builds every merge method on small BERT, CLIP-text and vision models
 @pytest.mark.parametrize("model, method", cases(("vit-b", "minilm")))
 def test_builds_with_tensorrt_rtx(exported, model, method):
     path, _ = exported[model, method]
