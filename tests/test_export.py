@@ -42,29 +42,6 @@ def cases(models):
             for model in models for method in METHODS]
 
 
-class OnFirstUse(dict):
-    """Looks a missing key up with make(key); conftest's SharedExports keeps what it made."""
-
-    def __init__(self, make):
-        super().__init__()
-        self.make = make
-
-    def __missing__(self, key):
-        return self.make(key)
-
-
-@pytest.fixture(scope="module")
-def adapters(shared_exports):
-    """Each model, loaded on first use (a worker that runs only MiniLM tests never builds ViT-B)."""
-    return OnFirstUse(shared_exports.adapter)
-
-
-@pytest.fixture(scope="module")
-def exported(shared_exports):
-    """Each model exported once per method (r = 0.9, validation seed 0), on first use."""
-    return OnFirstUse(lambda key: shared_exports.get(*key))
-
-
 def _session(model):
     """An ONNX Runtime session of a path, or of a loaded model (serialized in memory)."""
     options = ort.SessionOptions()
@@ -92,7 +69,7 @@ MEASURED_AGREEMENT = {("vit-ti", "pitome", 2): 130 / 131}
 
 
 @pytest.mark.parametrize("model, method", cases(("vit-ti", "vit-b", "minilm")))
-def test_onnx_matches_merged_pytorch(adapters, exported, model, method):
+def test_onnx_matches_merged_pytorch(shared_exports, model, method):
     """Same decisions, same numbers: <= 1e-4 max abs error; decisions differ only at near-ties.
 
     The shipped file keeps each layer's slot tensor (named merge_slots.i) inside the graph; the
@@ -100,8 +77,8 @@ def test_onnx_matches_merged_pytorch(adapters, exported, model, method):
     which PyTorch replays while still making its own. The shipped file itself must give the same
     outputs bit for bit.
     """
-    adapter = adapters[model]
-    path, manifest = exported[model, method]
+    adapter = shared_exports.adapter(model)
+    path, manifest = shared_exports.get(model, method)
     settings, _ = MergeOptions(method=method, r=0.9).resolve(adapter)
     shipped_session, session = _session(path), _session(_with_slot_outputs(path))
     for batch, seed in ((1, 101), (2, 202)):  # fresh inputs, not the export's own validation inputs (batches 1 and 3)
@@ -124,8 +101,8 @@ def test_onnx_matches_merged_pytorch(adapters, exported, model, method):
 
 
 @pytest.mark.parametrize("model, method", cases(("vit-ti", "vit-b", "minilm")))
-def test_graph_is_tensorrt_ready(exported, model, method):
-    path, _ = exported[model, method]
+def test_graph_is_tensorrt_ready(shared_exports, model, method):
+    path, _ = shared_exports.get(model, method)
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -137,15 +114,15 @@ def test_graph_is_tensorrt_ready(exported, model, method):
 
 @pytest.mark.slow  # 7-45 s each; the default run builds every merge method on small BERT, CLIP-text and vision models
 @pytest.mark.parametrize("model, method", cases(("vit-b", "minilm")))
-def test_builds_with_tensorrt_rtx(exported, model, method):
-    path, _ = exported[model, method]
+def test_builds_with_tensorrt_rtx(shared_exports, model, method):
+    path, _ = shared_exports.get(model, method)
     engine, _ = compile_engine(path, batch=(1, 2, 4), log=lambda *_: None)
     assert len(engine) > 1_000_000
 
 
 @group("vit-b", "pitome")
-def test_manifest_is_the_contract(exported):
-    path, manifest = exported["vit-b", "pitome"]
+def test_manifest_is_the_contract(shared_exports):
+    path, manifest = shared_exports.get("vit-b", "pitome")
     on_disk = json.loads(path.with_suffix(".json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
     assert on_disk["model"] == "timm:vit_base_patch16_224" and on_disk["method"] == "pitome"
@@ -164,28 +141,28 @@ def test_manifest_is_the_contract(exported):
 
 
 @group("minilm", "pitome")
-def test_text_manifest_names_its_tokenizer_and_mask_inputs(exported, minilm_path):
-    _, manifest = exported["minilm", "pitome"]
+def test_text_manifest_names_its_tokenizer_and_mask_inputs(shared_exports, minilm_path):
+    _, manifest = shared_exports.get("minilm", "pitome")
     assert manifest["preprocess"] == {"kind": "text", "tokenizer": minilm_path, "seq_len": 128}
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
     assert manifest["settings"]["pitome_variant"] == "text" and manifest["settings"]["seq_len"] == 128
 
 
 @group("vit-ti", "none")
-def test_none_equals_the_original_vit(adapters, exported):
-    path, _ = exported["vit-ti", "none"]
+def test_none_equals_the_original_vit(shared_exports):
+    path, _ = shared_exports.get("vit-ti", "none")
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        original = adapters["vit-ti"].model(pixels).numpy()
+        original = shared_exports.adapter("vit-ti").model(pixels).numpy()
     assert np.abs(_ort_outputs(_session(path), {"pixel_values": pixels})["logits"] - original).max() <= 1e-5
 
 
 @group("minilm", "none")
-def test_none_equals_the_original_minilm(adapters, exported):
-    path, _ = exported["minilm", "none"]
-    inputs = adapters["minilm"].random_inputs(3, torch.Generator().manual_seed(6))
+def test_none_equals_the_original_minilm(shared_exports):
+    path, _ = shared_exports.get("minilm", "none")
+    inputs = shared_exports.adapter("minilm").random_inputs(3, torch.Generator().manual_seed(6))
     with torch.no_grad():
-        original = adapters["minilm"].model(**inputs).last_hidden_state
+        original = shared_exports.adapter("minilm").model(**inputs).last_hidden_state
     mask = inputs["attention_mask"].unsqueeze(-1).float()
     got = _ort_outputs(_session(path), inputs)
     assert np.abs((got["last_hidden_state"] - original.numpy()) * mask.numpy()).max() <= 1e-5
