@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +102,27 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__, "gpu": gpu()}
+
+
+def gpu() -> dict | None:
+    """The first NVIDIA GPU's name, driver and memory (nvidia-smi), or None where there is none."""
+    try:
+        fields = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()[0].split(", ")
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+    return dict(zip(("name", "driver", "memory"), fields))
+
+
+def where(report: dict) -> str:
+    """The machine a report ran on, in words: the GPU when a GPU runtime ran it."""
+    machine = report["machine"]
+    cpu = f"{machine['cpu']} ({machine['cores']} cores)"
+    on_gpu = report["backend"] == "tensorrt" or any(p != "CPUExecutionProvider" for p in report.get("providers") or [])
+    if on_gpu and machine.get("gpu"):
+        return f"{machine['gpu']['name']} (driver {machine['gpu']['driver']}), host {cpu}"
+    return cpu
 
 
 def _percentiles(samples: list[float]) -> dict:
@@ -138,7 +159,8 @@ def measure_pair(runners: dict[str, Runner], probes: dict, batch: int, *, warmup
 
 
 def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Path:
-    """The given baseline, or the same model exported with --method none (from its manifest)."""
+    """The given baseline, or the same model exported with --method none (from its manifest, in
+    the same dtype)."""
     if baseline:
         return Path(baseline)
     if model.suffix != ".onnx":
@@ -154,7 +176,7 @@ def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Pa
     log(f"exporting the unmerged baseline of {manifest['model']} (--method none) to {target}")
     export(
         manifest["model"], target, method="none", weights=settings.get("weights"), random_init=settings.get("random_init", False), seq_len=settings.get("seq_len"),
-        tower=settings.get("tower", "vision"), validate=False, log=lambda *_: None,
+        tower=settings.get("tower", "vision"), dtype=manifest.get("dtype", "fp32"), validate=False, log=lambda *_: None,
     )
     return target
 
@@ -219,8 +241,7 @@ def bench(
 
 def markdown(report: dict) -> str:
     lines = [
-        f"{report['method']} vs unmerged on {report['backend']} ({', '.join(report['providers'] or [])}), "
-        f"{report['machine']['cpu']} ({report['machine']['cores']} cores)",
+        f"{report['method']} vs unmerged on {report['backend']} ({', '.join(report['providers'] or [])}), {where(report)}",
         "",
         "| batch | merged p50 / p90 / p99 ms | baseline p50 / p90 / p99 ms | merged /s | baseline /s | peak MiB merged / baseline | speedup | FLOPs ideal | realised | stable |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -261,7 +282,7 @@ def plot(report: dict, path: Path):
     right.axhline(1.0, color="black", linewidth=0.5)
     right.set(xlabel="batch", ylabel="speedup vs unmerged", title="speedup")
     right.legend()
-    fig.suptitle(f"{Path(report['model']).name}: {report['backend']}, {report['machine']['cpu']}", fontsize=9)
+    fig.suptitle(f"{Path(report['model']).name}: {report['backend']}, {where(report)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

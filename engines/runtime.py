@@ -58,6 +58,11 @@ class OrtRunner(Runner):
         chosen = [p for p in (providers or ORT_PROVIDERS) if p in available]
         if not chosen:
             raise UsageError(f"none of the providers {providers} is available; this onnxruntime has {available}")
+        if providers and providers[0] not in available:
+            raise UsageError(f"{providers[0]} is not in this onnxruntime (it has {', '.join(available)}); "
+                             "for CUDA install onnxruntime-gpu (pip install 'tokenfuse[gpu]')")
+        if "CUDAExecutionProvider" in chosen and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from their pip packages (as torch installs them), where the system has none
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
@@ -70,6 +75,9 @@ class OrtRunner(Runner):
         except Exception as exc:
             raise UsageError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})")
         self.providers = self.session.get_providers()
+        if providers and providers[0] not in self.providers:
+            raise UsageError(f"{providers[0]} did not load (ONNX Runtime fell back to {self.providers[0]}); "
+                             "check that its CUDA and cuDNN libraries are installed and match this onnxruntime")
         manifest = path.with_suffix(".json")
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
         self.inputs = [_ort_binding(i) for i in self.session.get_inputs()]

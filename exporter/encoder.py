@@ -43,6 +43,7 @@ class MergeSettings:
     prop_attn: bool = True  # add log(size) to the attention logits
     metric: str = "keys"  # keys (mean over heads) | hidden (the hidden states)
     lowering: str = "onnx"  # how an export writes each merge: onnx ops | plugin (one SimilarityEnergyMerge node)
+    attention: str = "auto"  # explicit (MatMul-Softmax-MatMul, what exports write) | fused (SDPA) | auto: fused on GPUs
 
 
 @dataclass
@@ -83,12 +84,18 @@ def attention_bias(state: TokenState, prop_attn: bool) -> Tensor | None:
     return bias
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, pool_row: bool, frozen: Tensor | None = None):
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, pool_row: bool, frozen: Tensor | None = None, fused: bool = False):
     """Softmax attention with an additive bias; optionally the pooling token's row of the
     probabilities averaged over heads (CLS, or the frozen token when there is one).
 
     Written as MatMul-Add-Softmax-MatMul, the pattern TensorRT fuses into one attention kernel.
+    `fused` computes the same function with PyTorch's scaled_dot_product_attention instead (a
+    flash or memory-efficient kernel on a GPU, which never writes the [B,H,N,N] probabilities);
+    the bias then travels in q's dtype. It does not apply where the pooling row is needed.
     """
+    if fused and not pool_row:
+        mask = None if bias is None else bias.to(q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2), None
     logits = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()  # softmax sums in fp32
     if bias is not None:
         logits = logits + bias
@@ -112,7 +119,8 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
     if view.position_bias is not None:
         relative = view.position_bias(state.token_positions)
         bias = relative if bias is None else bias + relative
-    attn, cls_attn = attend(q, k, v, bias, need_row, state.frozen)
+    fused = settings.attention == "fused" or (settings.attention == "auto" and q.is_cuda)
+    attn, cls_attn = attend(q, k, v, bias, need_row, state.frozen, fused=fused)
     x = x + view.attn_out(attn)
     if view.post_attn_norm is not None:
         x = view.post_attn_norm(x)

@@ -8,6 +8,8 @@ only when everything passed, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import platform
 import tempfile
@@ -254,6 +256,7 @@ def export_onnx(
     log=print,
 ) -> dict:
     """Write `output` (.onnx) and its manifest (.json beside it); return the manifest."""
+    settings = dataclasses.replace(settings, attention="explicit")  # the pattern TensorRT fuses, also in validation
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose {' or '.join(DTYPES)}")
     adapter.model.to(DTYPES[dtype])

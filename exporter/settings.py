@@ -11,6 +11,7 @@ from .errors import UsageError
 from .methods import METHODS, MethodConfig
 
 
+ATTENTION = ("auto", "explicit", "fused")
 DEFAULT_R = 0.9  # PiToMe's kept fraction per layer, used when no budget is given
 
 
@@ -31,6 +32,7 @@ class MergeOptions:
     turbo_beta: float = 1.0
     turbo_gamma: float = 0.0
     turbo_threshold: int = 40
+    attention: str = "auto"  # patched models: auto (fused on GPUs) | explicit | fused; exports are always explicit
 
     def method_config(self, adapter: Adapter) -> MethodConfig:
         variant = self.pitome_variant
@@ -59,6 +61,8 @@ class MergeOptions:
         metric = self.metric or adapter.metric
         if metric not in ("keys", "hidden"):
             raise UsageError(f"--metric {metric!r}: choose keys or hidden")
+        if self.attention not in ATTENTION:
+            raise UsageError(f"attention={self.attention!r}: choose {', '.join(ATTENTION)}")
         config = self.method_config(adapter)
         shape = adapter.shape()
         schedule = plan_schedule(
@@ -75,5 +79,6 @@ class MergeOptions:
             protected=adapter.protected,
             prop_attn=adapter.prop_attn if self.prop_attn is None else self.prop_attn,
             metric=metric,
+            attention=self.attention,
         )
         return settings, BudgetReport(shape, schedule, r)

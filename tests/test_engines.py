@@ -143,6 +143,32 @@ def test_cli_export_build_and_bench(hf_dirs, tmp_path, capsys):
     assert report["results"][0]["batch"] == 1 and report["method"] == "pitome"
 
 
+def test_bench_exports_the_baseline_in_the_merged_models_dtype(hf_dirs, tmp_path):
+    """An fp16 export is measured against an fp16 baseline, not an fp32 one."""
+    from tokenfuse.exporter import export
+
+    merged = tmp_path / "vit16.onnx"
+    export(f"hf:{hf_dirs['vit']}", merged, method="tome", r=2, dtype="fp16", validate=False, log=lambda *_: None)
+    baseline = bench_module.ensure_baseline(merged, None, tmp_path, log=lambda *_: None)
+    manifest = json.loads(baseline.with_suffix(".json").read_text())
+    assert manifest["dtype"] == "fp16" and manifest["method"] == "none"
+
+
+def test_a_provider_asked_for_first_is_never_swapped_for_another(tiny):
+    """--providers CUDAExecutionProvider,CPUExecutionProvider on an onnxruntime without CUDA is an
+    error, not a silent CPU run (a benchmark would report CPU figures as the GPU's)."""
+    with pytest.raises(UsageError, match="CUDAExecutionProvider is not in this onnxruntime.*onnxruntime-gpu"):
+        load(tiny, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_reports_name_the_gpu_only_when_a_gpu_ran_them():
+    machine = {"cpu": "Xeon", "cores": 16, "gpu": {"name": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "memory": "81559 MiB"}}
+    on_gpu = {"machine": machine, "backend": "onnxruntime", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    assert bench_module.where(on_gpu) == "NVIDIA H100 80GB HBM3 (driver 580.159.04), host Xeon (16 cores)"
+    assert bench_module.where({**on_gpu, "providers": ["CPUExecutionProvider"]}) == "Xeon (16 cores)"
+    assert bench_module.where({**on_gpu, "machine": {**machine, "gpu": None}}) == "Xeon (16 cores)"
+
+
 @pytest.mark.parametrize("args", [["build", "missing.onnx", "-o", "x.engine"], ["bench", "missing.onnx"], ["build", "m.onnx", "-o", "x.engine", "--batch", "9:1:2"]])
 def test_cli_engine_errors_are_one_line(args, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -38,6 +38,12 @@ class TimmViT(ImageAdapter):
         _check(model, type(model).__name__)
         return cls(model, f"timm:{type(model).__name__}")
 
+    def bind(self, *args, x=None, **kwargs):
+        """timm's forward names its input `x`."""
+        if x is not None:
+            kwargs["pixel_values"] = x
+        return super().bind(*args, **kwargs)
+
     def patched_result(self, outputs):
         return next(iter(outputs.values()))
 
