@@ -2,6 +2,7 @@
 # On the GPU machine (device tool), from the repository root: keep this call's carried pieces, then
 # run one step of the GPU measurements, writing under $OUT. docs/gpu-runbook.md gives the order.
 #   bash scripts/gpu_call.sh CALL_FOLDER STEP     STEP: plugin | torch-vit | torch-minilm | train | ort | trt | none
+# Environment: MODES, BATCH (torch-*), DTYPES (ort), EPOCHS (train).
 set -uo pipefail
 carried=${1:?a carried folder, e.g. .gpu/call1}
 step=${2:?a step}
@@ -13,7 +14,7 @@ echo "carried so far: $(ls /tmp/carry | tr '\n' ' ')"
 # tokenfuse from this checkout, without installing it (its directory is the package)
 mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/tokenfuse
 export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
-python=python3
+python=${PYTHON:-python3}
 
 join_wheels() {  # the pieces back into wheels, checked against the sums made beside them
   [ -f /tmp/carry/SHA256SUMS ] || { echo "SHA256SUMS not carried yet (call6)"; return 1; }
@@ -40,7 +41,9 @@ case $step in
     $python scripts/plugin_gpu_check.py --sanitize --no-report 2>&1 | tee "$out/plugin-sanitize.log" | tail -20 ;;
   torch-vit|torch-minilm)
     versions | tee "$out/versions.txt"
-    $python scripts/torch_gpu_bench.py --models "${step#torch-}" --out "$out/torch-gpu-${step#torch-}.json" 2>&1 | tail -60 ;;
+    modes=${MODES:-eager,graphs,compile} batch=${BATCH:-1,8,32,64}  # split compile work across calls (10 minutes each)
+    $python scripts/torch_gpu_bench.py --models "${step#torch-}" --modes "$modes" --batch "$batch" \
+      --out "$out/torch-gpu-${step#torch-}-${modes//,/-}-b${batch//,/-}.json" 2>&1 | tail -60 ;;
   train)
     $python scripts/train_fashion_vit.py --device cuda --data /tmp/carry --epochs "${EPOCHS:-30}" --half --out "$out/fashion_vit.pth" 2>&1 \
       | tee "$out/train.log" | tail -8 ;;
@@ -48,9 +51,19 @@ case $step in
     join_wheels onnxruntime_gpu || exit 1
     join_wheels onnx_graphsurgeon
     $python -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
-    for dtype in fp32 fp16; do
-      $python -m tokenfuse.cli export --model timm:vit_base_patch16_224 --random-init --method pitome --r 0.9 --dtype $dtype --seed 0 -o /tmp/vit-$dtype.onnx | tail -2
-      $python -m tokenfuse.cli bench /tmp/vit-$dtype.onnx --providers CUDAExecutionProvider --batch 1,8,32,64 --json "$out/bench-vit-b16-ort-cuda-$dtype.json" | tail -8
+    # MiniLM's shape with random weights (speed does not depend on them; nothing downloads)
+    $python -c "import sys, torch, transformers as tf; sys.path.insert(0, 'scripts'); from torch_gpu_bench import MINILM
+torch.manual_seed(0); tf.BertModel(tf.BertConfig(**MINILM)).save_pretrained('/tmp/minilm')"
+    for dtype in ${DTYPES:-fp32 fp16}; do  # one dtype a call keeps each under the 10-minute limit
+      for model in vit-b16 minilm; do
+        case $model in
+          vit-b16) source=(--model timm:vit_base_patch16_224 --random-init) ;;
+          minilm) source=(--model hf:/tmp/minilm --seq-len 128) ;;
+        esac
+        $python -m tokenfuse.cli export "${source[@]}" --method pitome --r 0.9 --dtype $dtype --seed 0 -o /tmp/$model-$dtype.onnx | tail -1
+        $python -m tokenfuse.cli bench /tmp/$model-$dtype.onnx --providers CUDAExecutionProvider --batch 1,8,32,64 --seconds 20 \
+          --json "$out/bench-$model-ort-cuda-$dtype.json" | tail -7
+      done
     done ;;
   trt)
     join_wheels tensorrt_rtx || exit 1
