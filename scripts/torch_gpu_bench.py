@@ -19,6 +19,7 @@ output. Weights are random (nothing downloads): speed does not depend on them, a
 hence the work, is fixed by the budget. MiniLM is all-MiniLM-L6-v2's configuration at seq 128.
 
 Writes --out (JSON, every number, the device and versions) and the same stem with .md (tables).
+Needs tokenfuse importable: installed, or this checkout on PYTHONPATH (scripts/gpu_call.sh does that).
 """
 
 from __future__ import annotations
@@ -28,34 +29,22 @@ import contextlib
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from tokenfuse.engines.bench import gpu
+from tokenfuse.exporter import MergeOptions, UsageError, patch
+from tokenfuse.exporter.adapters import adapter_for
+from tokenfuse.exporter.onnx_export import DTYPES
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("eager", "graphs", "compile")
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522,
               max_position_embeddings=512)  # sentence-transformers/all-MiniLM-L6-v2's config.json
 SEQ_LEN = 128
-
-
-def tokenfuse():
-    """The package from this checkout, importable as `tokenfuse` without installing it."""
-    try:
-        import tokenfuse as package
-    except ImportError:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("tokenfuse", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["tokenfuse"] = package
-        spec.loader.exec_module(package)
-    from tokenfuse import exporter
-
-    return exporter
 
 
 def build(name: str, tiny: bool):
@@ -85,41 +74,40 @@ def build(name: str, tiny: bool):
     return model.eval(), inputs
 
 
-def tome_r_matching(exporter, model, sample: dict, target_ratio: float) -> int:
+def tome_r_matching(model, sample: dict, target_ratio: float) -> int:
     """The integer ToMe r whose FLOPs ratio is nearest `target_ratio` (ties: the smaller r)."""
     best = None
     for r in range(1, 64):
         try:
-            ratio = flops_ratio(exporter, model, sample, "tome", r)
-        except exporter.UsageError:
+            ratio = flops_ratio(model, sample, "tome", r)
+        except UsageError:
             break
         if best is None or abs(ratio - target_ratio) < best[0]:
             best = (abs(ratio - target_ratio), r)
     return best[1]
 
 
-def flops_ratio(exporter, model, sample: dict, method: str, r) -> float:
+def flops_ratio(model, sample: dict, method: str, r) -> float:
     """Whole-model FLOPs (embedding, head and merges included) over the unmerged model's."""
-    from tokenfuse.exporter.adapters import adapter_for
-
     adapter = adapter_for(model)
     adapter = adapter.for_inputs(adapter.bind(**sample))
-    return exporter.MergeOptions(method=method, r=r).resolve(adapter)[1].whole_model_ratio
+    return MergeOptions(method=method, r=r).resolve(adapter)[1].whole_model_ratio
 
 
-def variants(exporter, name: str, tiny: bool, dtype, device, make_inputs) -> dict:
-    """name -> (model, budget): original, explicit, none, pitome and tome, each its own copy."""
+def variants(name: str, tiny: bool, dtype, device):
+    """name -> (model, budget) for original, explicit, none, pitome and tome, each its own copy;
+    and the function making the models' inputs."""
+    original, make_inputs = build(name, tiny)
     sample = make_inputs(1, torch.Generator().manual_seed(0))
-    original, _ = build(name, tiny)
-    pitome_ratio = flops_ratio(exporter, original, sample, "pitome", 0.9)
-    tome_r = 13 if name == "vit-b" and not tiny else tome_r_matching(exporter, original, sample, pitome_ratio)
+    pitome_ratio = flops_ratio(original, sample, "pitome", 0.9)
+    tome_r = 13 if name == "vit-b" and not tiny else tome_r_matching(original, sample, pitome_ratio)
     out = {"original": (original, {"flops_ratio": 1.0})}
     for key, method, r, attention in (("explicit", "none", None, "explicit"), ("none", "none", None, "auto"),
                                       ("pitome", "pitome", 0.9, "auto"), ("tome", "tome", tome_r, "auto")):
         model, _ = build(name, tiny)
-        out[key] = (exporter.patch(model, method=method, r=r, attention=attention),
-                    {"r": r, "flops_ratio": 1.0 if method == "none" else flops_ratio(exporter, original, sample, method, r)})
-    return {key: (model.to(device=device, dtype=dtype), budget) for key, (model, budget) in out.items()}
+        out[key] = (patch(model, method=method, r=r, attention=attention),
+                    {"r": r, "flops_ratio": 1.0 if method == "none" else flops_ratio(original, sample, method, r)})
+    return {key: (model.to(device=device, dtype=dtype), budget) for key, (model, budget) in out.items()}, make_inputs
 
 
 def primary(result) -> torch.Tensor:
@@ -179,7 +167,7 @@ def example_device(example: dict) -> torch.device:
 
 def measure(callables: dict, input_sets: list[dict], device, rounds: int, warmup: int) -> dict:
     """Medians (ms) of each callable, called in turn, rotating over the input sets, the order
-    rotating each round. Outputs are cloned (CUDA graph outputs are overwritten by the next replay)."""
+    rotating each round."""
     names = list(callables)
     for _ in range(warmup):
         for name in names:
@@ -246,12 +234,8 @@ def environment(device) -> dict:
             pass
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, multiprocessors=props.multi_processor_count, cuda_runtime=torch.version.cuda)
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            env["driver"] = None
+        env.update(gpu=props.name, multiprocessors=props.multi_processor_count, cuda_runtime=torch.version.cuda,
+                   driver=(gpu() or {}).get("driver"))
     else:
         env["cpu"] = platform.processor() or platform.machine()
     return env
@@ -292,7 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="vit-b,minilm", help="comma-separated: vit-b, minilm")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
     parser.add_argument("--batch", default="1,8,32,64", help="comma-separated batch sizes")
-    parser.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    parser.add_argument("--dtype", default="fp16", choices=list(DTYPES))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: trace only, for a smoke run)")
     parser.add_argument("--rounds", type=int, default=50)
@@ -310,17 +294,15 @@ def main(argv=None) -> int:
         raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
     if "graphs" in modes and device.type != "cuda":
         raise SystemExit("--modes graphs needs a CUDA device")
-    dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batch.split(",")]
-    exporter = tokenfuse()
 
     report = {"environment": environment(device), "dtype": args.dtype, "backend": args.backend, "rounds": args.rounds,
               "tiny": args.tiny, "models": []}
     for name in args.models.split(","):
         if name not in ("vit-b", "minilm"):
             raise SystemExit(f"--models: unknown {name!r}; choose vit-b or minilm")
-        _, make_inputs = build(name, args.tiny)
-        models = variants(exporter, name, args.tiny, dtype, device, make_inputs)
+        models, make_inputs = variants(name, args.tiny, dtype, device)
         entry = {"name": name, "budgets": {k: budget for k, (_, budget) in models.items()}, "rows": []}
         report["models"].append(entry)
         for mode in modes:
