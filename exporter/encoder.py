@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from .methods import BIG, MethodConfig, TokenMerge, match
+from .agreement import Decision
+from .methods import BIG, MethodConfig, TokenMerge, match_step
 from .plugin_lowering import MergeNode, merge_op
 
 Tensor = torch.Tensor
@@ -54,10 +55,14 @@ class TokenState:
     valid: Tensor | None = None  # [B,N] bool, False = padding
     positions: Tensor | None = None  # [B,N] causal positions (causal models only)
     frozen: Tensor | None = None  # [B,N] bool: the pooling token at a data-dependent position
-    token_positions: Tensor | None = None  # [B,N] fp32 positions for a relative position bias (MPNet)
+    # [B,N] fp32, for a relative position bias (MPNet): the sum of each token's members' positions.
+    # Sums of integers are exact in any order, so every runtime gets the same mean (sum / size) and
+    # rounds it the same way; a mean merged again would carry rounding that flips a .5 either way.
+    position_sums: Tensor | None = None
     merged: bool = False  # has any layer merged yet (sizes no longer all 1)
     slots: list[Tensor] = field(default_factory=list)  # each merging layer's dst_slot
     replay: list[Tensor] | None = None  # slots to apply instead of the decided ones (validation)
+    decisions: list[Decision] = field(default_factory=list)  # while replaying: each layer's inputs, to judge the replayed slots
     mask: Tensor | None = None  # [B,N] the input attention mask (pooling by input position)
 
     @classmethod
@@ -117,7 +122,7 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
     need_row = merging and settings.method.name == "turbo"
     bias = attention_bias(state, settings.prop_attn)
     if view.position_bias is not None:
-        relative = view.position_bias(state.token_positions)
+        relative = view.position_bias(state.position_sums / state.size[..., 0])
         bias = relative if bias is None else bias + relative
     fused = settings.attention == "fused" or (settings.attention == "auto" and q.is_cuda)
     attn, cls_attn = attend(q, k, v, bias, need_row, state.frozen, fused=fused)
@@ -152,22 +157,14 @@ def _merge(settings: MergeSettings, layer: int, n_out: int, x: Tensor, metric: T
         state.slots.append(slots)
         state.merged = True
         return x
-    plan = match(
-        settings.method,
-        metric,
-        x.shape[1] - n_out,
-        protected=settings.protected,
-        layer=layer,
-        num_layers=len(settings.schedule),
-        cls_attn=cls_attn,
-        valid=state.valid,
-        frozen=state.frozen,
-    )
+    rule, r = settings.method.for_layer(layer, len(settings.schedule)), x.shape[1] - n_out
+    plan = match_step(rule, metric, r, protected=settings.protected, cls_attn=cls_attn, valid=state.valid, frozen=state.frozen)
     state.slots.append(plan.dst_slot)
     if state.replay is not None:  # decide (recorded above), but apply the given decision
+        state.decisions.append(Decision(rule, metric, r, settings.protected, cls_attn, state.valid, state.frozen, plan.dst_slot))
         plan = TokenMerge(state.replay[len(state.slots) - 1], n_out)
-    if state.token_positions is not None:  # before the sizes change: the members' size-weighted mean
-        state.token_positions = _merge_tokens(plan, state.token_positions.unsqueeze(-1), state)[..., 0]
+    if state.position_sums is not None:  # before padding changes: a slot with real tokens sums only theirs
+        state.position_sums = plan.merge_sums(state.position_sums, state.valid)
     if state.valid is None:
         x, state.size = plan.merge(x, state.size)
     else:
@@ -178,13 +175,6 @@ def _merge(settings: MergeSettings, layer: int, n_out: int, x: Tensor, metric: T
         state.frozen = _frozen_last(x, n_out)
     state.merged = True
     return x
-
-
-def _merge_tokens(plan: TokenMerge, t: Tensor, state: TokenState) -> Tensor:
-    """`t` merged as x is (size-weighted, padding kept out of real tokens), sizes left as they are."""
-    if state.valid is None:
-        return plan.merge(t, state.size)[0]
-    return plan.merge_padded(t, state.size, state.valid)[0]
 
 
 def _frozen_last(x: Tensor, n_out: int) -> Tensor:

@@ -131,6 +131,19 @@ class TokenMerge:
         new_size = torch.where(real_size > 0, real_size, assign @ size)
         return ((assign @ (x.float() * weight)) / (assign @ weight)).to(x.dtype), new_size, new_valid
 
+    def merge_sums(self, t: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-slot sums of `t` ([B, N], fp32); with padding (`valid`), a slot holding real tokens
+        sums only theirs, as its size counts only theirs."""
+        if self.identity:
+            return t
+        assign = self._assignment(t.dtype)
+        total = (assign @ t.unsqueeze(-1))[..., 0]
+        if valid is None:
+            return total
+        real = valid.to(t.dtype)
+        real_sum = (assign @ (t * real).unsqueeze(-1))[..., 0]
+        return torch.where((assign @ real.unsqueeze(-1))[..., 0] > 0, real_sum, total)
+
     def merge_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """A slot's causal position is its latest member's, so no query sees a later token."""
         if self.identity:
@@ -187,10 +200,38 @@ def rank_among(key: torch.Tensor, members: torch.Tensor, descending: bool, tiebr
     return ahead.to(torch.int64).sum(-1)
 
 
+def best_partner(sim, candidates):
+    """Each token's most similar candidate (the lowest index among equal maxima)."""
+    return torch.where(candidates.unsqueeze(-2), sim, -BIG).argmax(-1)
+
+
+def place(slot, sources, partner):
+    """Each source takes the slot of its partner."""
+    return torch.where(sources, slot.gather(-1, partner), slot)
+
+
 def _absorb(slot, sim, sources, destinations):
     """Each source takes the slot of its most similar destination."""
-    best = torch.where(destinations.unsqueeze(-2), sim, -BIG).argmax(-1)
-    return torch.where(sources, slot.gather(-1, best), slot)
+    return place(slot, sources, best_partner(sim, destinations))
+
+
+def bipartite_priority(sim, is_b, penalty=None):
+    """ToMe's key for an A token: its best similarity to B (minus Turbo's `penalty`)."""
+    best = torch.where(is_b.unsqueeze(-2), sim, -BIG).amax(-1)
+    return best if penalty is None else best - penalty
+
+
+def bipartite_slots(src, is_a, is_b, protected, order):
+    """Slots before the sources move: protected tokens, kept A tokens, then B tokens, each set in `order`."""
+    pos = torch.arange(src.shape[-1], device=src.device)
+    kept = is_a & ~src
+    n_kept = kept.to(torch.int64).sum(-1, keepdim=True)
+    slot = torch.where(
+        kept,
+        protected + rank_among(order, kept, descending=False),
+        protected + n_kept + rank_among(order, is_b, descending=False),
+    )
+    return torch.where(pos < protected, pos, slot)
 
 
 def _bipartite(sim, r, protected, is_a, is_b, order, penalty=None):
@@ -199,19 +240,8 @@ def _bipartite(sim, r, protected, is_a, is_b, order, penalty=None):
     The r A tokens whose best match in B is strongest (minus `penalty`) merge into it.
     Output: protected tokens, kept A tokens, then B tokens.
     """
-    pos = torch.arange(sim.shape[-1], device=sim.device)
-    best = torch.where(is_b.unsqueeze(-2), sim, -BIG).amax(-1)
-    priority = best if penalty is None else best - penalty
-    src = is_a & (rank_among(priority, is_a, descending=True, tiebreak=order) < r)
-    kept = is_a & ~src
-    n_kept = kept.to(torch.int64).sum(-1, keepdim=True)
-    slot = torch.where(
-        kept,
-        protected + rank_among(order, kept, descending=False),
-        protected + n_kept + rank_among(order, is_b, descending=False),
-    )
-    slot = torch.where(pos < protected, pos, slot)
-    return _absorb(slot, sim, src, is_b)
+    src = is_a & (rank_among(bipartite_priority(sim, is_b, penalty), is_a, descending=True, tiebreak=order) < r)
+    return _absorb(bipartite_slots(src, is_a, is_b, protected, order), sim, src, is_b)
 
 
 def _tome(sim, r, protected, free, penalty=None):
@@ -221,8 +251,8 @@ def _tome(sim, r, protected, free, penalty=None):
     return _bipartite(sim, r, protected, is_a, is_b, pos, penalty)
 
 
-def _pitome(sim, r, protected, free, rule, valid):
-    pos = torch.arange(sim.shape[-1], device=sim.device)
+def pitome_energy(sim, free, rule, valid):
+    """PiToMe's energy of each token over the free (real) tokens; padding gets BIG (it sorts first)."""
     margin = rule.margin
     if rule.variant == "text":
         affinity = torch.exp(-(((1.0 - sim) / (1.0 - margin)) ** 2) / 2.0)
@@ -233,39 +263,75 @@ def _pitome(sim, r, protected, free, rule, valid):
     energy = row_sum(affinity * weights) / weights.sum(-1)
     if valid is not None:
         energy = torch.where(valid, energy, BIG)
-    rank = rank_among(energy, free, descending=True)
+    return energy
 
-    if rule.variant == "bsm":
-        is_a = free & (rank % 2 == 0)
-        is_b = free & (rank % 2 == 1)
-        return _bipartite(sim, r, protected, is_a, is_b, rank)
 
+def pitome_sets(rank, free, r, variant):
+    """The mergeable tokens, A (sources) and B (destinations) from the energy rank: the top 2r
+    alternate (every free token for BSM), or A = the top r and B the next r (text)."""
+    if variant == "bsm":
+        return free, free & (rank % 2 == 0), free & (rank % 2 == 1)
     mergeable = free & (rank < 2 * r)
-    if rule.variant == "text":
-        is_a, is_b = mergeable & (rank < r), mergeable & (rank >= r)
-    else:
-        is_a, is_b = mergeable & (rank % 2 == 0), mergeable & (rank % 2 == 1)
+    if variant == "text":
+        return mergeable, mergeable & (rank < r), mergeable & (rank >= r)
+    return mergeable, mergeable & (rank % 2 == 0), mergeable & (rank % 2 == 1)
+
+
+def pitome_slots(rank, free, r, protected, mergeable, is_b):
+    """Slots before the sources move: protected tokens, the kept ones by energy rank, then B by rank."""
+    pos = torch.arange(rank.shape[-1], device=rank.device)
     kept_count = free.to(torch.int64).sum(-1, keepdim=True) - 2 * r
     slot = torch.where(
         mergeable,
         protected + kept_count + rank_among(rank, is_b, descending=False),
         protected + rank - 2 * r,
     )
-    slot = torch.where(pos < protected, pos, slot)
-    return _absorb(slot, sim, is_a, is_b)
+    return torch.where(pos < protected, pos, slot)
+
+
+def _pitome(sim, r, protected, free, rule, valid):
+    rank = rank_among(pitome_energy(sim, free, rule, valid), free, descending=True)
+    mergeable, is_a, is_b = pitome_sets(rank, free, r, rule.variant)
+    if rule.variant == "bsm":
+        return _bipartite(sim, r, protected, is_a, is_b, rank)
+    return _absorb(pitome_slots(rank, free, r, protected, mergeable, is_b), sim, is_a, is_b)
+
+
+def crossget_scores(sim, free):
+    """Similarities between distinct free tokens; every other pair -BIG."""
+    pos = torch.arange(sim.shape[-1], device=sim.device)
+    allowed = free.unsqueeze(-1) & free.unsqueeze(-2) & (pos.unsqueeze(-1) != pos)
+    return torch.where(allowed, sim, -BIG)
+
+
+def crossget_key(scores, ranked_lower):
+    """A token's best similarity among the tokens ranked below it (`ranked_lower[i, j]`: j is)."""
+    return torch.where(ranked_lower, scores, -BIG).amax(-1)
+
+
+def dst_slots(dst, protected):
+    """CrossGET's slots before the sources move: protected tokens, then destinations in position order."""
+    pos = torch.arange(dst.shape[-1], device=dst.device)
+    return torch.where(pos < protected, pos, protected + rank_among(pos, dst, descending=False))
 
 
 def _crossget(sim, r, protected, free):
-    pos = torch.arange(sim.shape[-1], device=sim.device)
-    allowed = free.unsqueeze(-1) & free.unsqueeze(-2) & (pos.unsqueeze(-1) != pos)
-    scores = torch.where(allowed, sim, -BIG)
+    scores = crossget_scores(sim, free)
     redundancy_rank = rank_among(scores.amax(-1), free, descending=True)
     ranked_lower = redundancy_rank.unsqueeze(-2) > redundancy_rank.unsqueeze(-1)
-    masked_max = torch.where(ranked_lower, scores, -BIG).amax(-1)
-    src = free & (rank_among(masked_max, free, descending=True) < r)
+    src = free & (rank_among(crossget_key(scores, ranked_lower), free, descending=True) < r)
     dst = free & ~src
-    slot = torch.where(pos < protected, pos, protected + rank_among(pos, dst, descending=False))
-    return _absorb(slot, scores, src, dst)
+    return _absorb(dst_slots(dst, protected), scores, src, dst)
+
+
+def prepare(metric, protected, valid, frozen):
+    """The pair scores every method decides on, and the tokens free to merge."""
+    batch, n, _ = metric.shape
+    sim = separate_padding(cosine_similarity(metric.float()), valid)
+    free = (torch.arange(n, device=metric.device) >= protected).expand(batch, n)
+    if frozen is not None:
+        free = free & ~frozen
+    return sim, free
 
 
 def max_removable(method: str, n: int, protected: int) -> int:
@@ -318,10 +384,7 @@ def match_step(
     limit = max_removable(rule.name, n, protected + (frozen is not None))
     if r > limit:
         raise ValueError(f"{rule.name} can remove at most {limit} of {n} tokens in one layer, asked for {r}")
-    sim = separate_padding(cosine_similarity(metric.float()), valid)
-    free = (torch.arange(n, device=metric.device) >= protected).expand(batch, n)
-    if frozen is not None:
-        free = free & ~frozen
+    sim, free = prepare(metric, protected, valid, frozen)
     if rule.name == "tome":
         slot = _tome(sim, r, protected, free)
     elif rule.name == "turbo":

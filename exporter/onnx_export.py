@@ -27,17 +27,28 @@ from .budgets import BudgetReport
 from .encoder import MergeSettings
 from .errors import UsageError
 from .files import atomic_outputs
-from . import plugin_lowering
+from . import agreement, plugin_lowering
 
 DEFAULT_OPSET = 18
-# Validation fails outside these. In fp32 the ONNX file must compute what PyTorch computes; in
-# fp16 the two runtimes round differently, so the error is taken relative to the output's scale.
-# Merge decisions may differ only at near-ties; a lower share means the graph decides differently.
+# Validation fails outside these (docs/validation.md says what each measures).
+# - near_tie: how far apart two scores (cosines, energies, ToMe priorities) may be for either order
+#   to count as right; fp32 runtimes differ by ~1e-6 on a layer's scores, fp16 ones by ~1e-3.
+# - merge_agreement: the share of tokens whose slot is right up to near-ties, in the worst layer.
+# - same decisions (ONNX Runtime's, replayed in PyTorch): max_abs_error (fp32) or max_rel_error
+#   (fp16, relative to each output's largest value) over every output, and cosine_min per sample.
+# - free-running (each runtime its own decisions), on the outputs users get (pooled embeddings,
+#   logits; not the token outputs, whose order legitimately differs): per-sample cosine and the
+#   largest error relative to the output's largest value.
 TOLERANCES = {
-    "fp32": {"max_abs_error": 1e-3, "max_rel_error": None, "cosine_min": 0.9999, "merge_agreement": 0.95},
-    "fp16": {"max_abs_error": None, "max_rel_error": 2e-2, "cosine_min": 0.999, "merge_agreement": 0.75},
+    "fp32": {"near_tie": 1e-4, "merge_agreement": 0.999, "max_abs_error": 1e-3, "max_rel_error": None, "cosine_min": 0.9999,
+             "free_running_cosine_min": 0.99, "free_running_max_rel_error": 0.1},
+    "fp16": {"near_tie": 1e-2, "merge_agreement": 0.99, "max_abs_error": None, "max_rel_error": 2e-2, "cosine_min": 0.999,
+             "free_running_cosine_min": 0.98, "free_running_max_rel_error": 0.25},
 }
-LOWER_BOUNDS = {"cosine_min", "merge_agreement"}  # the other tolerances are upper bounds
+LOWER_BOUNDS = {"cosine_min", "merge_agreement", "free_running_cosine_min"}  # the other gates are upper bounds
+GATES = ("merge_agreement", "max_abs_error", "max_rel_error", "cosine_min", "free_running_cosine_min", "free_running_max_rel_error")
+TOKEN_OUTPUTS = ("last_hidden_state", "token_sizes", "token_mask")  # per token: their order depends on the decisions
+VALIDATION_INPUTS = (("random", 1), ("random", 3), ("natural", 3))  # (kind, batch): the adapter's <kind>_inputs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TOPK_LIMIT = 3840  # TensorRT's largest TopK K
 PROTOBUF_LIMIT = 2**31 - 2**24  # one ONNX protobuf, with room for the graph itself
@@ -117,31 +128,56 @@ def strip_slots(model: onnx.ModelProto) -> onnx.ModelProto:
     return shipped
 
 
-def _compare(expected: dict, got: dict) -> tuple[float, float, float]:
-    """Max abs error over all outputs, the same relative to each output's largest value, and the
-    smallest per-sample cosine of the primary output."""
-    errors, relative = {}, 0.0
+def _errors(expected: dict, got: dict) -> tuple[float, float, float]:
+    """Max abs error over `expected`'s outputs, the same relative to each output's largest value,
+    and the smallest per-sample cosine over them."""
+    error, relative, cosine = 0.0, 0.0, 1.0
     for name, value in expected.items():
-        ref = value.numpy()
-        errors[name] = float(np.abs(got[name].astype(np.float64) - ref).max())
-        relative = max(relative, errors[name] / max(float(np.abs(ref).max()), 1e-12))
-    error = max(errors.values())
-    primary = next(iter(expected))
-    ref = expected[primary].numpy().reshape(len(got[primary]), -1).astype(np.float64)
-    out = got[primary].reshape(len(ref), -1).astype(np.float64)
-    cosine = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
-    return error, relative, float(cosine.min())
+        ref = value.numpy().astype(np.float64).reshape(len(value), -1)
+        out = got[name].astype(np.float64).reshape(len(ref), -1)
+        diff = float(np.abs(out - ref).max())
+        error, relative = max(error, diff), max(relative, diff / max(float(np.abs(ref).max()), 1e-12))
+        cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
+        cosine = min(cosine, float(np.where(np.linalg.norm(ref, axis=1) > 0, cos, 1.0).min()))
+    return error, relative, cosine
 
 
-def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, batches=(1, 3), seed: int | None = None, dtype: str = "fp32") -> dict:
-    """ONNX Runtime (CPU) vs the merged PyTorch model on fresh random inputs at each batch size.
+def _validate_case(adapter: Adapter, settings: MergeSettings, session, inputs: dict, near_tie: float) -> dict:
+    """One input batch: ONNX Runtime's outputs and decisions against PyTorch's."""
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
+    ort_slots = [torch.from_numpy(got[n]) for n in names if n.startswith("merge_slots.")]
+    with torch.no_grad():
+        free, _ = adapter.run(settings, inputs)
+        replayed, state = adapter.run(settings, inputs, replay=ort_slots)
+    layers = [agreement.judge(decision, theirs, near_tie) for decision, theirs in zip(state.decisions, ort_slots)]
+    error, relative, cosine = _errors(replayed, got)
+    users = {name: value for name, value in free.items() if name not in TOKEN_OUTPUTS}
+    _, free_relative, free_cosine = _errors(users, got)
+    return {
+        "max_abs_error": error,
+        "max_rel_error": relative,
+        "cosine_min": cosine,
+        "merge_agreement": min((a.near_tie_aware for a in layers), default=1.0),
+        "merge_agreement_raw": min((a.raw for a in layers), default=1.0),
+        "near_ties_excused": sum(a.excused for a in layers),
+        "merge_agreement_by_layer": [a.near_tie_aware for a in layers],
+        "free_running_cosine_min": free_cosine,
+        "free_running_max_rel_error": free_relative,
+        "free_running_outputs": list(users),
+    }
+
+
+def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, seed: int | None = None, dtype: str = "fp32") -> dict:
+    """ONNX Runtime (CPU) vs the merged PyTorch model on fresh inputs: random ones and ones with
+    real inputs' statistics (VALIDATION_INPUTS).
 
     Merge decisions are discrete: where two scores tie to within float rounding, ONNX Runtime and
-    PyTorch may order them differently, and from that layer on the two models see different
-    tokens. So PyTorch replays ONNX Runtime's decisions layer by layer while still making its own:
-    the share of its own decisions that agree (on the same layer input, so one near-tie cannot
-    spread to later layers) and the output error with the same decisions must both be within
-    tolerance. The free-running error (each model its own decisions) is reported beside them.
+    PyTorch may choose differently, and from that layer on the two models see different tokens.
+    So PyTorch replays ONNX Runtime's decisions layer by layer while still making its own on the
+    same layer input: ONNX Runtime's decisions must be right up to near-ties on PyTorch's scores
+    (agreement.judge), and the outputs with the same decisions must match closely. Free-running
+    (each its own decisions), the outputs users get must still agree.
     """
     import onnxruntime as ort
 
@@ -152,39 +188,24 @@ def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, batches
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
     seed = int(time.time_ns() % 2**31) if seed is None else seed
     generator = torch.Generator().manual_seed(seed)
-    report = {"seed": seed, "batches": {}}
-    for batch in batches:
-        inputs = adapter.random_inputs(batch, generator)
-        got = dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
-        ort_slots = [torch.from_numpy(got[n]) for n in names if n.startswith("merge_slots.")]
-        with torch.no_grad():
-            free, _ = adapter.run(settings, inputs)
-            replayed, state = adapter.run(settings, inputs, replay=ort_slots)
-        agree = [float((mine == theirs).float().mean()) for mine, theirs in zip(state.slots, ort_slots)]
-        error, relative, cosine = _compare(replayed, got)
-        free_error, _, free_cosine = _compare(free, got)
-        report["batches"][str(batch)] = {
-            "max_abs_error": error,
-            "max_rel_error": relative,
-            "cosine_min": cosine,
-            "merge_agreement": min(agree, default=1.0),
-            "merge_agreement_by_layer": agree,
-            "free_running_max_abs_error": free_error,
-            "free_running_cosine_min": free_cosine,
-        }
-    per_batch = list(report["batches"].values())
-    for key, pick in (("max_abs_error", max), ("max_rel_error", max), ("cosine_min", min), ("merge_agreement", min),
-                      ("free_running_max_abs_error", max), ("free_running_cosine_min", min)):
-        report[key] = pick(b[key] for b in per_batch)
     limits = TOLERANCES[dtype]
+    cases = {}
+    for kind, batch in VALIDATION_INPUTS:
+        inputs = getattr(adapter, f"{kind}_inputs")(batch, generator)
+        cases[f"{kind}-{batch}"] = _validate_case(adapter, settings, session, inputs, limits["near_tie"])
+    report = {"seed": seed, "cases": cases}
+    for key in GATES:
+        values = [case[key] for case in cases.values()]
+        report[key] = min(values) if key in LOWER_BOUNDS else max(values)
+    report["merge_agreement_raw"] = min(case["merge_agreement_raw"] for case in cases.values())
+    report["near_ties_excused"] = sum(case["near_ties_excused"] for case in cases.values())
     report["tolerance"] = limits
     report["failures"] = [
-        f"{key} {report[key]:.3g} ({'at least' if key in LOWER_BOUNDS else 'at most'} {limit})"
-        for key, limit in limits.items()
-        if limit is not None and (report[key] < limit if key in LOWER_BOUNDS else report[key] > limit)
+        f"{key} {report[key]:.3g} ({'at least' if key in LOWER_BOUNDS else 'at most'} {limits[key]})"
+        for key in GATES
+        if limits[key] is not None and (report[key] < limits[key] if key in LOWER_BOUNDS else report[key] > limits[key])
     ]
     report["passed"] = not report["failures"]
     return report
@@ -282,12 +303,14 @@ def export_onnx(
         validation = None
         if run_validation:
             started = time.time()
-            log(f"[2/3] validating in ONNX Runtime (CPU) against PyTorch ({dtype}) at batch 1 and 3 ...")
+            log(f"[2/3] validating in ONNX Runtime (CPU) against PyTorch ({dtype}) on {len(VALIDATION_INPUTS)} input batches ...")
             validation = validate(adapter, settings, traced_path, seed=seed, dtype=dtype)
             log(
-                f"      merge decisions agreeing {validation['merge_agreement']:.4f}; with the same decisions: "
-                f"max abs error {validation['max_abs_error']:.2e} (relative {validation['max_rel_error']:.1e}), cosine {validation['cosine_min']:.6f}; "
-                f"free-running: max abs error {validation['free_running_max_abs_error']:.2e} ({time.time() - started:.1f}s)"
+                f"      merge decisions right up to near-ties {validation['merge_agreement']:.4f} "
+                f"(identical {validation['merge_agreement_raw']:.4f}, {validation['near_ties_excused']} near-tie tokens excused); "
+                f"with the same decisions: max abs error {validation['max_abs_error']:.2e} (relative {validation['max_rel_error']:.1e}), "
+                f"cosine {validation['cosine_min']:.6f}; free-running outputs: cosine {validation['free_running_cosine_min']:.6f}, "
+                f"relative error {validation['free_running_max_rel_error']:.1e} ({time.time() - started:.1f}s)"
             )
             if not validation["passed"]:
                 raise UsageError(f"validation failed: {'; '.join(validation['failures'])}; nothing written")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenfuse.exporter.agreement import Decision
 from tokenfuse.exporter.methods import LayerRule, TokenMerge, match_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,12 +224,18 @@ def run_driver(driver: Path, cases: list[MergeCase], work_dir: Path, env: dict |
     return done, results
 
 
-def torch_merge(case: MergeCase) -> MergeResult:
-    """The exporter's merge of the same case: match_step, then the shared size-weighted merge."""
+def decision(case: MergeCase) -> Decision:
+    """The exporter's decision of the same case (match_step), to judge a kernel's slots by."""
     metric = torch.from_numpy(case.metric)
     cls_attn = torch.from_numpy(case.cls_attn) if case.rule.name == "turbo" else None
     merge = match_step(case.rule, metric, case.r, protected=case.protected, cls_attn=cls_attn)
-    if merge.identity:
-        merge = TokenMerge(merge.dst_slot, merge.num_out)
+    return Decision(case.rule, metric, case.r, case.protected, cls_attn, None, None, merge.dst_slot)
+
+
+def torch_merge(case: MergeCase, slots: np.ndarray | None = None) -> MergeResult:
+    """The exporter's merge of the same case: match_step (or the given slots), then the shared
+    size-weighted merge."""
+    dst_slot = decision(case).slots if slots is None else torch.from_numpy(slots).to(torch.int64)
+    merge = TokenMerge(dst_slot, case.x.shape[1] - case.r)
     x, size = merge.merge(torch.from_numpy(case.x), torch.from_numpy(case.size).unsqueeze(-1))
     return MergeResult(0, merge.dst_slot.to(torch.int32).numpy(), x.numpy(), size[..., 0].numpy())

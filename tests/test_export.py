@@ -23,6 +23,8 @@ import torch
 from gates import assert_validated_exactly
 from tokenfuse.engines.build import compile_engine
 from tokenfuse.exporter import export
+from tokenfuse.exporter.agreement import judge
+from tokenfuse.exporter.onnx_export import TOLERANCES
 from tokenfuse.exporter.settings import MergeOptions
 
 METHODS = ["none", "tome", "pitome", "crossget", "turbo"]
@@ -63,19 +65,16 @@ def _ort_outputs(session, inputs):
     return dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
 
 
-# Measured with these seeds: every decision agrees, except one near-tie that ONNX Runtime and
-# PyTorch order differently in one layer of ViT-Ti's PiToMe at batch 2 (2 of 262 tokens; 130/131).
-MEASURED_AGREEMENT = {("vit-ti", "pitome", 2): 130 / 131}
-
-
 @pytest.mark.parametrize("model, method", cases(("vit-ti", "vit-b", "minilm")))
 def test_onnx_matches_merged_pytorch(shared_exports, model, method):
     """Same decisions, same numbers: <= 1e-4 max abs error; decisions differ only at near-ties.
 
     The shipped file keeps each layer's slot tensor (named merge_slots.i) inside the graph; the
     shipped graph with those listed as outputs (built in memory) gives ONNX Runtime's decisions,
-    which PyTorch replays while still making its own. The shipped file itself must give the same
-    outputs bit for bit.
+    which PyTorch replays while still making its own: every one must be right up to near-ties
+    (agreement.judge at the fp32 validation tolerance; which side of a near-tie a CPU lands on
+    varies between hosts, so raw agreement is not pinned). The shipped file itself must give the
+    same outputs bit for bit.
     """
     adapter = shared_exports.adapter(model)
     path, manifest = shared_exports.get(model, method)
@@ -90,8 +89,8 @@ def test_onnx_matches_merged_pytorch(shared_exports, model, method):
             free, _ = adapter.run(settings, inputs)
             replayed, state = adapter.run(settings, inputs, replay=slots)
         assert list(shipped) == [k for k in got if not k.startswith("merge_slots.")] == list(free)
-        agreement = [float((mine == theirs).float().mean()) for mine, theirs in zip(state.slots, slots)]
-        assert min(agreement, default=1.0) == pytest.approx(MEASURED_AGREEMENT.get((model, method, batch), 1.0), abs=1e-6), agreement
+        judged = [judge(decision, theirs, TOLERANCES["fp32"]["near_tie"]) for decision, theirs in zip(state.decisions, slots)]
+        assert len(judged) == len(slots) and all(j.wrong == 0 for j in judged), judged
         for name in free:
             assert got[name].shape == tuple(free[name].shape)
             assert np.abs(shipped[name] - got[name]).max() == 0.0
@@ -127,13 +126,13 @@ def test_manifest_is_the_contract(shared_exports):
     assert on_disk == json.loads(json.dumps(manifest))
     assert on_disk["model"] == "timm:vit_base_patch16_224" and on_disk["method"] == "pitome"
     assert on_disk["schedule"][-1] == 60
-    assert len(onnx.load(str(path)).graph.node) == 4153  # README: against 1,049 with --lowering plugin
+    assert len(onnx.load(str(path)).graph.node) == 4069  # README: against 1,049 with --lowering plugin
     assert on_disk["budget"]["flops_ratio"] == pytest.approx(0.565, abs=0.001)
     assert on_disk["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 224, 224]}]
     assert [o["name"] for o in on_disk["outputs"]] == ["logits", "last_hidden_state", "token_sizes"]
     assert on_disk["outputs"][1]["shape"] == ["batch", 60, 768]
     assert on_disk["opset"] >= 17 and on_disk["tokenfuse_version"]
-    assert set(on_disk["validation"]["batches"]) == {"1", "3"}
+    assert set(on_disk["validation"]["cases"]) == {"random-1", "random-3", "natural-3"}
     for key in ("margin", "alpha", "proportional_attention", "protected_tokens", "metric"):
         assert key in on_disk["settings"]
     assert on_disk["preprocess"]["kind"] == "image" and on_disk["preprocess"]["size"] == [224, 224]
@@ -179,9 +178,9 @@ def test_fp16_export_validates_keeps_fp32_io_and_builds(tmp_path):
     manifest = export("timm:vit_base_patch16_224", path, random_init=True, method="pitome", r=0.9, dtype="fp16", seed=3, log=lambda *_: None)
     validation = manifest["validation"]
     assert manifest["dtype"] == "fp16" and validation["passed"], validation
-    # measured with seed 3 (and --random-init's fixed weights): 0.893 of the decisions agree (half
-    # precision flips near-ties), relative error 1.75e-3, cosine 0.9999989
-    assert validation["merge_agreement"] >= 0.89 and validation["max_rel_error"] <= 2.5e-3, validation
+    # half precision flips many near-ties (raw agreement below 1), which the gate excuses
+    assert validation["merge_agreement_raw"] < 1.0 and validation["near_ties_excused"] > 0, validation
+    assert validation["max_rel_error"] <= 5e-3, validation
     assert validation["cosine_min"] >= 0.99999, validation
     assert {o["dtype"] for o in manifest["inputs"] + manifest["outputs"]} == {"float32"}
     graph = onnx.load(str(path))

@@ -11,7 +11,8 @@ import pytest
 import timm
 import torch
 
-from gates import assert_validated_exactly
+from gates import assert_validated_exactly, validate_under_seeds
+from trained_like import trained_like
 from tokenfuse.engines.build import compile_engine
 from tokenfuse.exporter import export, load_model, patch
 from tokenfuse.exporter.adapters import adapter_for
@@ -112,6 +113,18 @@ def test_merged_exports_validate_and_build(family_dirs, name, method, tmp_path):
         assert compile_engine(out, batch=(1, 2, 2), log=lambda *_: None)[0]
 
 
+@pytest.mark.parametrize("name", EXPORTED)
+def test_trained_like_statistics_validate_for_every_method_under_any_seed(family_dirs, name, tmp_path):
+    """Anisotropic keys (tests/trained_like.py) crowd candidate scores within rounding of each other:
+    every method still validates, under five seeds each (random and natural inputs)."""
+    adapter = _load(family_dirs, name)
+    trained_like(adapter.model)
+    for method in METHODS:
+        settings, _ = MergeOptions(method=method, r=0.8, turbo_threshold=0).resolve(adapter)
+        for report in validate_under_seeds(adapter, settings, tmp_path, range(5)):
+            assert report["passed"], (method, report["seed"], report["failures"])
+
+
 def _timm_map_models():
     small = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
     return {
@@ -188,12 +201,14 @@ def test_mpnet_merged_tokens_sit_at_their_members_mean_position(family_dirs):
     for layer_slots in state.slots:
         slot = layer_slots.gather(1, slot)
     real = inputs["attention_mask"] > 0
-    final = state.token_positions.shape[1]
+    final = state.position_sums.shape[1]
     members = (slot.unsqueeze(1) == torch.arange(final)[None, :, None]) & real.unsqueeze(1)  # [B, K, N]
     expected = (members * torch.arange(SEQ_LEN)).sum(-1) / members.sum(-1).clamp(min=1)
     keep = out["token_mask"] > 0
     assert (members.sum(-1) > 1).any()  # some real tokens did merge
-    assert torch.allclose(state.token_positions[keep], expected[keep].float(), atol=1e-3)
+    positions = state.position_sums / state.size[..., 0]
+    assert torch.equal(state.position_sums[keep], (members * torch.arange(SEQ_LEN)).sum(-1)[keep].float())  # exact sums
+    assert torch.allclose(positions[keep], expected[keep].float(), atol=1e-6)
 
 
 def test_mpnet_strong_position_bias_still_equals_the_model(family_dirs):

@@ -1,5 +1,5 @@
 """The GPU harness (scripts/plugin_gpu_check.py) cannot run here (no GPU); its pure parts can: the
-near-tie gate and the report it writes to docs/plugin-gpu.md."""
+slot gate and the report it writes to docs/plugin-gpu.md."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-import reference
-from tokenfuse.exporter.methods import LayerRule
+from tokenfuse.exporter import agreement, methods
+from tokenfuse.exporter.agreement import Decision
+from tokenfuse.exporter.methods import LayerRule, match_step
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plugin_gpu_check.py"
 
@@ -26,40 +26,52 @@ def harness():
     return module
 
 
-def test_gate_excludes_only_near_ties_and_counts_them(harness):
-    want = np.array([[0, 1, 2, 1], [0, 1, 2, 2], [0, 1, 1, 2]])
-    got = want.copy()
-    got[1, 3] = 1  # differs in a near-tie element: left out, counted
-    gate = harness.slot_gate(got, want, near=np.array([False, True, False]))
-    assert gate == {"elements": 3, "near_tie_elements": 1, "differing_elements": 1, "differing_outside_near_ties": 0, "passed": True}
-    got[2, 2] = 2  # differs where the keys were far apart: fails
-    assert not harness.slot_gate(got, want, near=np.array([False, True, False]))["passed"]
+def _decision(rule, metric, r, protected=1):
+    plan = match_step(rule, metric, r, protected=protected)
+    return Decision(rule, metric, r, protected, None, None, None, plan.dst_slot)
 
 
-def test_near_ties_found_by_the_float64_reference(harness):
-    """Two tokens whose best matches differ by about 1e-7 are a near tie; well-separated data is not."""
-    rng = np.random.default_rng(0)
-    wide = rng.standard_normal((1, 9, 4)).astype(np.float32) * np.arange(1, 10)[None, :, None]
-    close = np.zeros((1, 5, 2), np.float32)
-    close[0, :, 0] = 1.0
-    close[0, :, 1] = [0.0, 0.5, 1.0, 0.5 + 1e-7, 3.0]  # B tokens 1 and 3 almost alike
-    rule = LayerRule("tome")
-    assert harness.near_tie_elements(reference, rule, close, 1, 0, None, bound=1e-5).tolist() == [True]
-    assert harness.near_tie_elements(reference, rule, close, 1, 0, None, bound=1e-12).tolist() == [False]
-    nan = wide.copy()
-    nan[0, 2, 0] = np.nan
-    assert harness.near_tie_elements(reference, rule, nan, 2, 1, None).tolist() == [False]
+def test_gate_excuses_near_ties_only_where_inputs_are_not_exact_ties(harness):
+    """Two B tokens a rounding error apart: either partner is right on random inputs, but on the
+    exact-tie inputs (which test the tie-breaking itself) only PyTorch's; a far-off partner fails."""
+    close = torch.ones(1, 6, 2)
+    close[0, :, 1] = torch.tensor([0.0, 0.5, 0.5, 0.5 + 1e-7, 2.0, 3.0])  # A token 2 sees B tokens 1 and 3 almost alike
+    decision = _decision(LayerRule("tome"), close, 1, protected=0)
+    want = decision.slots
+    assert want[0, [0, 4, 1, 3, 5]].tolist() == [0, 1, 2, 3, 4] and int(want[0, 2]) in (2, 3)  # token 2 merges into 1 or 3
+    flipped = want.clone()
+    flipped[0, 2] = 5 - want[0, 2]  # into the other near-tied partner
+    gate = harness.slot_gate(agreement, decision, flipped, exact=False)
+    assert gate == {"tokens": 6, "identical": 5, "excused": 1, "wrong": 0, "passed": True}
+    assert not harness.slot_gate(agreement, decision, flipped, exact=True)["passed"]
+    far = want.clone()
+    far[0, 2] = want[0, 5]  # B token 5 (cosine 0.71 with token 2) is far less similar
+    assert harness.slot_gate(agreement, decision, far, exact=False)["wrong"] == 1
+
+
+def test_gate_catches_a_wrong_kernel_on_random_inputs(harness):
+    """A kernel that merges into the least similar partner fails; the old gate excused every random case."""
+    metric = torch.randn(4, 197, 64, generator=torch.Generator().manual_seed(0))
+    rule = LayerRule("pitome", margin=0.675)
+    decision = _decision(rule, metric, 60)
+    real = methods.best_partner
+    try:
+        methods.best_partner = lambda sim, candidates: torch.where(candidates.unsqueeze(-2), sim, methods.BIG).argmin(-1)
+        wrong = match_step(rule, metric, 60).dst_slot
+    finally:
+        methods.best_partner = real
+    gate = harness.slot_gate(agreement, decision, wrong, exact=False)
+    assert not gate["passed"] and gate["wrong"] >= 4 * 60 * 0.9, gate
 
 
 def test_report_holds_every_row_and_the_environment(harness):
     environment = {"device": "NVIDIA H100", "driver": "580.1", "CUDA (torch)": "13.0", "torch": "2.11"}
     correctness = [{"inputs": "random", "method": "pitome", "variant": "plain", "dtype": "float16", "n": 1024, "d": 64,
-                    "elements": 8, "near_tie_elements": 2, "differing_elements": 1, "differing_outside_near_ties": 0,
-                    "max_rel_error": 3e-3, "passed": True}]
+                    "tokens": 8192, "identical": 8150, "excused": 42, "wrong": 0, "max_rel_error": 3e-3, "passed": True}]
     timings = [{"method": "tome", "variant": "plain", "batch": 64, "n": 197, "d": 64, "merge_ms": 0.012, "block_ms": 0.3}]
     text = harness.markdown_report(environment, correctness, timings, {"racecheck": {"returncode": 0, "summary": "ERROR SUMMARY: 0 errors"}},
                                    "python scripts/plugin_gpu_check.py --sanitize")
-    for expected in ("NVIDIA H100", "580.1", "| torch | 2.11 |", "| random | pitome | plain | float16 | 1024 | 64 | 8 | 2 | 1 (0) | 3.00e-03 | yes |",
+    for expected in ("NVIDIA H100", "580.1", "| torch | 2.11 |", "| random | pitome | plain | float16 | 1024 | 64 | 8192 | 8150 | 42 | 0 | 3.00e-03 | yes |",
                      "| tome | plain | 64 | 197 | 64 | 0.0120 | 0.3000 | 4.0% |", "| racecheck | 0 | ERROR SUMMARY: 0 errors |",
                      "`python scripts/plugin_gpu_check.py --sanitize`"):
         assert expected in text

@@ -88,6 +88,10 @@ class Adapter:
     def random_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def natural_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Inputs with the statistics of real ones (validation checks its gates where users are)."""
+        raise NotImplementedError
+
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, TokenState]:
         raise NotImplementedError
 
@@ -197,6 +201,16 @@ class ImageAdapter(Adapter):
     def random_inputs(self, batch, generator):
         return {"pixel_values": torch.randn(batch, self.channels, *self.image_size, generator=generator)}
 
+    def natural_inputs(self, batch, generator):
+        """Photograph-like pixels, normalised as the model's preprocessing does: a 1/f amplitude
+        spectrum (smooth areas and edges at every scale), correlated channels and, in every other
+        image, a flat region (sky, a wall, a studio background) whose patches are identical."""
+        pixels = natural_pixels(batch, self.channels, self.image_size, generator)
+        spec = self.preprocess()
+        mean = torch.tensor(spec.get("mean") or [0.5] * self.channels).view(1, -1, 1, 1)
+        std = torch.tensor(spec.get("std") or [0.5] * self.channels).view(1, -1, 1, 1)
+        return {"pixel_values": (pixels - mean) / std}
+
 
 class TextAdapter(Adapter):
     """Text encoders: exported at a fixed sequence length, any length when patched in PyTorch."""
@@ -216,6 +230,89 @@ class TextAdapter(Adapter):
 
     def input_specs(self):
         return text_spec(self.seq_len)
+
+    def natural_inputs(self, batch, generator):
+        """Token ids as the model's tokenizer gives them: its special tokens around a body of
+        vocabulary ids drawn with Zipf's law (frequent ids first, as WordPiece and BPE vocabularies
+        roughly are), lengths log-uniform from a 3-token query to the full length, then padding."""
+        vocab = self.vocabulary()
+        body = vocab.body_ids[_zipf(len(vocab.body_ids), (batch, self.seq_len), generator)]
+        room = self.seq_len - len(vocab.prefix) - len(vocab.suffix)
+        low, high = torch.tensor(float(min(3, room))).log(), torch.tensor(float(room)).log()
+        lengths = (low + (high - low) * torch.rand(batch, generator=generator)).exp().round().to(torch.int64)
+        ids = torch.full((batch, self.seq_len), vocab.pad_id, dtype=torch.int64)
+        mask = torch.zeros(batch, self.seq_len, dtype=torch.int64)
+        for row, length in enumerate(lengths.tolist()):
+            tokens = torch.tensor([*vocab.prefix, *body[row, :length].tolist(), *vocab.suffix], dtype=torch.int64)
+            ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def vocabulary(self) -> "Vocabulary":
+        """The tokenizer's special tokens and ordinary ids (from the model's config without one)."""
+        if getattr(self, "_vocabulary", None) is None:
+            self._vocabulary = Vocabulary.of(self.directory, self.model.config)
+        return self._vocabulary
+
+
+@dataclass
+class Vocabulary:
+    prefix: list[int]  # special ids before the text ([CLS], <s>, <|startoftext|>)
+    suffix: list[int]  # and after it ([SEP], </s>, <|endoftext|>)
+    pad_id: int
+    body_ids: torch.Tensor  # ordinary tokens, in vocabulary order
+
+    @classmethod
+    def of(cls, directory: Path | None, config) -> "Vocabulary":
+        tokenizer = None
+        if directory is not None and any((directory / f).exists() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        if tokenizer is None:
+            specials = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")}
+            first, last = getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None)
+            prefix, suffix = ([i for i in (e,) if i is not None and i < config.vocab_size] for e in (first, last))
+            pad = getattr(config, "pad_token_id", None)
+            body = [i for i in range(config.vocab_size) if i not in specials]
+            return cls(prefix, suffix, 0 if pad is None else pad, torch.tensor(body))
+        framed = tokenizer("a")["input_ids"]
+        text = tokenizer("a", add_special_tokens=False)["input_ids"]
+        at = next(i for i in range(len(framed)) if framed[i:i + len(text)] == text)
+        special = set(tokenizer.all_special_ids)
+        pieces = tokenizer.convert_ids_to_tokens(list(range(config.vocab_size)))
+        body = [i for i, piece in enumerate(pieces) if piece is not None and i not in special and not _unused(piece)]
+        body = body or [i for i in range(config.vocab_size) if i not in special]  # a tokenizer that knows only its specials
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(framed[:at], framed[at + len(text):], pad, torch.tensor(body))
+
+
+def _unused(piece: str) -> bool:
+    """Entries rare in text: placeholders ([unused12], <unused3>, <extra_id_0>) and lone non-ASCII characters."""
+    return piece.startswith(("[unused", "<unused", "<extra_id")) or (len(piece) == 1 and not piece.isascii())
+
+
+def _zipf(size: int, shape, generator: torch.Generator) -> torch.Tensor:
+    """Ranks in [0, size) drawn with probability proportional to 1 / (rank + 10)."""
+    weights = 1.0 / (torch.arange(size, dtype=torch.float64) + 10.0)
+    return torch.multinomial(weights, int(torch.tensor(shape).prod()), replacement=True, generator=generator).view(shape)
+
+
+def natural_pixels(batch: int, channels: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """[batch, channels, H, W] in [0, 1]: see ImageAdapter.natural_inputs."""
+    height, width = size
+    fy, fx = torch.fft.fftfreq(height).view(-1, 1), torch.fft.rfftfreq(width).view(1, -1)
+    amplitude = 1.0 / (fx**2 + fy**2).sqrt().clamp(min=1.0 / max(height, width))
+    shape = (batch, channels + 1, height, width // 2 + 1)
+    spectrum = torch.complex(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)) * amplitude
+    fields = torch.fft.irfft2(spectrum, s=(height, width))
+    pixels = fields[:, :1] + 0.3 * fields[:, 1:]  # a shared luminance with weaker colour
+    flat = pixels.flatten(1)
+    low, high = (flat.quantile(q, dim=1).view(-1, 1, 1, 1) for q in (0.02, 0.98))
+    pixels = ((pixels - low) / (high - low)).clamp(0.0, 1.0)  # contrast as a camera's exposure gives it
+    for image in range(0, batch, 2):
+        rows = int(torch.randint(height // 4, height // 2 + 1, (1,), generator=generator))
+        pixels[image, :, :rows] = pixels[image, :, :rows].mean((1, 2), keepdim=True)  # a flat top band
+    return pixels
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:

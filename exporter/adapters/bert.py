@@ -137,8 +137,8 @@ class MPNet(Bert):
     output.{dense,LayerNorm}, and a relative position bias (encoder.relative_attention_bias) shared by
     every layer.
 
-    Merged tokens keep a position: the size-weighted mean of their members' positions (as x is
-    merged, padding kept out). The bias between two tokens is the model's own, for their positions
+    Merged tokens keep a position: the mean of their members' positions (padding kept out), kept as
+    an exact sum of integers beside the size so every runtime rounds the same mean. The bias between two tokens is the model's own, for their positions
     rounded to the nearest integer, bucketed as the model buckets relative positions. Unmerged, the
     positions are 0..N-1, exactly what the model uses.
     """
@@ -178,5 +178,5 @@ class MPNet(Bert):
 
     def start(self, x, inputs):
         state = super().start(x, inputs)
-        state.token_positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+        state.position_sums = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
         return state

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..budgets import Shape
@@ -133,6 +135,12 @@ class ClipText(TextAdapter):
         positions = torch.arange(self.seq_len)
         ids = torch.where(positions >= lengths - 1, eos, inputs["input_ids"])
         return {"input_ids": ids, "attention_mask": inputs["attention_mask"]}
+
+    def vocabulary(self):
+        """As the tokenizer frames a text, with the EOS that pooling finds (also padding, as CLIP's tokenizer pads)."""
+        vocab = super().vocabulary()
+        eos = self._eos_id()
+        return dataclasses.replace(vocab, prefix=[i for i in vocab.prefix if i < eos], suffix=[eos], pad_id=eos, body_ids=vocab.body_ids[vocab.body_ids < eos])
 
     def _eos_id(self) -> int:
         return self.config.eos_token_id if self.config.eos_token_id != 2 else self.config.vocab_size - 1
