@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), from the repository root: keep this call's carried pieces, then
-# run one step of the GPU measurements, writing under $OUT. docs/gpu-runbook.md gives the order.
-#   bash scripts/gpu_call.sh CALL_FOLDER STEP     STEP: plugin | torch-vit | torch-minilm | train | ort | trt | none
-# Environment: MODES, BATCH (torch-*), DTYPES (ort), EPOCHS (train).
+# run one of the later GPU steps that need carried wheels or data, writing under $OUT (the kernels
+# and the PyTorch models are scripts/gpu_check.sh's one call). docs/gpu-runbook.md gives the order.
+#   bash scripts/gpu_call.sh CALL_FOLDER STEP     STEP: ort | trt | train | none
+# Environment: DTYPES (ort), EPOCHS (train).
 set -uo pipefail
 carried=${1:?a carried folder, e.g. .gpu/call1}
 step=${2:?a step}
@@ -27,23 +28,8 @@ join_wheels() {  # the pieces back into wheels, checked against the sums made be
   $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/wheels/"$1"*.whl
 }
 
-versions() {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  nvcc --version 2>/dev/null | tail -1
-  $python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-}
-
 case $step in
   none) ;;
-  plugin)
-    versions | tee "$out/versions.txt"
-    $python scripts/plugin_gpu_check.py --report "$out/plugin-gpu.md" 2>&1 | tee "$out/plugin-gpu.log" | tail -40
-    $python scripts/plugin_gpu_check.py --sanitize --no-report 2>&1 | tee "$out/plugin-sanitize.log" | tail -20 ;;
-  torch-vit|torch-minilm)
-    versions | tee "$out/versions.txt"
-    modes=${MODES:-eager,graphs,compile} batch=${BATCH:-1,8,32,64}  # split compile work across calls (10 minutes each)
-    $python scripts/torch_gpu_bench.py --models "${step#torch-}" --modes "$modes" --batch "$batch" \
-      --out "$out/torch-gpu-${step#torch-}-${modes//,/-}-b${batch//,/-}.json" 2>&1 | tail -60 ;;
   train)
     $python scripts/train_fashion_vit.py --device cuda --data /tmp/carry --epochs "${EPOCHS:-30}" --half --out "$out/fashion_vit.pth" 2>&1 \
       | tee "$out/train.log" | tail -8 ;;

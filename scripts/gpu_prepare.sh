@@ -23,7 +23,11 @@ mv .gpu/pieces/trtlibs.00 .gpu/call4/
 mv .gpu/pieces/ort.03 .gpu/call5/
 mv .gpu/pieces/ort.04 .gpu/pieces/trtlibs.01 .gpu/call6/
 cp .gpu/whl/onnx_graphsurgeon-*.whl .gpu/whl/polygraphy-*.whl .gpu/whl/tensorrt_rtx_cu13-*.whl .gpu/whl/tensorrt_rtx_cu13_bindings-*.whl .gpu/call6/
-cp /usr/share/datasets/fashion-mnist/*.gz .gpu/call7/
 ( cd .gpu/whl && sha256sum onnxruntime_gpu-*.whl tensorrt_rtx_cu13_libs-*.whl ) > .gpu/call6/SHA256SUMS
+if ls /usr/share/datasets/fashion-mnist/*.gz >/dev/null 2>&1; then  # Debian's dataset-fashion-mnist, for the training step
+  cp /usr/share/datasets/fashion-mnist/*.gz .gpu/call7/
+else
+  echo "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): call 7 carries no training data"
+fi
 rmdir .gpu/pieces
 du -sh .gpu/call*

@@ -42,6 +42,7 @@ from tokenfuse.exporter.onnx_export import DTYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("eager", "graphs", "compile")
+MODELS = ("vit-b", "minilm")
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522,
               max_position_embeddings=512)  # sentence-transformers/all-MiniLM-L6-v2's config.json
 SEQ_LEN = 128
@@ -262,6 +263,9 @@ def markdown(report: dict) -> str:
                 cells += [f"{vs_original:.2f}x / {vs_none:.2f}x", f"{ideal:.2f}x ({vs_original / ideal:.0%})"]
             lines.append("| " + " | ".join(cells) + " |")
         rows = model["rows"]
+        if not rows:
+            lines += ["", "No configuration completed: " + "; ".join(model.get("errors", []) + model.get("skipped", [])), ""]
+            continue
         worst = max(check["error_vs_eager"] for row in rows if row["mode"] != "eager" for check in row["checks"].values()) if any(
             row["mode"] != "eager" for row in rows) else None
         recompiles = [f"{row['mode']} B={row['batch']}" for row in rows if row["recompiled_while_timing"]]
@@ -269,6 +273,37 @@ def markdown(report: dict) -> str:
                   + (f"graphed and compiled outputs against eager at most {worst:.1e}; " if worst is not None else "")
                   + (f"recompiled while timing: {', '.join(recompiles)}." if recompiles else "no recompiles while timing."), ""]
     return "\n".join(lines)
+
+
+def bench(names, modes, batches, dtype, device, args, on_row=None, deadline=None) -> dict:
+    """Every (model, mode, batch) in turn; a configuration that fails records its error and the
+    next one runs. Each compiled batch size starts from a fresh dynamo cache (one static graph per
+    variant and batch: several batch sizes in one cache ran into the recompile limit)."""
+    report = {"environment": environment(device), "dtype": next(k for k, v in DTYPES.items() if v == dtype), "backend": args.backend,
+              "rounds": args.rounds, "tiny": args.tiny, "models": []}
+    for name in names:
+        models, make_inputs = variants(name, args.tiny, dtype, device)
+        entry = {"name": name, "budgets": {k: budget for k, (_, budget) in models.items()}, "rows": []}
+        report["models"].append(entry)
+        for mode in modes:
+            for batch in batches:
+                if deadline is not None and deadline():
+                    entry.setdefault("skipped", []).append(f"{mode} B={batch}: out of time")
+                    continue
+                started = time.perf_counter()
+                try:
+                    row = run_config(models, mode, batch, make_inputs, device, dtype, args, compiled={})
+                except Exception as error:  # recorded; the next configuration runs
+                    entry.setdefault("errors", []).append(f"{mode} B={batch}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                    print(f"{name} {mode} B={batch}: {entry['errors'][-1]}", flush=True)
+                    continue
+                entry["rows"].append({"mode": mode, "batch": batch, **row})
+                t = {k: v["p50_ms"] for k, v in row["timings"].items()}
+                print(f"{name} {mode} B={batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
+                      + f"  [{time.perf_counter() - started:.0f} s]", flush=True)
+                if on_row:
+                    on_row(report)
+    return report
 
 
 def main(argv=None) -> int:
@@ -294,30 +329,20 @@ def main(argv=None) -> int:
         raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
     if "graphs" in modes and device.type != "cuda":
         raise SystemExit("--modes graphs needs a CUDA device")
+    if unknown := set(args.models.split(",")) - set(MODELS):
+        raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
     dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batch.split(",")]
 
-    report = {"environment": environment(device), "dtype": args.dtype, "backend": args.backend, "rounds": args.rounds,
-              "tiny": args.tiny, "models": []}
-    for name in args.models.split(","):
-        if name not in ("vit-b", "minilm"):
-            raise SystemExit(f"--models: unknown {name!r}; choose vit-b or minilm")
-        models, make_inputs = variants(name, args.tiny, dtype, device)
-        entry = {"name": name, "budgets": {k: budget for k, (_, budget) in models.items()}, "rows": []}
-        report["models"].append(entry)
-        for mode in modes:
-            compiled = {}
-            for batch in batches:
-                started = time.perf_counter()
-                row = run_config(models, mode, batch, make_inputs, device, dtype, args, compiled)
-                entry["rows"].append({"mode": mode, "batch": batch, **row})
-                t = {k: v["p50_ms"] for k, v in row["timings"].items()}
-                print(f"{name} {mode} B={batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
-                      + f"  [{time.perf_counter() - started:.0f} s]", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
+
+    def write(report):  # after every row: a crash or a timeout keeps what was measured
+        out.write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(markdown(report))
+
+    report = bench(args.models.split(","), modes, batches, dtype, device, args, on_row=write)
+    write(report)
     print(markdown(report))
     return 0
 
