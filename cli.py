@@ -188,6 +188,14 @@ def _add_serve(sub):
     p.add_argument("--max-inputs", type=int, help="texts, images or token lists per request; more get 413 (default 64, at most --queue-size)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request body size; larger bodies get 413 (default 16 MiB)")
     p.add_argument("--max-image-pixels", type=int, default=16_000_000, help="pixels per image; larger images get 413 (default 16 million)")
+    p.add_argument("--refusal-hold-ms", type=float,
+                   help="how long a request refused on arrival (429) waits for its answer, so clients that ignore Retry-After "
+                   "cannot spend the CPU the batches need (default: its Retry-After, the queue bound rounded up to seconds; 0: at once)")
+    p.add_argument("--health-port", type=int,
+                   help="also serve GET /health and /metrics on this port, from a thread of their own: they answer in "
+                   "milliseconds at any load (point liveness and readiness probes here)")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections and requests at once; beyond it a plain 503 (uvicorn's limit_concurrency; default 1000)")
     p.add_argument("--providers", help="ONNX Runtime providers, comma separated")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("--plugins", help="the plugin library an engine needs (default: the path in its sidecar)")
@@ -200,8 +208,8 @@ def _run_serve(args) -> int:
     print(f"serving {', '.join(args.model)} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
           queue_size=args.queue_size, max_queue_delay_ms=args.max_queue_delay_ms or None, max_inputs=args.max_inputs,
-          max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
-          providers=args.providers.split(",") if args.providers else None, threads=args.threads, plugins=args.plugins)
+          max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels, refusal_hold_ms=args.refusal_hold_ms,
+          max_connections=args.max_connections, health_port=args.health_port, providers=args.providers.split(",") if args.providers else None, threads=args.threads, plugins=args.plugins)
     return 0
 
 

@@ -74,18 +74,22 @@ class Batcher:
         return Refusal(503, f"the request could not start within {self.max_wait * 1000:.0f} ms (--max-queue-delay-ms); retry later",
                        self.retry_after)
 
+    def refusal(self, count: int) -> Refusal | None:
+        """Why a request of `count` examples arriving now would be refused (None: it would be admitted)."""
+        if self.closing:
+            return Refusal(503, "the service is shutting down; retry on another instance", self.retry_after)
+        if self.depth + count > self.queue_size:
+            return Refusal(429, f"the queue is full ({self.depth} of {self.queue_size} examples waiting); retry later", self.retry_after)
+        if self.max_wait and self.batch_seconds and self.expected_wait() > self.max_wait:
+            return Refusal(429, f"about {self.expected_wait():.1f} s of work is queued, more than --max-queue-delay-ms allows; "
+                           "retry later", self.retry_after)
+        return None
+
     async def submit(self, count: int, examples) -> list[dict[str, np.ndarray]]:
         """Every example's outputs, in order; raises Refusal when not admitted or not started in time.
         `examples` is the list of `count` model inputs, or an awaitable giving it (preprocessing,
         which then runs only once the request is admitted)."""
-        refusal = None
-        if self.closing:
-            refusal = Refusal(503, "the service is shutting down; retry on another instance", self.retry_after)
-        elif self.depth + count > self.queue_size:
-            refusal = Refusal(429, f"the queue is full ({self.depth} of {self.queue_size} examples waiting); retry later", self.retry_after)
-        elif self.max_wait and self.batch_seconds and self.expected_wait() > self.max_wait:
-            refusal = Refusal(429, f"about {self.expected_wait():.1f} s of work is queued, more than --max-queue-delay-ms allows; "
-                              "retry later", self.retry_after)
+        refusal = self.refusal(count)
         if refusal:
             if inspect.iscoroutine(examples):
                 examples.close()

@@ -51,7 +51,7 @@ class Runner:
 class OrtRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, providers=None, threads: int | None = None, arena: bool = True):
+    def __init__(self, path: Path, providers=None, threads: int | None = None, arena: bool = True, spin: bool = True):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -67,6 +67,8 @@ class OrtRunner(Runner):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:  # idle threads sleep instead of spinning: the CPU goes to whatever else the process does
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not arena:  # every call allocates and frees its own buffers (for measuring them)
             options.enable_cpu_mem_arena = False
             options.enable_mem_pattern = False
@@ -170,13 +172,14 @@ class TrtRunner(Runner):
         return {b["name"]: buffers[b["name"]].cpu().numpy() for b in self.outputs}
 
 
-def load(path: str | Path, *, providers=None, plugins: str | None = None, threads: int | None = None) -> Runner:
-    """A runner for an .onnx (ONNX Runtime) or an .engine (TensorRT)."""
+def load(path: str | Path, *, providers=None, plugins: str | None = None, threads: int | None = None, spin: bool = True) -> Runner:
+    """A runner for an .onnx (ONNX Runtime) or an .engine (TensorRT). `spin=False`: ONNX Runtime's
+    idle threads sleep (a server, whose event loop needs the CPU between batches)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     if path.suffix == ".onnx":
-        return OrtRunner(path, providers, threads)
+        return OrtRunner(path, providers, threads, spin=spin)
     if path.suffix in (".engine", ".plan"):
         return TrtRunner(path, plugins)
     raise UsageError(f"{path}: give an .onnx (ONNX Runtime) or an .engine (TensorRT)")

@@ -14,7 +14,10 @@ import base64
 import binascii
 import io
 import json
+import random
 import re
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -179,16 +182,58 @@ class BodyLimit:
         await self.app(scope, counting_receive, send)
 
 
-class CountRequests:
-    """ASGI middleware: a Prometheus count of answered requests by route name and status."""
+MODEL_ROUTES = re.compile(r"^/(v1/embed/(texts|images)|v1/embeddings|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 
-    def __init__(self, app, counter):
-        self.app, self.counter = app, counter
+
+class FastPath:
+    """ASGI middleware, outermost: answers /health and refuses a request that no served model could
+    admit now, before routing, body parsing or validation, so refusing costs little beside serving
+    and a flood of refused requests cannot starve the batches. The request's model is known only
+    from its body: with several models, a request is refused here only when every one would refuse it."""
+
+    def __init__(self, app, served: "ServedModels", health, counter, hold_s: float = 0.0):
+        self.app, self.served, self.health, self.counter, self.hold = app, served, health, counter, hold_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path, method = scope["path"], scope["method"]
+            if method == "GET" and path == "/health":
+                body, status = self.health()
+                return await self._send(send, status, body)
+            if method == "POST" and MODEL_ROUTES.match(path):
+                refusals = [model.batcher.refusal(1) for model in self.served.values()]
+                if all(refusals):
+                    refusal = min(refusals, key=lambda r: r.status)  # 429 (retry soon) before 503
+                    self.counter.labels("refused-on-arrival", str(refusal.status)).inc()
+                    if self.hold:  # a client that ignores Retry-After comes back at most once per hold (a second, shutting down)
+                        hold = self.hold if refusal.status == 429 else min(self.hold, 1.0)
+                        await asyncio.sleep(hold * random.uniform(0.75, 1.25))  # spread: held clients must not return in step
+                    return await self._send(send, refusal.status, refusal_body(path, refusal.message, refusal.status), refusal.retry_after)
+        return await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _send(send, status: int, body: dict, retry_after: int | None = None):
+        payload = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        if status == 503:  # shutting down: the client must not reuse this connection, which is about to close
+            headers.append((b"connection", b"close"))
+        if retry_after:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+class CountRequests:
+    """ASGI middleware: a Prometheus count of requests by route name and status, and the seconds
+    each took (routed requests, from the first byte the app sees to the last it sends)."""
+
+    def __init__(self, app, counter, seconds):
+        self.app, self.counter, self.seconds = app, counter, seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = []
+        status, started = [], time.perf_counter()
 
         async def noting_send(event):
             if event["type"] == "http.response.start":
@@ -201,6 +246,7 @@ class CountRequests:
             route = scope.get("route")
             if status and route is not None:
                 self.counter.labels(route.name, str(status[0])).inc()
+                self.seconds.labels(route.name, str(status[0])).observe(time.perf_counter() - started)
 
 
 def refusal_body(path: str, message: str, status: int) -> dict:
@@ -236,7 +282,7 @@ IMAGES_BODY = {"requestBody": {"required": True, "content": {
 
 def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_size: int = 256,
                max_queue_delay_ms: float | None = 2000.0, max_inputs: int | None = None, max_body_mb: float = 16.0,
-               max_image_pixels: int = 16_000_000, providers=None, threads=None, plugins=None):
+               max_image_pixels: int = 16_000_000, refusal_hold_ms: float | None = None, providers=None, threads=None, plugins=None):
     """The FastAPI application serving `models`: a path, or a list of paths and NAME=PATH (.onnx or .engine).
     `max_inputs` (inputs per request) defaults to 64 or `queue_size` if smaller."""
     from fastapi import FastAPI, Request
@@ -250,12 +296,17 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
     if min(max_batch, queue_size, max_inputs, max_image_pixels) < 1 or min(max_delay_ms, max_queue_delay_ms or 0) < 0 or max_body_mb <= 0:
         raise UsageError("--max-batch, --queue-size, --max-inputs and --max-image-pixels must be >= 1, "
                          "--max-delay-ms and --max-queue-delay-ms >= 0, --max-body-mb > 0")
+    if refusal_hold_ms is not None and refusal_hold_ms < 0:
+        raise UsageError("--refusal-hold-ms must be >= 0")
     if max_inputs > queue_size:
         raise UsageError(f"--max-inputs {max_inputs} is over --queue-size {queue_size}: such a request could never be admitted")
     registry = CollectorRegistry()
     requests = Counter("tokenfuse_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry)
     batch_sizes = Histogram("tokenfuse_batch_size", "examples per model call", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
     batch_seconds = Histogram("tokenfuse_batch_seconds", "model call latency", ["model"], registry=registry)
+    request_seconds = Histogram("tokenfuse_request_seconds", "request latency by endpoint and status", ["endpoint", "status"],
+                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 2.75,
+                                         3, 3.5, 4, 5, 7.5, 10), registry=registry)
     queued = Gauge("tokenfuse_queue_depth", "examples waiting", ["model"], registry=registry)
 
     served = {}
@@ -264,7 +315,7 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
             batch_sizes.labels(name).observe(size)
             batch_seconds.labels(name).observe(seconds)
 
-        runner = load(path, providers=providers, threads=threads, plugins=plugins)
+        runner = load(path, providers=providers, threads=threads, plugins=plugins, spin=False)
         batcher = Batcher(runner, max_batch, max_delay_ms, queue_size, max_queue_delay_ms, on_batch=record)
         served[name] = ServedModel(name, runner, batcher, max_image_pixels)
         queued.labels(name).set_function(lambda batcher=batcher: batcher.depth)
@@ -283,8 +334,15 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
         lifespan=lifespan,
     )
     app.state.models = served
-    app.add_middleware(CountRequests, counter=requests)
+    def health():
+        models = {m.name: {"backend": m.runner.backend, "kind": m.kind, "queue": m.batcher.depth} for m in served.values()}
+        return {"status": "shutting down" if served.closing else "ok", "models": models}, 503 if served.closing else 200
+
+    app.add_middleware(CountRequests, counter=requests, seconds=request_seconds)
     app.add_middleware(BodyLimit, limit=int(max_body_mb * 2**20))
+    # a refused request's answer comes when it could usefully retry (its Retry-After), unless told otherwise
+    hold_s = max(m.batcher.retry_after for m in served.values()) if refusal_hold_ms is None else refusal_hold_ms / 1000
+    app.add_middleware(FastPath, served=served, health=health, counter=requests, hold_s=hold_s)  # added last: runs first
 
     @app.exception_handler(Refusal)
     async def refused(request: Request, exc: Refusal):
@@ -336,25 +394,67 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
     add_openai_routes(app, served)
     add_kserve_routes(app, served)
 
-    @app.get("/health", name="health")
-    async def health():
-        status = "shutting down" if served.closing else "ok"
-        models = {m.name: {"backend": m.runner.backend, "kind": m.kind, "queue": m.batcher.depth} for m in served.values()}
-        return JSONResponse({"status": status, "models": models}, status_code=503 if served.closing else 200)
+    @app.get("/health", name="health", summary="service and queue state (answered by FastPath, before routing)")
+    async def health_route():
+        body, status = health()
+        return JSONResponse(body, status_code=status)
+
+    def metrics():
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
     @app.get("/metrics", name="metrics")
-    async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_route():
+        payload, kind = metrics()
+        return Response(payload, media_type=kind)
+
+    app.state.health, app.state.metrics = health, metrics
 
     return app
 
 
-def serve(models, *, host: str = "127.0.0.1", port: int = 8000, **options):
+def start_health_server(host: str, port: int, health, metrics):
+    """GET /health and /metrics on their own port, answered by a thread of their own: probes get
+    their answer within milliseconds however busy the service's event loop is."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/health":
+                body, status = health()
+                payload, kind = json.dumps(body).encode(), "application/json"
+            elif self.path == "/metrics":
+                (payload, kind), status = metrics(), 200
+            else:
+                status, payload, kind = 404, b'{"detail": "this port serves /health and /metrics only"}', "application/json"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):  # quiet, as the main server is
+            pass
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        raise UsageError(f"--health-port {port}: {exc.strerror or exc}; choose a free port")
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="tokenfuse-health", daemon=True).start()
+    return server
+
+
+def serve(models, *, host: str = "127.0.0.1", port: int = 8000, max_connections: int = 1000, health_port: int | None = None, **options):
     """Run the service until SIGTERM or Ctrl-C; then refuse new requests (503), answer every
     admitted one, and return (exit 0). A second signal stops at once."""
     import uvicorn
 
+    if max_connections < 1:
+        raise UsageError("--max-connections must be >= 1")
+
     app = create_app(models, **options)
+    if health_port is not None:
+        start_health_server(host, health_port, app.state.health, app.state.metrics)
 
     class DrainingServer(uvicorn.Server):
         draining = None
@@ -371,7 +471,15 @@ def serve(models, *, host: str = "127.0.0.1", port: int = 8000, **options):
 
         async def _drain(self):
             await app.state.models.drain()
+            # stop listening first, then give requests already on open connections a moment to get
+            # their 503 (with Connection: close): only then close them, so no request is cut off
+            for server in self.servers:
+                server.close()
+            await asyncio.sleep(0.5)
             self.should_exit = True
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    # keep-alive well past a client's usual idle time: a server that closes an idle connection races
+    # the client's next request on it, which the client sees as a dropped connection
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
+                            limit_concurrency=max_connections, timeout_keep_alive=75, backlog=max(2048, max_connections))
     DrainingServer(config).run()

@@ -4,6 +4,7 @@ a bounded load test loses nothing it accepted, overload gets 429, malformed inpu
 from __future__ import annotations
 
 import asyncio
+import json
 import io
 import shutil
 import socket
@@ -553,3 +554,85 @@ def test_model_names_come_from_stems_or_name_equals_path(tmp_path, capsys):
     assert "tokenfuse: error:" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "x.onnx"), "--queue-size", "8", "--max-inputs", "9"]) == 2
     assert "--max-inputs 9 is over --queue-size 8" in capsys.readouterr().err
+
+
+class _Stub:
+    """A served model whose batcher refuses (or admits) every request, for FastPath alone."""
+
+    def __init__(self, refusal):
+        self.batcher = type("B", (), {"refusal": staticmethod(lambda count: refusal)})()
+
+
+def _fast_path(refusal, hold_s=0.0):
+    from prometheus_client import CollectorRegistry, Counter
+
+    from tokenfuse.engines.serve import FastPath
+
+    inner = []
+
+    async def app(scope, receive, send):
+        inner.append(scope["path"])
+
+    counter = Counter("requests", "", ["endpoint", "status"], registry=CollectorRegistry())
+    return FastPath(app, {"m": _Stub(refusal)}, lambda: ({"status": "ok"}, 200), counter, hold_s), inner
+
+
+def _call(middleware, method, path):
+    sent, reads = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(event):
+        sent.append(event)
+
+    started = time.perf_counter()
+    asyncio.run(middleware({"type": "http", "method": method, "path": path, "headers": []}, receive, send))
+    return sent, reads, time.perf_counter() - started
+
+
+def test_a_request_no_model_could_admit_is_refused_before_its_body_is_read():
+    """Refusing must cost little beside serving: no routing, no body, no validation; the answer is
+    held (about the hold, jittered) so a client ignoring Retry-After cannot spin on it."""
+    from tokenfuse.engines.batching import Refusal
+
+    middleware, inner = _fast_path(Refusal(429, "the queue is full", retry_after=2), hold_s=0.2)
+    sent, reads, elapsed = _call(middleware, "POST", "/v1/embeddings")
+    assert not inner and not reads and 0.14 <= elapsed < 1.0
+    start, body = sent
+    headers = dict(start["headers"])
+    assert start["status"] == 429 and headers[b"retry-after"] == b"2" and b"connection" not in headers
+    assert json.loads(body["body"])["error"]["message"] == "the queue is full"  # the OpenAI error shape
+    for path in ("/v1/embed/texts", "/v1/embed/images", "/v2/models/m/infer", "/v2/models/m/versions/1/infer"):
+        assert _call(middleware, "POST", path)[0][0]["status"] == 429
+    assert _call(middleware, "GET", "/v1/models")[0] == [] and inner == ["/v1/models"]  # not a model call: routed as usual
+
+
+def test_shutting_down_refusals_close_the_connection_and_health_skips_routing():
+    from tokenfuse.engines.batching import Refusal
+
+    middleware, inner = _fast_path(Refusal(503, "shutting down"))
+    start = _call(middleware, "POST", "/v1/embed/texts")[0][0]
+    assert start["status"] == 503 and dict(start["headers"])[b"connection"] == b"close"
+    sent = _call(middleware, "GET", "/health")[0]
+    assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"status": "ok"} and not inner
+    admitted, inner = _fast_path(None)
+    _call(admitted, "POST", "/v1/embeddings")
+    assert inner == ["/v1/embeddings"]  # a request some model can admit goes on to the routes
+
+
+def test_health_port_answers_from_its_own_thread():
+    from tokenfuse.engines.serve import start_health_server
+    from tokenfuse.exporter.errors import UsageError
+
+    port = _free_port()
+    server = start_health_server("127.0.0.1", port, lambda: ({"status": "ok"}, 200), lambda: (b"tokenfuse_up 1\n", "text/plain"))
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").text == "tokenfuse_up 1\n"
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/embeddings").status_code == 404
+        with pytest.raises(UsageError, match="--health-port"):
+            start_health_server("127.0.0.1", port, lambda: ({}, 200), lambda: (b"", "text/plain"))
+    finally:
+        server.shutdown()
