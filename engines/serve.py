@@ -182,6 +182,14 @@ class BodyLimit:
         await self.app(scope, counting_receive, send)
 
 
+async def hold_refusal(status: int, hold_s: float):
+    """Answer a refusal only after about `hold_s` (a second at most when shutting down), jittered so
+    held clients do not come back in step: a client that ignores Retry-After then retries at most
+    once per hold, and a flood of refused requests cannot take the CPU the batches need."""
+    if hold_s and status in (429, 503):
+        await asyncio.sleep((hold_s if status == 429 else min(hold_s, 1.0)) * random.uniform(0.75, 1.25))
+
+
 MODEL_ROUTES = re.compile(r"^/(v1/embed/(texts|images)|v1/embeddings|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 
 
@@ -205,9 +213,7 @@ class FastPath:
                 if all(refusals):
                     refusal = min(refusals, key=lambda r: r.status)  # 429 (retry soon) before 503
                     self.counter.labels("refused-on-arrival", str(refusal.status)).inc()
-                    if self.hold:  # a client that ignores Retry-After comes back at most once per hold (a second, shutting down)
-                        hold = self.hold if refusal.status == 429 else min(self.hold, 1.0)
-                        await asyncio.sleep(hold * random.uniform(0.75, 1.25))  # spread: held clients must not return in step
+                    await hold_refusal(refusal.status, self.hold)
                     return await self._send(send, refusal.status, refusal_body(path, refusal.message, refusal.status), refusal.retry_after)
         return await self.app(scope, receive, send)
 
@@ -320,6 +326,8 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
         served[name] = ServedModel(name, runner, batcher, max_image_pixels)
         queued.labels(name).set_function(lambda batcher=batcher: batcher.depth)
     served = ServedModels(served, max_inputs)
+    # a refused request's answer comes when it could usefully retry (its Retry-After), unless told otherwise
+    hold_s = max(m.batcher.retry_after for m in served.values()) if refusal_hold_ms is None else refusal_hold_ms / 1000
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -340,12 +348,12 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
 
     app.add_middleware(CountRequests, counter=requests, seconds=request_seconds)
     app.add_middleware(BodyLimit, limit=int(max_body_mb * 2**20))
-    # a refused request's answer comes when it could usefully retry (its Retry-After), unless told otherwise
-    hold_s = max(m.batcher.retry_after for m in served.values()) if refusal_hold_ms is None else refusal_hold_ms / 1000
     app.add_middleware(FastPath, served=served, health=health, counter=requests, hold_s=hold_s)  # added last: runs first
 
     @app.exception_handler(Refusal)
     async def refused(request: Request, exc: Refusal):
+        if exc.retry_after:  # refused for load (429, or 503 late or shutting down), not for the request itself
+            await hold_refusal(exc.status, hold_s)
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return JSONResponse(refusal_body(request.url.path, exc.message, exc.status), exc.status, headers=headers)
 
