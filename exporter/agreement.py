@@ -218,7 +218,7 @@ def _pitome_row(row: _Row, rule: LayerRule):
         return _bipartite_row(row, is_a, is_b, rank, None, wrong)
     partner = _group_partner(runtime, is_b)
     wrong |= _partner_wrong(row.sim, is_a, partner, is_b, row.tolerance)
-    return wrong, place(pitome_slots(rank, free, r, protected, mergeable, is_b), is_a, partner.clamp(min=0))
+    return wrong, place(pitome_slots(rank, free, r, protected, mergeable, rule.variant), is_a, partner.clamp(min=0))
 
 
 def _pitome_destinations(row: _Row, region: Tensor, target: Tensor, energy: Tensor, reference: Tensor) -> Tensor:

@@ -162,18 +162,19 @@ def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
 
 
 def row_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the last axis in the same order for every row: zero-pad to a power of two, then
-    add neighbouring pairs until one value is left.
+    """Sum over the last axis of `t` ([B, N, W] -> [B, N]) in the same order for every row:
+    zero-pad to a power of two, then add neighbouring pairs until one value is left.
 
     A library reduction may order the additions differently for different rows, so equal rows
     could get sums an ulp apart and an exact tie would no longer break by position.
     """
-    n = int(t.shape[-1])  # the token count is static, also while tracing
+    rows, n = int(t.shape[-2]), int(t.shape[-1])  # token counts are static, also while tracing
     width = 1 << max(n - 1, 0).bit_length()
     t = F.pad(t, (0, width - n))
-    while t.shape[-1] > 1:
-        t = t[..., 0::2] + t[..., 1::2]
-    return t[..., 0]
+    while width > 1:  # pairs (2k, 2k+1) as one Reshape and one ReduceSum over two values: each sum is exact, in any order
+        width //= 2
+        t = t.reshape(-1, rows, width, 2).sum(-1)
+    return t.reshape(-1, rows)
 
 
 def separate_padding(sim: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -277,15 +278,14 @@ def pitome_sets(rank, free, r, variant):
     return mergeable, mergeable & (rank % 2 == 0), mergeable & (rank % 2 == 1)
 
 
-def pitome_slots(rank, free, r, protected, mergeable, is_b):
-    """Slots before the sources move: protected tokens, the kept ones by energy rank, then B by rank."""
+def pitome_slots(rank, free, r, protected, mergeable, variant):
+    """Slots before the sources move: protected tokens, the kept ones by energy rank, then B by rank.
+    B holds ranks 1, 3, 5, ... (r, r+1, ... for text), so a B token's place among B is its rank
+    halved (less r): no second ranking pass. (The sources' values are overwritten by their partners'.)"""
     pos = torch.arange(rank.shape[-1], device=rank.device)
     kept_count = free.to(torch.int64).sum(-1, keepdim=True) - 2 * r
-    slot = torch.where(
-        mergeable,
-        protected + kept_count + rank_among(rank, is_b, descending=False),
-        protected + rank - 2 * r,
-    )
+    among_b = rank - r if variant == "text" else torch.div(rank, 2, rounding_mode="floor")
+    slot = torch.where(mergeable, protected + kept_count + among_b, protected + rank - 2 * r)
     return torch.where(pos < protected, pos, slot)
 
 
@@ -294,7 +294,7 @@ def _pitome(sim, r, protected, free, rule, valid):
     mergeable, is_a, is_b = pitome_sets(rank, free, r, rule.variant)
     if rule.variant == "bsm":
         return _bipartite(sim, r, protected, is_a, is_b, rank)
-    return _absorb(pitome_slots(rank, free, r, protected, mergeable, is_b), sim, is_a, is_b)
+    return _absorb(pitome_slots(rank, free, r, protected, mergeable, rule.variant), sim, is_a, is_b)
 
 
 def crossget_scores(sim, free):
