@@ -8,7 +8,7 @@ decision (its slots) is therefore judged on the reference's own scores, from the
 - an argmax disagrees only where the partner the runtime chose scores below the best candidate by
   more than the tolerance (the candidates being those the runtime's own excused choices left).
 What slots do not show (the order among sources, which member of a merged group is its destination)
-is read in the reference's favour; a token whose slot no such reading explains disagrees.
+is read in the runtime's favour; a token whose slot no such reading explains disagrees.
 """
 
 from __future__ import annotations
@@ -57,9 +57,6 @@ class Agreement:
     equal: int = 0
     wrong: int = 0
 
-    def __add__(self, other: "Agreement") -> "Agreement":
-        return Agreement(self.tokens + other.tokens, self.equal + other.equal, self.wrong + other.wrong)
-
     @property
     def raw(self) -> float:
         """The share of tokens in the reference's slot."""
@@ -85,7 +82,7 @@ def judge(decision: Decision, runtime: Tensor, tolerance: float) -> Agreement:
     if not rows:
         return result
     d = decision
-    batch, n, _ = d.metric.shape
+    n = d.metric.shape[1]
     sim, free = prepare(d.metric, d.protected, d.valid, d.frozen)
     explain = {"tome": _tome_row, "turbo": _tome_row, "pitome": _pitome_row, "crossget": _crossget_row}[d.rule.name]
     keys = _keys(d, sim, free)
@@ -190,7 +187,7 @@ def _tome_row(row: _Row, rule: LayerRule):
 
 def _pitome_row(row: _Row, rule: LayerRule):
     """The runtime's energy ranking as far as its slots show it: kept tokens exactly, each merged
-    group's destination at its rank, the sources' order completed in the reference's favour."""
+    group's destination at its rank, the sources' order completed as the reference orders them (the runtime's favour)."""
     energy, free, runtime, r, protected = row.key, row.free, row.runtime, row.r, row.protected
     reference = rank_among(energy, free, descending=True)
     rank = torch.full_like(reference, 2 * row.n)
