@@ -211,6 +211,16 @@ def validate(adapter: Adapter, settings: MergeSettings, onnx_path: Path, seed: i
     return report
 
 
+def validate_under_seeds(adapter: Adapter, settings: MergeSettings, seeds, dtype: str = "fp32", opset: int = DEFAULT_OPSET) -> list[dict]:
+    """Trace the merged model once, as export_onnx does, and validate that one graph under each seed
+    (does an export pass or fail by the luck of its validation seed?)."""
+    settings = dataclasses.replace(settings, attention="explicit")  # what export_onnx traces and validates
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work:
+        path = Path(work, "traced.onnx")
+        trace(adapter, settings, path, opset)
+        return [validate(adapter, settings, path, seed=seed, dtype=dtype) for seed in seeds]
+
+
 def io_spec(model: onnx.ModelProto) -> dict:
     def describe(values):
         out = []

@@ -25,17 +25,17 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from tokenfuse.engines.bench import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 LUA = ROOT / "scripts" / "serve_wrk.lua"
@@ -197,11 +197,10 @@ def main(argv=None) -> int:
     first = phases[0]["goodput_per_s"]
     for row in phases:
         row["goodput_vs_first"] = row["goodput_per_s"] / first if first else None
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0] if shutil.which("wrk") else None}
+    env = {**machine(), "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": " ".join(["python scripts/serve_wrk.py", args.model, "--out", str(args.out)]),
-                                    "serve_options": options, "machine": machine, "phases": phases}, indent=1) + "\n")
+                                    "serve_options": options, "machine": env, "phases": phases}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -11,12 +11,13 @@ import pytest
 import timm
 import torch
 
-from gates import assert_validated_exactly, validate_under_seeds
+from gates import assert_validated_exactly
 from trained_like import trained_like
 from tokenfuse.engines.build import compile_engine
 from tokenfuse.exporter import export, load_model, patch
 from tokenfuse.exporter.adapters import adapter_for
 from tokenfuse.exporter.errors import UsageError
+from tokenfuse.exporter.onnx_export import validate_under_seeds
 from tokenfuse.exporter.settings import MergeOptions
 
 METHODS = ["tome", "pitome", "crossget", "turbo"]
@@ -114,14 +115,14 @@ def test_merged_exports_validate_and_build(family_dirs, name, method, tmp_path):
 
 
 @pytest.mark.parametrize("name", EXPORTED)
-def test_trained_like_statistics_validate_for_every_method_under_any_seed(family_dirs, name, tmp_path):
+def test_trained_like_statistics_validate_for_every_method_under_any_seed(family_dirs, name):
     """Anisotropic keys (tests/trained_like.py) crowd candidate scores within rounding of each other:
     every method still validates, under five seeds each (random and natural inputs)."""
     adapter = _load(family_dirs, name)
     trained_like(adapter.model)
     for method in METHODS:
         settings, _ = MergeOptions(method=method, r=0.8, turbo_threshold=0).resolve(adapter)
-        for report in validate_under_seeds(adapter, settings, tmp_path, range(5)):
+        for report in validate_under_seeds(adapter, settings, range(5)):
             assert report["passed"], (method, report["seed"], report["failures"])
 
 

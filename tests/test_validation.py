@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from gates import validate_under_seeds
 from reference import reference_plan
 from trained_like import trained_like
 from tokenfuse.exporter import export, load_model, methods, onnx_export
@@ -22,6 +21,7 @@ from tokenfuse.exporter.adapters import adapter_for
 from tokenfuse.exporter.agreement import Decision, judge
 from tokenfuse.exporter.errors import UsageError
 from tokenfuse.exporter.methods import LayerRule, match_step, max_removable
+from tokenfuse.exporter.onnx_export import validate_under_seeds
 from tokenfuse.exporter.settings import MergeOptions
 
 PITOME = {"pitome": ("plain", 0.5), "pitome-bsm": ("bsm", 0.5), "pitome-text": ("text", 0.6)}  # (variant, margin)
@@ -148,10 +148,10 @@ def mpnet_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["tome", "pitome", "crossget", "turbo"])
-def test_export_validates_under_twenty_seeds(tmp_path, mpnet_dir, method):
+def test_export_validates_under_twenty_seeds(mpnet_dir, method):
     """The same export, validated under 20 seeds, passes 20 times, with near-ties excused along the way."""
     adapter = load_model(f"hf:{mpnet_dir}", seq_len=SEQ_LEN)
-    reports = validate_under_seeds(adapter, MergeOptions(method=method, r=0.8).resolve(adapter)[0], tmp_path, range(20))
+    reports = validate_under_seeds(adapter, MergeOptions(method=method, r=0.8).resolve(adapter)[0], range(20))
     assert all(r["passed"] for r in reports), [r["failures"] for r in reports if not r["passed"]]
     assert max(r["max_abs_error"] for r in reports) <= 1e-5  # the same decisions give the same numbers
     raw, excused = min(r["merge_agreement_raw"] for r in reports), sum(r["near_ties_excused"] for r in reports)
@@ -245,12 +245,12 @@ def test_mpnet_positions_round_the_same_in_every_runtime(tmp_path):
         model.encoder.relative_attention_bias.weight.normal_(0, 3.0)
     model.save_pretrained(tmp_path / "mpnet")
     adapter = load_model(f"hf:{tmp_path / 'mpnet'}", seq_len=96)
-    reports = validate_under_seeds(adapter, MergeOptions(method="tome", r=0.85).resolve(adapter)[0], tmp_path, range(30))
+    reports = validate_under_seeds(adapter, MergeOptions(method="tome", r=0.85).resolve(adapter)[0], range(30))
     assert max(r["max_abs_error"] for r in reports) <= 1e-5, sorted(r["max_abs_error"] for r in reports)[-3:]
 
 
 @pytest.mark.parametrize("name", ["vit-cls", "clip-vision", "clip-text", "bert", "timm-vit"])
-def test_other_families_with_trained_like_keys_validate_under_any_seed(hf_dirs, tmp_path, name):
+def test_other_families_with_trained_like_keys_validate_under_any_seed(hf_dirs, name):
     """The conftest families (HF ViT, CLIP towers, BERT) and a small timm ViT, keys made trained-like:
     every method validates under five seeds (random and natural inputs)."""
     if name == "timm-vit":
@@ -262,13 +262,13 @@ def test_other_families_with_trained_like_keys_validate_under_any_seed(hf_dirs, 
     trained_like(adapter.model)
     for method in ("tome", "pitome", "crossget", "turbo"):
         settings, _ = MergeOptions(method=method, r=0.8, turbo_threshold=0).resolve(adapter)
-        for report in validate_under_seeds(adapter, settings, tmp_path, range(5)):
+        for report in validate_under_seeds(adapter, settings, range(5)):
             assert report["passed"], (method, report["seed"], report["failures"])
 
 
 @pytest.mark.parametrize("method", ["tome", "pitome", "crossget", "turbo"])
-def test_minilm_validates_under_any_seed(tmp_path, minilm_path, method):
+def test_minilm_validates_under_any_seed(minilm_path, method):
     """all-MiniLM-L6-v2, its real weights: five seeds, five passes (docs/validation.md has ten, fp16 too)."""
     adapter = load_model(f"hf:{minilm_path}", seq_len=128)
-    reports = validate_under_seeds(adapter, MergeOptions(method=method, r=0.9).resolve(adapter)[0], tmp_path, range(5))
+    reports = validate_under_seeds(adapter, MergeOptions(method=method, r=0.9).resolve(adapter)[0], range(5))
     assert all(r["passed"] for r in reports), [r["failures"] for r in reports]
