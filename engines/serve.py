@@ -206,27 +206,18 @@ class FastPath:
         if scope["type"] == "http":
             path, method = scope["path"], scope["method"]
             if method == "GET" and path == "/health":
+                from fastapi.responses import JSONResponse
+
                 body, status = self.health()
-                return await self._send(send, status, body)
+                return await JSONResponse(body, status)(scope, receive, send)
             if method == "POST" and MODEL_ROUTES.match(path):
                 refusals = [model.batcher.refusal(1) for model in self.served.values()]
                 if all(refusals):
                     refusal = min(refusals, key=lambda r: r.status)  # 429 (retry soon) before 503
                     self.counter.labels("refused-on-arrival", str(refusal.status)).inc()
                     await hold_refusal(refusal.status, self.hold)
-                    return await self._send(send, refusal.status, refusal_body(path, refusal.message, refusal.status), refusal.retry_after)
+                    return await refusal_response(path, refusal, close=refusal.status == 503)(scope, receive, send)
         return await self.app(scope, receive, send)
-
-    @staticmethod
-    async def _send(send, status: int, body: dict, retry_after: int | None = None):
-        payload = json.dumps(body).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        if status == 503:  # shutting down: the client must not reuse this connection, which is about to close
-            headers.append((b"connection", b"close"))
-        if retry_after:
-            headers.append((b"retry-after", str(retry_after).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
 
 
 class CountRequests:
@@ -253,6 +244,17 @@ class CountRequests:
             if status and route is not None:
                 self.counter.labels(route.name, str(status[0])).inc()
                 self.seconds.labels(route.name, str(status[0])).observe(time.perf_counter() - started)
+
+
+def refusal_response(path: str, refusal: Refusal, close: bool = False):
+    """A refusal in the error shape of the route's protocol, with its Retry-After; `close` (shutting
+    down) tells the client not to reuse a connection that is about to close."""
+    from fastapi.responses import JSONResponse
+
+    headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else {}
+    if close:
+        headers["Connection"] = "close"
+    return JSONResponse(refusal_body(path, refusal.message, refusal.status), refusal.status, headers=headers or None)
 
 
 def refusal_body(path: str, message: str, status: int) -> dict:
@@ -354,8 +356,7 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
     async def refused(request: Request, exc: Refusal):
         if exc.retry_after:  # refused for load (429, or 503 late or shutting down), not for the request itself
             await hold_refusal(exc.status, hold_s)
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        return JSONResponse(refusal_body(request.url.path, exc.message, exc.status), exc.status, headers=headers)
+        return refusal_response(request.url.path, exc)
 
     class TextRequest(BaseModel):
         texts: list[str] = Field(min_length=1, description="texts to embed")
