@@ -148,17 +148,20 @@ def plugin_timing(stop, partial, budget) -> dict:
     return {"rows": rows}
 
 
-def torch_models(stop, partial, budget, dry: bool) -> dict:
-    device = torch.device("cpu" if dry else "cuda")
+def patched_models(dry: bool, names, modes, batches, stop, on_row=None, input_sets: int = 4) -> dict:
+    """torch_gpu_bench.bench: fp16 with inductor on the GPU; in a dry run, its tiny models in fp32
+    on the CPU (the eager backend)."""
     if not dry and not torch.cuda.is_available():
         return no_cuda()
     args = argparse.Namespace(backend="eager" if dry else "inductor", rounds=3 if dry else 30, warmup=1 if dry else 3,
-                              input_sets=2 if dry else 4, tiny=dry)
-    modes = ["eager"] if dry else ["eager", "graphs"]
-    batches = [1, 2] if dry else [1, 8, 32, 64]
-    report = models.bench(["vit-b", "minilm"], modes, batches, torch.float32 if dry else torch.float16, device, args,
-                          on_row=lambda r: partial({"report": r}), deadline=stop)
-    return {"report": report}
+                              input_sets=2 if dry else input_sets, tiny=dry)
+    device, dtype = (torch.device("cpu"), "fp32") if dry else (torch.device("cuda"), "fp16")
+    return {"report": models.bench(names, modes, batches, dtype, device, args, on_row=on_row, deadline=stop)}
+
+
+def torch_models(stop, partial, budget, dry: bool) -> dict:
+    return patched_models(dry, ["vit-b", "minilm"], ["eager"] if dry else ["eager", "graphs"], [1, 2] if dry else [1, 8, 32, 64],
+                          stop, on_row=lambda report: partial({"report": report}))
 
 
 def sanitizers(stop, partial, budget) -> dict:
@@ -170,13 +173,7 @@ def sanitizers(stop, partial, budget) -> dict:
 
 
 def torch_compile(stop, partial, budget, dry: bool) -> dict:
-    device = torch.device("cpu" if dry else "cuda")
-    if not dry and not torch.cuda.is_available():
-        return no_cuda()
-    args = argparse.Namespace(backend="eager" if dry else "inductor", rounds=3 if dry else 30, warmup=1 if dry else 3,
-                              input_sets=2, tiny=dry)
-    report = models.bench(["vit-b"], ["compile"], [2 if dry else 8], torch.float32 if dry else torch.float16, device, args, deadline=stop)
-    return {"report": report}
+    return patched_models(dry, ["vit-b"], ["compile"], [2 if dry else 8], stop, input_sets=2)
 
 
 # ---- the summary --------------------------------------------------------------------------------

@@ -275,11 +275,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bench(names, modes, batches, dtype, device, args, on_row=None, deadline=None) -> dict:
-    """Every (model, mode, batch) in turn; a configuration that fails records its error and the
-    next one runs. Each compiled batch size starts from a fresh dynamo cache (one static graph per
-    variant and batch: several batch sizes in one cache ran into the recompile limit)."""
-    report = {"environment": environment(device), "dtype": next(k for k, v in DTYPES.items() if v == dtype), "backend": args.backend,
+def bench(names, modes, batches, dtype_name: str, device, args, on_row=None, deadline=None) -> dict:
+    """Every (model, mode, batch) in turn, in `dtype_name` (fp32, fp16); a configuration that fails
+    records its error and the next one runs. Each compiled batch size starts from a fresh dynamo
+    cache (one static graph per variant and batch: several batch sizes in one cache ran into the
+    recompile limit)."""
+    dtype = DTYPES[dtype_name]
+    report = {"environment": environment(device), "dtype": dtype_name, "backend": args.backend,
               "rounds": args.rounds, "tiny": args.tiny, "models": []}
     for name in names:
         models, make_inputs = variants(name, args.tiny, dtype, device)
@@ -331,7 +333,6 @@ def main(argv=None) -> int:
         raise SystemExit("--modes graphs needs a CUDA device")
     if unknown := set(args.models.split(",")) - set(MODELS):
         raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
-    dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batch.split(",")]
 
     out = Path(args.out)
@@ -341,7 +342,7 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(report, indent=1))
         out.with_suffix(".md").write_text(markdown(report))
 
-    report = bench(args.models.split(","), modes, batches, dtype, device, args, on_row=write)
+    report = bench(args.models.split(","), modes, batches, args.dtype, device, args, on_row=write)
     write(report)
     print(markdown(report))
     return 0
