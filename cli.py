@@ -24,6 +24,7 @@ def _r(text: str):
 
 
 def _add_export(sub):
+    from .exporter.buckets import UNMERGED_UP_TO
     from .exporter.methods import METHODS, PITOME_VARIANTS
 
     p = sub.add_parser(
@@ -42,7 +43,12 @@ def _add_export(sub):
     model = p.add_argument_group("model")
     model.add_argument("--weights", help="state dict (.pth/.pt/.safetensors) for a timm model")
     model.add_argument("--random-init", action="store_true", help="random weights for a timm model (timm's initialisation with torch seed 0: the same every time; no download)")
-    model.add_argument("--seq-len", type=int, help="fixed sequence length of text models (default: 128 for BERT, the maximum, 77, for CLIP text)")
+    model.add_argument("--seq-len", type=int, help="one fixed sequence length for a text model (default: length-adaptive BERT-family "
+                       "exports, one graph per length bucket; 77 for CLIP text)")
+    model.add_argument("--max-seq-len", type=int, help="longest input of a length-adaptive export (default: the model's, e.g. "
+                       "sentence-transformers' max_seq_length)")
+    model.add_argument("--unmerged-up-to", type=int, default=UNMERGED_UP_TO, help="length-adaptive exports: texts of at most this many "
+                       f"tokens run unmerged at their natural length (default {UNMERGED_UP_TO}, measured: docs/length-buckets.md; 0: all merged)")
     model.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower to export (default vision)")
     model.add_argument("--metric", choices=("keys", "hidden"), help="similarity measured on attention keys or hidden states (default: keys; hidden for CLIP)")
     model.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, help="proportional attention: add log(size) to the attention logits (default: on; off for MAE-style models)")
@@ -72,10 +78,15 @@ def _run_export(args) -> int:
     result = export(
         args.model, args.output, method=args.method, r=args.r, schedule=args.schedule, weights=args.weights, random_init=args.random_init,
         seq_len=args.seq_len, tower=args.tower, opset=args.opset, dtype=args.dtype, validate=args.validate, seed=args.seed,
-        lowering=args.lowering, **{k: getattr(args, k) for k in knobs},
+        lowering=args.lowering, max_seq_len=args.max_seq_len, unmerged_up_to=args.unmerged_up_to, **{k: getattr(args, k) for k in knobs},
     )
-    budget = result["budget"]
-    print(f"wrote {args.output}: {result['method']}, tokens {budget['layers'][0]['tokens_in']} -> {result['schedule'][-1]}, FLOPs ratio {budget['flops_ratio']:.3f}")
+    for bucket in result.get("buckets") or [result]:
+        where = bucket.get("file", args.output)
+        if bucket.get("natural_length"):
+            print(f"wrote {where}: unmerged, texts of up to {bucket['seq_len']} tokens at their natural length")
+            continue
+        budget = bucket["budget"]
+        print(f"wrote {where}: {bucket['method']}, tokens {budget['layers'][0]['tokens_in']} -> {bucket['schedule'][-1]}, FLOPs ratio {budget['flops_ratio']:.3f}")
     return 0
 
 
@@ -129,11 +140,14 @@ def _add_bench(sub):
         "bench",
         help="benchmark a merged model against its unmerged baseline",
         description="Run the merged model and the unmerged baseline interleaved in one run (exporting the baseline "
-        "with --method none when none is given); report latency percentiles, throughput and the speedup beside "
-        "the FLOPs-ratio ideal.",
+        "when none is given: a text encoder at natural lengths, each batch padded to its longest, as it is served today; "
+        "an image model with --method none); report latency percentiles, throughput and the speedup beside the "
+        "FLOPs-ratio ideal, on random full-size inputs or on your own items (--data).",
     )
     p.add_argument("model", help="an .onnx (ONNX Runtime) or .engine (TensorRT)")
-    p.add_argument("--baseline", help="the unmerged model (default: export MODEL's model with --method none)")
+    p.add_argument("--baseline", help="the unmerged model (default: exported by bench, see above)")
+    p.add_argument("--data", help="measure on these items at their real lengths, in batches in file order: a text file (one text per "
+                   "line, or fastText __label__ lines), JSONL ('text') or a folder of images, as for tune")
     p.add_argument("--batch", default="1,8,32", type=_batch_list, help="batch sizes (default 1,8,32)")
     p.add_argument("--backend", choices=("ort", "trt"), help="ort for .onnx, trt for .engine (default: from the file)")
     p.add_argument("--providers", help="ONNX Runtime providers, comma separated (default: TensorRT, CUDA, CPU as available)")
@@ -158,7 +172,7 @@ def _run_bench(args) -> int:
     report = bench.bench(
         args.model, baseline=args.baseline, batches=args.batch,
         providers=args.providers.split(",") if args.providers else None, threads=args.threads, plugins=args.plugins,
-        min_rounds=args.min_rounds, max_seconds=args.seconds,
+        min_rounds=args.min_rounds, max_seconds=args.seconds, data=args.data,
     )
     print(bench.markdown(report))
     if args.json:

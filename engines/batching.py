@@ -145,7 +145,7 @@ class Batcher:
                 continue
             for request, _, _ in batch:
                 request.started = True
-            feeds = {name: np.concatenate([example[name] for _, example, _ in batch]) for name in batch[0][1]}
+            feeds = {name: stack([example[name] for _, example, _ in batch]) for name in batch[0][1]}
             started = time.perf_counter()
             self.running = True
             try:
@@ -172,3 +172,12 @@ class Batcher:
         if self._task:
             self._task.cancel()
         self._executor.shutdown(wait=False)
+
+
+def stack(rows: list[np.ndarray]) -> np.ndarray:
+    """Examples as one batch; texts of a length-adaptive model come in their buckets' widths and
+    are zero-padded to the widest (the runner splits them into their buckets again)."""
+    width = max(row.shape[1] for row in rows) if rows[0].ndim == 2 else None
+    if width is None or all(row.shape[1] == width for row in rows):
+        return np.concatenate(rows)
+    return np.concatenate([np.pad(row, [(0, 0), (0, width - row.shape[1])]) for row in rows])

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from ..exporter.errors import UsageError
-from .runtime import OrtRunner, Runner, load
+from ..exporter.buckets import is_length_adaptive
+from .runtime import Runner, fit_width, load
+from .data import model_inputs, read_data
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -33,10 +35,12 @@ def parse_batches(text: str) -> tuple[int, ...]:
 
 
 def random_feeds(runner: Runner, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs shaped as the model takes them: normal pixels, or full-length random token ids."""
+    """Inputs shaped as the model takes them: normal pixels, or full-length random token ids (the
+    longest a length-adaptive model takes)."""
     feeds = {}
+    longest = ((runner.manifest or {}).get("preprocess") or {}).get("seq_len")
     for spec in runner.inputs:
-        shape = [batch] + list(spec["shape"][1:])
+        shape = [batch] + [longest if d == -1 else d for d in spec["shape"][1:]]
         if spec["dtype"].startswith("int"):
             feeds[spec["name"]] = (np.ones(shape) if spec["name"] == "attention_mask" else rng.integers(1000, 2000, shape)).astype(spec["dtype"])
         else:
@@ -71,7 +75,7 @@ def memory_probe(path: Path, runner: Runner, threads: int | None):
     the peak is measured otherwise (TensorRT) or not at all (GPU providers)."""
     if runner.backend != "onnxruntime" or runner.providers[0] != "CPUExecutionProvider":
         return None
-    return OrtRunner(path, ["CPUExecutionProvider"], threads, arena=False)
+    return load(path, providers=["CPUExecutionProvider"], threads=threads, arena=False)
 
 
 def peak_call_mib(runner: Runner, probe: Runner | None, feeds: dict) -> float | None:
@@ -130,37 +134,73 @@ def _percentiles(samples: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)), "runs": len(ms)}
 
 
-def measure_pair(runners: dict[str, Runner], probes: dict, batch: int, *, warmup: int, min_rounds: int, max_seconds: float, tolerance: float, progress) -> dict:
-    """Alternate the runners call by call until each median moves less than `tolerance` over 10 rounds."""
-    rng = np.random.default_rng(batch)
-    feeds = {name: random_feeds(r, batch, rng) for name, r in runners.items()}
-    for _ in range(warmup):
+def measure_pair(runners: dict[str, Runner], probes: dict, batch: int, *, warmup: int, min_rounds: int, max_seconds: float, tolerance: float,
+                 progress, feeds: list[dict] | None = None) -> dict:
+    """Alternate the runners call by call over `feeds` (a list of {runner name: inputs}; default one
+    random batch of `batch`), cycling, until each runner's time for one pass over the feeds (the sum
+    of each feed's median) moves less than `tolerance` over the last max(10, feeds) rounds."""
+    if feeds is None:
+        rng = np.random.default_rng(batch)
+        feeds = [{name: random_feeds(r, batch, rng) for name, r in runners.items()}]
+    for i in range(max(warmup, len(feeds))):  # every feed once at least: each input shape warmed
         for name, runner in runners.items():
-            runner.run(feeds[name])
-    peaks = {name: peak_call_mib(runner, probes[name], feeds[name]) for name, runner in runners.items()}
-    samples = {name: [] for name in runners}
+            runner.run(feeds[i % len(feeds)][name])
+    peaks = {name: peak_call_mib(runner, probes[name], feeds[0][name]) for name, runner in runners.items()}
+    samples = {name: [[] for _ in feeds] for name in runners}
+    window = max(10, len(feeds))
     history, started, stable = [], time.perf_counter(), False
     while True:
+        index = len(history) % len(feeds)
         for name, runner in runners.items():
             t0 = time.perf_counter()
-            runner.run(feeds[name])
-            samples[name].append(time.perf_counter() - t0)
+            runner.run(feeds[index][name])
+            samples[name][index].append(time.perf_counter() - t0)
         progress.update(1)
-        history.append({name: statistics.median(s) for name, s in samples.items()})
+        seen = min(len(history) + 1, len(feeds))
+        history.append({name: sum(statistics.median(s) for s in per_feed[:seen]) for name, per_feed in samples.items()})
         rounds = len(history)
-        if rounds >= max(min_rounds, 11):
-            stable = all(abs(history[-1][n] - history[-11][n]) <= tolerance * history[-1][n] for n in runners)
+        if rounds >= max(min_rounds, window + 1, 2 * len(feeds)):
+            stable = all(abs(history[-1][n] - history[-1 - window][n]) <= tolerance * history[-1][n] for n in runners)
         if stable or time.perf_counter() - started > max_seconds:
             break
+    first = next(iter(runners))
+    items = sum(len(next(iter(feed[first].values()))) for feed in feeds)  # per pass
     return {
-        name: {**_percentiles(s), "throughput_per_s": batch / float(np.median(s)), "peak_call_mib": peaks[name]}
-        for name, s in samples.items()
-    } | {"stable": stable}
+        name: {**_percentiles([t for s in per_feed for t in s]), "pass_ms": history[-1][name] * 1e3,
+               "throughput_per_s": items / history[-1][name], "peak_call_mib": peaks[name]}
+        for name, per_feed in samples.items()
+    } | {"stable": stable, "passes": min(len(s) for s in samples[first])}
+
+
+def data_feeds(runners: dict[str, Runner], manifest: dict, data, batch: int) -> tuple[list[dict], dict]:
+    """The items of `data` (read_data) in batches of `batch`, in file order, as each runner takes
+    them: texts padded to the longest in their batch (a fixed-length model gets its length), images
+    preprocessed as the manifest says. Also what the inputs were (count, token lengths)."""
+    from .preprocess import Preprocessor
+
+    preprocess = manifest.get("preprocess") or {}
+    if preprocess.get("kind") != data.kind:
+        raise UsageError(f"the model takes {preprocess.get('kind')} input and --data holds {data.kind}s")
+    if data.kind == "image":
+        inputs, _ = model_inputs(data, preprocess)
+        batches = [{k: v[i : i + batch] for k, v in inputs.items()} for i in range(0, len(data.items), batch)]
+        return [{name: batch_ for name in runners} for batch_ in batches], {"items": len(data.items)}
+    tokenizer = Preprocessor({"preprocess": preprocess}).tokenizer
+    longest = preprocess["seq_len"]
+    feeds = []
+    for i in range(0, len(data.items), batch):
+        encoded = tokenizer(data.items[i : i + batch], padding="longest", truncation=True, max_length=longest, return_tensors="np")
+        inputs = {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+        feeds.append({name: fit_width(runner, inputs) for name, runner in runners.items()})
+    lengths = [len(ids) for ids in tokenizer(data.items, truncation=True, max_length=longest)["input_ids"]]
+    return feeds, {"items": len(data.items), "tokens_p50": float(np.median(lengths)), "tokens_p90": float(np.percentile(lengths, 90)),
+                   "tokens_max": max(lengths), "truncated_at": longest}
 
 
 def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Path:
-    """The given baseline, or the same model exported with --method none (from its manifest, in
-    the same dtype)."""
+    """The given baseline; else the model as users run it today, unmerged, in the same dtype: for a
+    text encoder the natural-length export (dynamic sequence axis, each batch padded to its
+    longest), for an image model the same model exported with --method none."""
     if baseline:
         return Path(baseline)
     if model.suffix != ".onnx":
@@ -169,14 +209,22 @@ def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Pa
     if not manifest_file.is_file():
         raise UsageError(f"{model}: no manifest beside it, so the baseline cannot be exported; pass --baseline")
     manifest = json.loads(manifest_file.read_text())
-    from ..exporter import export
+    from ..exporter import export, load_model
+    from ..exporter.onnx_export import export_natural_length
 
     settings = manifest["settings"]
+    dtype = manifest.get("dtype", "fp32")
+    if manifest.get("pooling") and (manifest.get("preprocess") or {}).get("kind") == "text":
+        target = workdir / "baseline-natural-length.onnx"
+        log(f"exporting the unmerged baseline of {manifest['model']} at natural lengths (dynamic sequence axis) to {target}")
+        adapter = load_model(manifest["model"], tower=settings.get("tower", "vision"))
+        export_natural_length(adapter, target, dtype=dtype, log=lambda *_: None)
+        return target
     target = workdir / "baseline-none.onnx"
     log(f"exporting the unmerged baseline of {manifest['model']} (--method none) to {target}")
     export(
         manifest["model"], target, method="none", weights=settings.get("weights"), random_init=settings.get("random_init", False), seq_len=settings.get("seq_len"),
-        tower=settings.get("tower", "vision"), dtype=manifest.get("dtype", "fp32"), validate=False, log=lambda *_: None,
+        tower=settings.get("tower", "vision"), dtype=dtype, validate=False, log=lambda *_: None,
     )
     return target
 
@@ -193,9 +241,11 @@ def bench(
     min_rounds: int = 20,
     max_seconds: float = 60.0,
     tolerance: float = 0.01,
+    data: str | None = None,
     log=print,
 ) -> dict:
-    """Benchmark `model` against its baseline at each batch size; returns the report (see README)."""
+    """Benchmark `model` against its baseline at each batch size, on random full-size inputs or
+    on the items of `data` (as tune reads it) at their real lengths; returns the report (see README)."""
     from tqdm import tqdm
 
     model = Path(model)
@@ -214,19 +264,29 @@ def bench(
         base_manifest = runners["baseline"].manifest or {}
         ratio = merged_manifest.get("budget", {}).get("flops_ratio")
         base_ratio = base_manifest.get("budget", {}).get("flops_ratio", 1.0)
-        ideal = (base_ratio / ratio) if ratio else None
-        results = []
+        dataset = read_data(data) if data else None
+        ideal = (base_ratio / ratio) if ratio and dataset is None else None  # the manifest's ratio holds at its full length only
+        results, inputs = [], {"kind": "random", "note": "full-length random inputs; pass --data for your own items' lengths"}
         for batch in batches:
+            if dataset is None:
+                full = random_feeds(runners["merged"], batch, np.random.default_rng(batch))
+                feeds = [{name: fit_width(runner, full) for name, runner in runners.items()}]
+            else:
+                feeds, described = data_feeds(runners, merged_manifest, dataset, batch)
+                inputs = {"kind": "data", "path": str(data), **described}
             with tqdm(desc=f"batch {batch}", unit="round", leave=False, disable=None) as progress:
-                pair = measure_pair(runners, probes, batch, warmup=warmup, min_rounds=min_rounds, max_seconds=max_seconds, tolerance=tolerance, progress=progress)
-            speedup = pair["baseline"]["p50_ms"] / pair["merged"]["p50_ms"]
+                pair = measure_pair(runners, probes, batch, warmup=warmup, min_rounds=min_rounds, max_seconds=max_seconds, tolerance=tolerance,
+                                    progress=progress, feeds=feeds)
+            speedup = pair["baseline"]["pass_ms"] / pair["merged"]["pass_ms"]
             results.append({
                 "batch": batch, **pair, "speedup": speedup, "flops_ideal_speedup": ideal,
                 "realised_fraction_of_ideal": speedup / ideal if ideal else None,
             })
         return {
             "model": str(model),
-            "baseline": str(baseline) if baseline else f"{merged_manifest.get('model')} --method none (exported by bench)",
+            "baseline": str(baseline) if baseline else f"{merged_manifest.get('model')} unmerged, {_baseline_kind(base_manifest)} (exported by bench)",
+            "inputs": inputs,
+            "length_adaptive": is_length_adaptive(merged_manifest),
             "method": merged_manifest.get("method"),
             "flops_ratio": ratio,
             "backend": runners["merged"].backend,
@@ -237,6 +297,10 @@ def bench(
             "results": results,
             "settings": {"warmup": warmup, "min_rounds": min_rounds, "max_seconds": max_seconds, "tolerance": tolerance},
         }
+
+
+def _baseline_kind(manifest: dict) -> str:
+    return "at natural lengths (dynamic sequence axis, each batch padded to its longest)" if manifest.get("natural_length") else "--method none"
 
 
 def markdown(report: dict) -> str:

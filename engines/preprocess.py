@@ -92,5 +92,8 @@ class Preprocessor:
         return array.transpose(2, 0, 1).astype(np.float32)
 
     def text(self, text: str) -> dict[str, np.ndarray]:
-        encoded = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.spec["seq_len"], return_tensors="np")
+        """One text as [1, length] ids and mask, cut at the model's length and padded to it (not
+        padded for a length-adaptive model, whose runner pads each bucket)."""
+        padding = "do_not_pad" if self.spec.get("length_adaptive") else "max_length"
+        encoded = self.tokenizer(text, padding=padding, truncation=True, max_length=self.spec["seq_len"], return_tensors="np")
         return {"input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64)}

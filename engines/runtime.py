@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..exporter.buckets import bucket_for, is_length_adaptive
 from ..exporter.errors import UsageError
 from .build import file_sha256, sidecar_path
 from .tensorrt import load_tensorrt
@@ -42,7 +43,7 @@ class Runner:
                 raise UsageError(f"missing input {spec['name']!r}; the model takes {', '.join(i['name'] for i in self.inputs)}")
             array = _numpy(feeds[spec["name"]])
             expected = spec["shape"][1:]
-            if list(array.shape[1:]) != list(expected):
+            if array.ndim != len(spec["shape"]) or any(e not in (-1, a) for a, e in zip(array.shape[1:], expected)):
                 raise UsageError(f"input {spec['name']} has shape {list(array.shape)}, expected [batch, {', '.join(map(str, expected))}]")
             arrays[spec["name"]] = array.astype(spec["dtype"], copy=False)
         return arrays
@@ -69,6 +70,9 @@ class OrtRunner(Runner):
             options.intra_op_num_threads = threads
         if not spin:  # idle threads sleep instead of spinning: the CPU goes to whatever else the process does
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spin within a call, stop when it returns: another session's call (a bucket, the baseline
+        # bench alternates with) then has the cores to itself.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if not arena:  # every call allocates and frees its own buffers (for measuring them)
             options.enable_cpu_mem_arena = False
             options.enable_mem_pattern = False
@@ -172,14 +176,87 @@ class TrtRunner(Runner):
         return {b["name"]: buffers[b["name"]].cpu().numpy() for b in self.outputs}
 
 
-def load(path: str | Path, *, providers=None, plugins: str | None = None, threads: int | None = None, spin: bool = True) -> Runner:
+class BucketRunner(Runner):
+    """A length-adaptive text export (exporter/buckets.py): each text runs in the bucket its length
+    selects, padded to that bucket only (the natural-length graph: to the longest text it got), so
+    its outputs do not depend on its batch-mates. Takes token ids of any width (right-padded, as
+    tokenizers pad) and returns rows in input order, per-token outputs zero-padded to the widest."""
+
+    def __init__(self, path: Path, manifest: dict, open_bucket):
+        self.manifest = manifest
+        self.buckets = manifest["buckets"]
+        self.limits = np.array([bucket["seq_len"] for bucket in self.buckets])  # ascending
+        self.runners = {bucket["file"]: open_bucket(path.with_name(bucket["file"])) for bucket in self.buckets}
+        longest = self.runners[self.buckets[-1]["file"]]
+        self.backend, self.providers = longest.backend, getattr(longest, "providers", None)
+        self.inputs = [{**spec, "shape": [spec["shape"][0], -1]} for spec in longest.inputs]
+        self.outputs = [{**spec, "shape": [spec["shape"][0], -1, *spec["shape"][2:]] if len(spec["shape"]) > 2 else spec["shape"]}
+                        for spec in longest.outputs]
+
+    def lengths_of(self, mask: np.ndarray) -> np.ndarray:
+        """Each row's token count; the mask must be ones then zeros, with at least one token."""
+        lengths = mask.sum(1)
+        if not np.array_equal(mask != 0, np.arange(mask.shape[1]) < lengths[:, None]):
+            raise UsageError("attention_mask must be ones then zeros in every row (right padding, as tokenizers pad)")
+        if (lengths == 0).any():
+            raise UsageError(f"row {int(np.argmax(lengths == 0))} is empty (no tokens in its attention_mask); send at least one token")
+        return lengths
+
+    def run(self, feeds):
+        arrays = self.check_feeds(feeds)
+        if len({array.shape for array in arrays.values()}) > 1:
+            raise UsageError(f"input_ids and attention_mask differ in shape ({', '.join(str(list(a.shape)) for a in arrays.values())})")
+        lengths = self.lengths_of(arrays["attention_mask"])
+        if lengths.max() > self.limits[-1]:
+            bucket_for(int(lengths.max()), self.buckets)  # the error
+        chosen = np.searchsorted(self.limits, lengths)  # the smallest bucket that holds each row
+        parts = []
+        for index in np.unique(chosen):
+            bucket, rows = self.buckets[index], np.flatnonzero(chosen == index)
+            width = int(lengths[rows].max()) if bucket["natural_length"] else bucket["seq_len"]
+            sized = {name: _fit(array[rows] if len(rows) < len(lengths) else array, width) for name, array in arrays.items()}
+            parts.append((rows, self.runners[bucket["file"]].run(sized)))
+        if len(parts) == 1:  # one bucket: its outputs are the answer, in order
+            return parts[0][1]
+        outputs = {}
+        for spec in self.outputs:
+            values = [part[spec["name"]] for _, part in parts]
+            out = np.zeros((len(lengths), max(v.shape[1] for v in values), *values[0].shape[2:]), values[0].dtype)
+            for (rows, _), value in zip(parts, values):
+                out[rows, : value.shape[1]] = value
+            outputs[spec["name"]] = out
+        return outputs
+
+
+def _fit(array: np.ndarray, width: int) -> np.ndarray:
+    """Crop or zero-pad the token axis to `width`."""
+    if array.shape[1] == width:
+        return array
+    if array.shape[1] > width:
+        return np.ascontiguousarray(array[:, :width])
+    return np.pad(array, [(0, 0), (0, width - array.shape[1])])
+
+
+def fit_width(runner: Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Token inputs padded (or cut) to the fixed length a runner takes; any width where it takes any."""
+    widths = {spec["name"]: spec["shape"][1] for spec in runner.inputs if len(spec["shape"]) == 2}
+    return {name: _fit(array, widths[name]) if widths.get(name, -1) != -1 else array for name, array in feeds.items()}
+
+
+def load(path: str | Path, *, providers=None, plugins: str | None = None, threads: int | None = None, spin: bool = True,
+         arena: bool = True) -> Runner:
     """A runner for an .onnx (ONNX Runtime) or an .engine (TensorRT). `spin=False`: ONNX Runtime's
-    idle threads sleep (a server, whose event loop needs the CPU between batches)."""
+    idle threads sleep (a server, whose event loop needs the CPU between batches); `arena=False`:
+    every call allocates its own buffers (for measuring them)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     if path.suffix == ".onnx":
-        return OrtRunner(path, providers, threads, spin=spin)
+        manifest = path.with_suffix(".json")
+        manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+        if is_length_adaptive(manifest):
+            return BucketRunner(path, manifest, lambda bucket: OrtRunner(bucket, providers, threads, arena=arena, spin=spin))
+        return OrtRunner(path, providers, threads, arena=arena, spin=spin)
     if path.suffix in (".engine", ".plan"):
         return TrtRunner(path, plugins)
     raise UsageError(f"{path}: give an .onnx (ONNX Runtime) or an .engine (TensorRT)")

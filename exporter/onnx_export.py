@@ -273,6 +273,54 @@ def plugin_info(model: onnx.ModelProto) -> dict:
     return {"op_type": plugin_lowering.OP_TYPE, "namespace": plugin_lowering.DOMAIN, "version": plugin_lowering.VERSION, "nodes": len(nodes)}
 
 
+def check_request(adapter: Adapter, output: Path, opset: int, dtype: str):
+    """The checks every export makes before tracing; converts the model to `dtype`."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose {' or '.join(DTYPES)}")
+    if opset < 17:
+        raise UsageError(f"--opset {opset}: tokenfuse needs opset >= 17 (LayerNormalization)")
+    if output.suffix != ".onnx":
+        raise UsageError(f"-o {output}: the output must end in .onnx (the manifest goes beside it as .json)")
+    weight_bytes = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    if weight_bytes >= PROTOBUF_LIMIT:
+        raise UsageError(f"{adapter.name} has {weight_bytes / 2**30:.1f} GiB of weights; ONNX files over 2 GiB (external data) are not supported yet")
+    adapter.model.to(DTYPES[dtype])
+
+
+def build_graph(adapter: Adapter, settings: MergeSettings, report: BudgetReport, work: Path, *, opset: int, dtype: str,
+                run_validation: bool, seed: int | None, extra: dict, log) -> tuple[onnx.ModelProto, dict]:
+    """Trace, check and validate one graph in `work`; return the graph to ship and its manifest."""
+    settings = dataclasses.replace(settings, attention="explicit")  # the pattern TensorRT fuses, also in validation
+    traced_path = Path(work, "traced.onnx")
+    started = time.time()
+    log(f"[1/3] tracing {adapter.name} ({settings.method.name}) to ONNX opset {opset} ...")
+    traced = trace(adapter, settings, traced_path, opset)
+    onnx.checker.check_model(traced, full_check=True)
+    problems = tensorrt_problems(traced)
+    if problems:
+        raise RuntimeError("the exported graph has ops TensorRT does not import: " + "; ".join(problems))
+    log(f"      traced in {time.time() - started:.1f}s: {len(traced.graph.node)} nodes, onnx.checker clean, TensorRT-importable ops only")
+
+    validation = None
+    if run_validation:
+        started = time.time()
+        log(f"[2/3] validating in ONNX Runtime (CPU) against PyTorch ({dtype}) on {len(VALIDATION_INPUTS)} input batches ...")
+        validation = validate(adapter, settings, traced_path, seed=seed, dtype=dtype)
+        log(
+            f"      merge decisions right up to near-ties {validation['merge_agreement']:.4f} "
+            f"(identical {validation['merge_agreement_raw']:.4f}, {validation['near_ties_excused']} near-tie tokens excused); "
+            f"with the same decisions: max abs error {validation['max_abs_error']:.2e} (relative {validation['max_rel_error']:.1e}), "
+            f"cosine {validation['cosine_min']:.6f}; free-running outputs: cosine {validation['free_running_cosine_min']:.6f}, "
+            f"relative error {validation['free_running_max_rel_error']:.1e} ({time.time() - started:.1f}s)"
+        )
+        if not validation["passed"]:
+            raise UsageError(f"validation failed: {'; '.join(validation['failures'])}; nothing written")
+    else:
+        log("[2/3] validation skipped (--no-validate)")
+    shipped = strip_slots(traced)
+    return shipped, manifest(adapter, settings, report, shipped, opset, dtype, validation, extra)
+
+
 def export_onnx(
     adapter: Adapter,
     settings: MergeSettings,
@@ -287,49 +335,81 @@ def export_onnx(
     log=print,
 ) -> dict:
     """Write `output` (.onnx) and its manifest (.json beside it); return the manifest."""
-    settings = dataclasses.replace(settings, attention="explicit")  # the pattern TensorRT fuses, also in validation
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: choose {' or '.join(DTYPES)}")
-    adapter.model.to(DTYPES[dtype])
-    if opset < 17:
-        raise UsageError(f"--opset {opset}: tokenfuse needs opset >= 17 (LayerNormalization)")
-    if output.suffix != ".onnx":
-        raise UsageError(f"-o {output}: the output must end in .onnx (the manifest goes beside it as .json)")
-    weight_bytes = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
-    if weight_bytes >= PROTOBUF_LIMIT:
-        raise UsageError(f"{adapter.name} has {weight_bytes / 2**30:.1f} GiB of weights; ONNX files over 2 GiB (external data) are not supported yet")
+    check_request(adapter, output, opset, dtype)
     manifest_path = output.with_suffix(".json")
     with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work, atomic_outputs(output, manifest_path) as (tmp_onnx, tmp_json):
-        traced_path = Path(work, "traced.onnx")
-        started = time.time()
-        log(f"[1/3] tracing {adapter.name} ({settings.method.name}) to ONNX opset {opset} ...")
-        traced = trace(adapter, settings, traced_path, opset)
-        onnx.checker.check_model(traced, full_check=True)
-        problems = tensorrt_problems(traced)
-        if problems:
-            raise RuntimeError("the exported graph has ops TensorRT does not import: " + "; ".join(problems))
-        log(f"      traced in {time.time() - started:.1f}s: {len(traced.graph.node)} nodes, onnx.checker clean, TensorRT-importable ops only")
-
-        validation = None
-        if run_validation:
-            started = time.time()
-            log(f"[2/3] validating in ONNX Runtime (CPU) against PyTorch ({dtype}) on {len(VALIDATION_INPUTS)} input batches ...")
-            validation = validate(adapter, settings, traced_path, seed=seed, dtype=dtype)
-            log(
-                f"      merge decisions right up to near-ties {validation['merge_agreement']:.4f} "
-                f"(identical {validation['merge_agreement_raw']:.4f}, {validation['near_ties_excused']} near-tie tokens excused); "
-                f"with the same decisions: max abs error {validation['max_abs_error']:.2e} (relative {validation['max_rel_error']:.1e}), "
-                f"cosine {validation['cosine_min']:.6f}; free-running outputs: cosine {validation['free_running_cosine_min']:.6f}, "
-                f"relative error {validation['free_running_max_rel_error']:.1e} ({time.time() - started:.1f}s)"
-            )
-            if not validation["passed"]:
-                raise UsageError(f"validation failed: {'; '.join(validation['failures'])}; nothing written")
-        else:
-            log("[2/3] validation skipped (--no-validate)")
-
+        shipped, result = build_graph(adapter, settings, report, Path(work), opset=opset, dtype=dtype, run_validation=run_validation,
+                                      seed=seed, extra=extra or {}, log=log)
         log(f"[3/3] writing {output} and {manifest_path.name}")
-        shipped = strip_slots(traced)
         onnx.save(shipped, str(tmp_onnx))
-        result = manifest(adapter, settings, report, shipped, opset, dtype, validation, extra or {})
         tmp_json.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+class _Plain(torch.nn.Module):
+    """An unmerged text encoder as it is exported and served today: the framework's own forward at
+    whatever length the batch has, then the model's pooling."""
+
+    def __init__(self, adapter: Adapter):
+        super().__init__()
+        self.model, self.pooling = adapter.model, adapter.pooling
+
+    def forward(self, input_ids, attention_mask):
+        from .encoder import TokenState
+
+        x = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        state = TokenState.start(x, valid=attention_mask > 0, mask=attention_mask)
+        # the merged graphs' outputs too: every real token its own, of size 1
+        return self.pooling(x, state), x, (state.size * state.valid.unsqueeze(-1)), state.valid.to(torch.int64)
+
+
+def natural_length_graph(adapter: Adapter, work: Path, *, opset: int, dtype: str, log) -> tuple[onnx.ModelProto, dict]:
+    """The unmerged text model as users export it today (sentence-transformers, optimum and TEI):
+    dynamic batch and sequence axes, each batch padded to its longest text. Checked against the
+    PyTorch model at lengths other than the traced one; returns the graph and its manifest."""
+    if not adapter.is_text or adapter.pooling is None:
+        raise UsageError(f"{adapter.name}: the natural-length export is for text encoders with a pooled embedding")
+    names = ["input_ids", "attention_mask"]
+    plain = _Plain(adapter).eval()
+    example = adapter.with_seq_len(16).natural_inputs(2, torch.Generator().manual_seed(0))
+    traced = Path(work, "natural.onnx")
+    log(f"exporting unmerged {adapter.name} with dynamic batch and sequence axes ...")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(plain, (example["input_ids"], example["attention_mask"]), str(traced), dynamo=False, opset_version=opset,
+                          input_names=names, output_names=["embedding", *TOKEN_OUTPUTS],
+                          dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names + list(TOKEN_OUTPUTS)} | {"embedding": {0: "batch"}})
+    model = onnx.load(str(traced))
+    _check_plain(adapter, plain, traced, dtype)
+    return model, {
+        "tokenfuse_version": __version__, "model": adapter.name, "family": adapter.family, "method": "none",
+        "natural_length": True, "budget": {"flops_ratio": 1.0}, "preprocess": {**adapter.preprocess(), "seq_len": adapter.max_seq_len},
+        "pooling": adapter.pooling.to_json(), "opset": opset, "dtype": dtype, **io_spec(model),
+        "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "python": platform.python_version()},
+    }
+
+
+def export_natural_length(adapter: Adapter, output: Path, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32", log=print) -> dict:
+    """Write the natural-length export (natural_length_graph) and its manifest; the baseline of bench."""
+    check_request(adapter, output, opset, dtype)
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work, atomic_outputs(output, output.with_suffix(".json")) as (tmp_onnx, tmp_json):
+        model, result = natural_length_graph(adapter, Path(work), opset=opset, dtype=dtype, log=log)
+        onnx.save(model, str(tmp_onnx))
+        tmp_json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _check_plain(adapter: Adapter, plain: torch.nn.Module, path: Path, dtype: str):
+    """The dynamic-length graph against PyTorch at lengths other than the traced one."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    limit = TOLERANCES[dtype]["cosine_min"]
+    for length in (7, min(61, adapter.length_limit)):
+        inputs = adapter.with_seq_len(length).natural_inputs(3, torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            expected = plain(inputs["input_ids"], inputs["attention_mask"])[0].float().numpy()
+        got = session.run(["embedding"], {k: v.numpy() for k, v in inputs.items()})[0].astype(np.float32)
+        cosine = (expected * got).sum(1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))
+        if cosine.min() < limit:
+            raise RuntimeError(f"the dynamic-length export differs from PyTorch at length {length} (cosine {cosine.min():.6f})")

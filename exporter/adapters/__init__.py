@@ -213,20 +213,41 @@ class ImageAdapter(Adapter):
 
 
 class TextAdapter(Adapter):
-    """Text encoders: exported at a fixed sequence length, any length when patched in PyTorch."""
+    """Text encoders: exported at fixed sequence lengths (one, or one per length bucket), any
+    length when patched in PyTorch."""
 
     seq_len: int
+    length_limit: int  # the most positions the model has
+    length_adaptive = True  # exported as length buckets unless a --seq-len is given
 
     def set_seq_len(self, seq_len: int | None, default: int, limit: int):
-        seq_len = seq_len or default
-        if not 2 <= seq_len <= limit:
-            raise UsageError(f"--seq-len {seq_len} must be in [2, {limit}] for {self.name}")
-        self.seq_len = seq_len
+        self.length_limit = limit
+        self.seq_len = self.checked_length(seq_len or default, "--seq-len")
+
+    def checked_length(self, length: int, flag: str) -> int:
+        if not 2 <= length <= self.length_limit:
+            raise UsageError(f"{flag} {length} must be in [2, {self.length_limit}] for {self.name}")
+        return length
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest input the model is used at: sentence-transformers' max_seq_length where the
+        directory has one (what its users truncate to), else every position the model has."""
+        import json
+
+        config = self.directory / "sentence_bert_config.json" if self.directory else None
+        if config and config.is_file():
+            return min(self.length_limit, int(json.loads(config.read_text()).get("max_seq_length") or self.length_limit))
+        return self.length_limit
+
+    def with_seq_len(self, length: int) -> "TextAdapter":
+        """The same model at another (static) sequence length; the weights are shared."""
+        sized = copy.copy(self)
+        sized.seq_len = length
+        return sized
 
     def for_inputs(self, inputs):
-        sized = copy.copy(self)
-        sized.seq_len = inputs["input_ids"].shape[1]
-        return sized
+        return self.with_seq_len(inputs["input_ids"].shape[1])
 
     def input_specs(self):
         return text_spec(self.seq_len)

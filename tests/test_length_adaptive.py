@@ -1,0 +1,184 @@
+"""Length-adaptive text exports (exporter/buckets.py): one graph per length bucket, weights stored
+once, each text in the bucket its own length selects, so padding never changes its result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from tokenfuse.engines import bench as bench_module
+from tokenfuse.engines.batching import stack
+from tokenfuse.engines.preprocess import Preprocessor
+from tokenfuse.engines.runtime import BucketRunner, load
+from tokenfuse.exporter import UsageError, export, load_model
+from tokenfuse.exporter import buckets as B
+
+pytestmark = pytest.mark.xdist_group("minilm")
+
+TEXTS = [
+    "a cat",
+    "token merging makes transformers faster on long inputs",
+    "the quick brown fox jumps over the lazy dog " * 4,
+    "short",
+    "embedding services receive queries, sentences and whole passages of text, and each of them is padded " * 3,
+    "the quick brown fox jumps over the lazy dog " * 2,
+]
+
+
+@pytest.fixture(scope="module")
+def adaptive(tmp_path_factory, minilm_path):
+    """all-MiniLM-L6-v2 pitome r=0.9, lengths up to 64: unmerged up to 16 tokens, buckets 32, 48, 64."""
+    path = tmp_path_factory.mktemp("adaptive") / "minilm.onnx"
+    manifest = export(f"hf:{minilm_path}", path, method="pitome", r=0.9, max_seq_len=64, unmerged_up_to=16, seed=0, log=lambda *_: None)
+    return path, manifest
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def _encode(tokenizer, texts, max_length=64, **options):
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_tensors="np", **options)
+    return {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+
+
+def test_files_buckets_and_shared_weights(adaptive):
+    path, manifest = adaptive
+    assert [(b["seq_len"], b["method"], b["natural_length"]) for b in manifest["buckets"]] == [
+        (16, "none", True), (32, "pitome", False), (48, "pitome", False), (64, "pitome", False)]
+    assert [b["file"] for b in manifest["buckets"]] == ["minilm.natural.onnx", "minilm.len32.onnx", "minilm.len48.onnx", "minilm.onnx"]
+    assert json.loads(path.with_suffix(".json").read_text()) == manifest
+    assert manifest["preprocess"]["length_adaptive"] and manifest["settings"]["max_seq_len"] == 64
+    for bucket in manifest["buckets"][1:]:  # every merged bucket validated at its own length
+        assert bucket["validation"]["passed"] and bucket["budget"]["layers"][0]["tokens_in"] == bucket["seq_len"]
+    weights = path.with_suffix(".weights")
+    storage = manifest["weights"]
+    # every graph refers to the one weights file; the model's ~86 MiB are stored once, not four times
+    assert weights.stat().st_size == storage["stored_bytes"] < 100 * 2**20 < storage["referenced_bytes"]
+    assert storage["referenced_bytes"] > 3 * storage["stored_bytes"]
+    for bucket in manifest["buckets"]:
+        assert path.with_name(bucket["file"]).stat().st_size < 2**20  # the graph only
+        ort.InferenceSession(str(path.with_name(bucket["file"])), providers=["CPUExecutionProvider"])
+
+
+def test_each_text_runs_in_its_own_bucket_whatever_its_batch_mates(adaptive, tokenizer):
+    """Padding never changes an embedding: batched with others (padded to the longest), alone
+    (unpadded) and padded far past the model's length give the same result."""
+    runner = load(adaptive[0])
+    assert isinstance(runner, BucketRunner)
+    batch = runner.run(_encode(tokenizer, TEXTS, padding="longest"))
+    lengths = _encode(tokenizer, TEXTS, padding="longest")["attention_mask"].sum(1)
+    assert len({B.bucket_for(int(n), runner.buckets)["file"] for n in lengths}) == 4  # the batch spans every bucket
+    for i, text in enumerate(TEXTS):
+        feeds = _encode(tokenizer, [text])
+        alone = runner.run(feeds)
+        padded = runner.run({name: np.pad(array, [(0, 0), (0, 200 - array.shape[1])]) for name, array in feeds.items()})
+        assert np.abs(alone["embedding"][0] - batch["embedding"][i]).max() < 1e-5
+        assert np.abs(padded["embedding"][0] - batch["embedding"][i]).max() < 1e-5
+        real = int(batch["token_mask"][i].sum())
+        assert real <= lengths[i] and batch["token_sizes"][i, :, 0].sum() == lengths[i]  # sizes count real tokens only
+
+
+def test_short_texts_equal_the_plain_model(adaptive, tokenizer, minilm_path):
+    """Texts up to --unmerged-up-to run unmerged: sentence-transformers' mean pooling and L2
+    normalisation of the Hugging Face model, computed here independently, at the text's own length."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_path).eval()
+    short = [t for t in TEXTS if len(tokenizer(t)["input_ids"]) <= 16]
+    feeds = _encode(tokenizer, short, padding="longest")
+    with torch.no_grad():
+        hidden = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"])).last_hidden_state
+    mask = torch.from_numpy(feeds["attention_mask"]).unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    got = load(adaptive[0]).run(feeds)["embedding"]
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_long_texts_are_merged_as_pytorch_merges_them_in_their_bucket(adaptive, tokenizer):
+    """A text in the 48 bucket: the merged PyTorch model on it padded to 48 (same decisions up to
+    near-ties, so compare the pooled embedding by cosine)."""
+    from tokenfuse.exporter.settings import MergeOptions
+
+    adapter = load_model(f"hf:{adaptive[1]['preprocess']['tokenizer']}", seq_len=48)
+    text = TEXTS[2]
+    feeds = _encode(tokenizer, [text], padding="max_length", max_length=48)
+    assert 32 < feeds["attention_mask"].sum() <= 48
+    settings, _ = MergeOptions(method="pitome", r=0.9).resolve(adapter)
+    with torch.no_grad():
+        expected, _ = adapter.run(settings, {k: torch.from_numpy(v) for k, v in feeds.items()})
+    got = load(adaptive[0]).run(_encode(tokenizer, [text]))["embedding"][0]
+    reference = expected["embedding"][0].numpy()
+    assert np.dot(got, reference) / (np.linalg.norm(got) * np.linalg.norm(reference)) > 0.9999
+
+
+@pytest.mark.parametrize("feeds, message", [
+    ({"input_ids": np.ones((1, 70), np.int64), "attention_mask": np.ones((1, 70), np.int64)}, "70 tokens is longer than the model's 64"),
+    ({"input_ids": np.ones((2, 8), np.int64), "attention_mask": np.array([[1] * 8, [0] * 8])}, "row 1 is empty"),
+    ({"input_ids": np.ones((1, 8), np.int64), "attention_mask": np.array([[1, 0, 1, 1, 0, 0, 0, 0]])}, "ones then zeros"),
+    ({"input_ids": np.ones((1, 8), np.int64), "attention_mask": np.ones((1, 9), np.int64)}, "differ in shape"),
+])
+def test_bad_lengths_get_a_one_line_error(adaptive, feeds, message):
+    with pytest.raises(UsageError, match=message):
+        load(adaptive[0]).run(feeds)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(r=8), "integer --r"),
+    (dict(schedule=[20] * 6), "--schedule"),
+    (dict(max_seq_len=1000), "--max-seq-len 1000 must be in"),
+    (dict(seq_len=32, max_seq_len=64), "not both"),
+    (dict(unmerged_up_to=-1), "--unmerged-up-to -1"),
+])
+def test_bad_length_options_fail_and_write_nothing(minilm_path, tmp_path, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        export(f"hf:{minilm_path}", tmp_path / "m.onnx", validate=False, log=lambda *_: None, **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failure_in_a_later_bucket_leaves_nothing_behind(minilm_path, tmp_path, monkeypatch):
+    from tokenfuse.exporter import onnx_export
+
+    built = onnx_export.build_graph
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise UsageError("validation failed: planted; nothing written")
+        return built(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "build_graph", failing)
+    with pytest.raises(UsageError, match="planted"):
+        export(f"hf:{minilm_path}", tmp_path / "m.onnx", max_seq_len=64, unmerged_up_to=16, validate=False, log=lambda *_: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_served_texts_are_padded_per_bucket(adaptive):
+    """serve's preprocessing does not pad a length-adaptive model's texts; a batch of them stacks
+    (zero-padded to the widest) and gives each text's own result."""
+    runner = load(adaptive[0])
+    pre = Preprocessor(runner.manifest)
+    examples = [pre.text(t) for t in TEXTS]
+    assert len({e["input_ids"].shape[1] for e in examples}) == len(TEXTS)
+    batch = runner.run({name: stack([e[name] for e in examples]) for name in ("input_ids", "attention_mask")})
+    for i, example in enumerate(examples):
+        assert np.abs(runner.run(example)["embedding"][0] - batch["embedding"][i]).max() < 1e-5
+
+
+def test_bench_on_real_texts_against_the_natural_length_baseline(adaptive, tmp_path):
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(TEXTS * 2) + "\n")
+    report = bench_module.bench(adaptive[0], batches=(4,), data=str(data), min_rounds=3, max_seconds=5, warmup=1, log=lambda *_: None)
+    assert report["inputs"]["kind"] == "data" and report["inputs"]["items"] == 2 * len(TEXTS) and report["length_adaptive"]
+    assert "natural lengths" in report["baseline"]
+    row = report["results"][0]
+    assert row["speedup"] == pytest.approx(row["baseline"]["pass_ms"] / row["merged"]["pass_ms"])
+    assert row["flops_ideal_speedup"] is None  # the manifest's ratio holds at full length only
