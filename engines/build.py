@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from ..exporter.buckets import refuse_length_adaptive
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
 from .tensorrt import load_tensorrt
@@ -154,6 +155,7 @@ def compile_engine(
         raise UsageError(f"{onnx_path}: no such file; export one with tokenfuse export")
     manifest_path = onnx_path.with_suffix(".json")
     export_manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    refuse_length_adaptive(export_manifest, onnx_path, "tokenfuse build")
     trt, flavour = load_tensorrt()
     log(f"[1/3] parsing {onnx_path} with {flavour} {trt.__version__}")
     plugin = _load_plugins(trt, plugins, onnx_path)

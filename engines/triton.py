@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..exporter.buckets import refuse_length_adaptive
 from ..exporter.errors import UsageError
 from .build import sidecar_path
 
@@ -66,6 +67,7 @@ def write_repository(
         if not manifest_file.is_file():
             raise UsageError(f"{model}: no manifest beside it; triton-repo needs the .json that tokenfuse export writes")
         manifest = json.loads(manifest_file.read_text())
+        refuse_length_adaptive(manifest, model, "tokenfuse triton-repo")
         platform, file_name, sidecar = "onnxruntime_onnx", "model.onnx", None
         inputs, outputs = manifest["inputs"], manifest["outputs"]
     elif model.suffix in (".engine", ".plan"):

@@ -130,14 +130,14 @@ def export_length_adaptive(adapter: TextAdapter, merge_options: MergeOptions, ou
                                                     run_validation=validate, seed=seed, extra={**extra, "seq_len": length}, log=log)
             graphs.append(graph)
             buckets.append(bucket | {"seq_len": length, "file": file.name})
-        log(f"writing {len(files)} graphs, {weights.name} and {manifest_path.name}")
+        log(f"writing {len(files)} graph{'s' * (len(files) > 1)}, {weights.name} and {manifest_path.name}")
         with atomic_outputs(*files, weights, manifest_path) as temps:
             storage = share_weights(graphs, temps[-2], weights.name)
             for graph, tmp in zip(graphs, temps):
                 onnx.save(graph, str(tmp))
             result = manifest(buckets, storage, longest, unmerged_up_to, weights.name)
             temps[-1].write_text(json.dumps(result, indent=2) + "\n")
-    log(f"exported {len(files)} graphs in {time.time() - started:.0f}s: " + ", ".join(_describe(b) for b in buckets)
+    log(f"exported {len(files)} graph{'s' * (len(files) > 1)} in {time.time() - started:.0f}s: " + ", ".join(_describe(b) for b in buckets)
         + f"; weights {storage['stored_bytes'] / 2**20:.1f} MiB stored once for {storage['referenced_bytes'] / 2**20:.1f} MiB referenced")
     return result
 
@@ -161,3 +161,10 @@ def manifest(buckets: list[dict], storage: dict, longest: int, unmerged_up_to: i
 
 def is_length_adaptive(manifest: dict | None) -> bool:
     return bool(manifest and manifest.get("buckets"))
+
+
+def refuse_length_adaptive(manifest: dict | None, path: Path, command: str):
+    """The commands that take one graph refuse a length-adaptive export with what to do instead."""
+    if is_length_adaptive(manifest):
+        raise UsageError(f"{path} is a length-adaptive export ({len(manifest['buckets'])} graphs); {command} takes one graph "
+                         "so far: export with --seq-len N for it")

@@ -13,7 +13,10 @@ the human judgements, merged and unmerged. Writes docs/length-buckets.json with 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,19 +29,27 @@ from evidence_common import write_report
 from evidence_text import embed, lee50
 
 from tokenfuse.engines import bench as bench_module
-from tokenfuse.engines.bench import _status_mib, machine
-from tokenfuse.engines.runtime import load
+from tokenfuse.engines.bench import machine
 from tokenfuse.exporter import export
 
 DATA = {"sentences": "pang_lee_polarity.cor", "documents": "lee.cor"}
 
 
+LOADING = """
+import json, sys, time
+from tokenfuse.engines.bench import _status_mib
+before, started = _status_mib("VmRSS"), time.perf_counter()
+from tokenfuse.engines.runtime import load
+runner = load(sys.argv[1])
+print(json.dumps({"seconds": time.perf_counter() - started, "rss_mib": _status_mib("VmRSS") - before}))
+"""
+
+
 def loading(path: Path) -> dict:
-    """Seconds and resident MiB to open `path` as tokenfuse.engines.load does."""
-    before, started = _status_mib("VmRSS"), time.perf_counter()
-    runner = load(path)
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "rss_mib": _status_mib("VmRSS") - before, "runner": runner}
+    """Seconds and resident MiB to open `path` as tokenfuse.engines.load does, in a fresh process
+    (the import of onnxruntime included, as a server pays it)."""
+    out = subprocess.run([sys.executable, "-c", LOADING, str(path)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
 
 
 def main(argv=None):

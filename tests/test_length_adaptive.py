@@ -182,3 +182,14 @@ def test_bench_on_real_texts_against_the_natural_length_baseline(adaptive, tmp_p
     row = report["results"][0]
     assert row["speedup"] == pytest.approx(row["baseline"]["pass_ms"] / row["merged"]["pass_ms"])
     assert row["flops_ideal_speedup"] is None  # the manifest's ratio holds at full length only
+
+
+def test_commands_that_take_one_graph_refuse_a_length_adaptive_export(adaptive, tmp_path):
+    from tokenfuse.engines.build import compile_engine
+    from tokenfuse.engines.triton import write_repository
+
+    with pytest.raises(UsageError, match="length-adaptive export .*--seq-len N"):
+        compile_engine(adaptive[0])
+    with pytest.raises(UsageError, match="length-adaptive export .*--seq-len N"):
+        write_repository(adaptive[0], tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
