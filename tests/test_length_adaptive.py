@@ -193,3 +193,16 @@ def test_commands_that_take_one_graph_refuse_a_length_adaptive_export(adaptive, 
     with pytest.raises(UsageError, match="length-adaptive export .*--seq-len N"):
         write_repository(adaptive[0], tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+def test_unmerged_length_adaptive_export_is_the_plain_model_at_natural_lengths(minilm_path, tmp_path, tokenizer):
+    """`export --method none` without --seq-len: one dynamic-length graph (what bench compares with),
+    any width in, the same embeddings as the merged export's unmerged graph."""
+    path = tmp_path / "plain.onnx"
+    manifest = export(f"hf:{minilm_path}", path, method="none", max_seq_len=64, log=lambda *_: None)
+    assert [(b["file"], b["natural_length"], b["seq_len"]) for b in manifest["buckets"]] == [("plain.onnx", True, 64)]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["plain.json", "plain.onnx", "plain.weights"]
+    feeds = _encode(tokenizer, TEXTS, padding="longest")
+    plain = load(path).run(feeds)
+    assert plain["embedding"].shape == (len(TEXTS), 384) and plain["last_hidden_state"].shape[1] == feeds["input_ids"].shape[1]
+    np.testing.assert_array_equal(plain["token_mask"], feeds["attention_mask"])
