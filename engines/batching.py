@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .runtime import Runner
+from .runtime import Runner, fit_tokens
 
 
 class Refusal(Exception):
@@ -177,7 +177,7 @@ class Batcher:
 def stack(rows: list[np.ndarray]) -> np.ndarray:
     """Examples as one batch; texts of a length-adaptive model come in their buckets' widths and
     are zero-padded to the widest (the runner splits them into their buckets again)."""
-    width = max(row.shape[1] for row in rows) if rows[0].ndim == 2 else None
-    if width is None or all(row.shape[1] == width for row in rows):
+    if rows[0].ndim != 2:
         return np.concatenate(rows)
-    return np.concatenate([np.pad(row, [(0, 0), (0, width - row.shape[1])]) for row in rows])
+    width = max(row.shape[1] for row in rows)
+    return np.concatenate([fit_tokens(row, width) for row in rows])

@@ -187,12 +187,12 @@ def data_feeds(runners: dict[str, Runner], manifest: dict, data, batch: int) -> 
         return [{name: batch_ for name in runners} for batch_ in batches], {"items": len(data.items)}
     tokenizer = Preprocessor({"preprocess": preprocess}).tokenizer
     longest = preprocess["seq_len"]
-    feeds = []
+    feeds, lengths = [], []
     for i in range(0, len(data.items), batch):
         encoded = tokenizer(data.items[i : i + batch], padding="longest", truncation=True, max_length=longest, return_tensors="np")
         inputs = {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+        lengths.extend(inputs["attention_mask"].sum(1).tolist())
         feeds.append({name: fit_width(runner, inputs) for name, runner in runners.items()})
-    lengths = [len(ids) for ids in tokenizer(data.items, truncation=True, max_length=longest)["input_ids"]]
     return feeds, {"items": len(data.items), "tokens_p50": float(np.median(lengths)), "tokens_p90": float(np.percentile(lengths, 90)),
                    "tokens_max": max(lengths), "truncated_at": longest}
 
@@ -209,22 +209,18 @@ def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Pa
     if not manifest_file.is_file():
         raise UsageError(f"{model}: no manifest beside it, so the baseline cannot be exported; pass --baseline")
     manifest = json.loads(manifest_file.read_text())
-    from ..exporter import export, load_model
-    from ..exporter.onnx_export import export_natural_length
+    from ..exporter import export
 
     settings = manifest["settings"]
-    dtype = manifest.get("dtype", "fp32")
-    if manifest.get("pooling") and (manifest.get("preprocess") or {}).get("kind") == "text":
-        target = workdir / "baseline-natural-length.onnx"
+    if manifest.get("pooling") and (manifest.get("preprocess") or {}).get("kind") == "text":  # a length-adaptive family
+        target, lengths = workdir / "baseline-natural-length.onnx", {"max_seq_len": settings.get("max_seq_len") or settings.get("seq_len")}
         log(f"exporting the unmerged baseline of {manifest['model']} at natural lengths (dynamic sequence axis) to {target}")
-        adapter = load_model(manifest["model"], tower=settings.get("tower", "vision"))
-        export_natural_length(adapter, target, dtype=dtype, log=lambda *_: None)
-        return target
-    target = workdir / "baseline-none.onnx"
-    log(f"exporting the unmerged baseline of {manifest['model']} (--method none) to {target}")
+    else:
+        target, lengths = workdir / "baseline-none.onnx", {"seq_len": settings.get("seq_len")}
+        log(f"exporting the unmerged baseline of {manifest['model']} (--method none) to {target}")
     export(
-        manifest["model"], target, method="none", weights=settings.get("weights"), random_init=settings.get("random_init", False), seq_len=settings.get("seq_len"),
-        tower=settings.get("tower", "vision"), dtype=dtype, validate=False, log=lambda *_: None,
+        manifest["model"], target, method="none", weights=settings.get("weights"), random_init=settings.get("random_init", False),
+        tower=settings.get("tower", "vision"), dtype=manifest.get("dtype", "fp32"), validate=False, log=lambda *_: None, **lengths,
     )
     return target
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporter.buckets import bucket_for, is_length_adaptive
+from ..exporter.buckets import bucket_indices, is_length_adaptive
 from ..exporter.errors import UsageError
 from .build import file_sha256, sidecar_path
 from .tensorrt import load_tensorrt
@@ -185,7 +185,6 @@ class BucketRunner(Runner):
     def __init__(self, path: Path, manifest: dict, open_bucket):
         self.manifest = manifest
         self.buckets = manifest["buckets"]
-        self.limits = np.array([bucket["seq_len"] for bucket in self.buckets])  # ascending
         self.runners = {bucket["file"]: open_bucket(path.with_name(bucket["file"])) for bucket in self.buckets}
         longest = self.runners[self.buckets[-1]["file"]]
         self.backend, self.providers = longest.backend, getattr(longest, "providers", None)
@@ -207,14 +206,12 @@ class BucketRunner(Runner):
         if len({array.shape for array in arrays.values()}) > 1:
             raise UsageError(f"input_ids and attention_mask differ in shape ({', '.join(str(list(a.shape)) for a in arrays.values())})")
         lengths = self.lengths_of(arrays["attention_mask"])
-        if lengths.max() > self.limits[-1]:
-            bucket_for(int(lengths.max()), self.buckets)  # the error
-        chosen = np.searchsorted(self.limits, lengths)  # the smallest bucket that holds each row
+        chosen = bucket_indices(lengths, self.buckets)
         parts = []
         for index in np.unique(chosen):
             bucket, rows = self.buckets[index], np.flatnonzero(chosen == index)
             width = int(lengths[rows].max()) if bucket["natural_length"] else bucket["seq_len"]
-            sized = {name: _fit(array[rows] if len(rows) < len(lengths) else array, width) for name, array in arrays.items()}
+            sized = {name: fit_tokens(array[rows] if len(rows) < len(lengths) else array, width) for name, array in arrays.items()}
             parts.append((rows, self.runners[bucket["file"]].run(sized)))
         if len(parts) == 1:  # one bucket: its outputs are the answer, in order
             return parts[0][1]
@@ -228,7 +225,7 @@ class BucketRunner(Runner):
         return outputs
 
 
-def _fit(array: np.ndarray, width: int) -> np.ndarray:
+def fit_tokens(array: np.ndarray, width: int) -> np.ndarray:
     """Crop or zero-pad the token axis to `width`."""
     if array.shape[1] == width:
         return array
@@ -240,7 +237,7 @@ def _fit(array: np.ndarray, width: int) -> np.ndarray:
 def fit_width(runner: Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Token inputs padded (or cut) to the fixed length a runner takes; any width where it takes any."""
     widths = {spec["name"]: spec["shape"][1] for spec in runner.inputs if len(spec["shape"]) == 2}
-    return {name: _fit(array, widths[name]) if widths.get(name, -1) != -1 else array for name, array in feeds.items()}
+    return {name: fit_tokens(array, widths[name]) if widths.get(name, -1) != -1 else array for name, array in feeds.items()}
 
 
 def load(path: str | Path, *, providers=None, plugins: str | None = None, threads: int | None = None, spin: bool = True,

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -43,14 +44,14 @@ def bucket_lengths(longest: int, unmerged_up_to: int) -> tuple[int, ...]:
     return tuple(length for length in LENGTHS if unmerged_up_to < length < longest) + (longest,)
 
 
-def bucket_for(length: int, buckets: list[dict]) -> dict:
-    """The bucket a text of `length` tokens runs in: the natural-length one below its limit, else
-    the smallest that holds it."""
-    for bucket in buckets:
-        if length <= bucket["seq_len"]:
-            return bucket
-    raise UsageError(f"a text of {length} tokens is longer than the model's {buckets[-1]['seq_len']}; truncate it "
-                     "(the tokenizer's truncation=True) or export with a larger --max-seq-len")
+def bucket_indices(lengths: np.ndarray, buckets: list[dict]) -> np.ndarray:
+    """The bucket each text of `lengths` tokens runs in (an index into `buckets`, ascending by
+    length): the natural-length one up to its limit, else the smallest that holds it."""
+    limits = np.array([bucket["seq_len"] for bucket in buckets])
+    if lengths.max() > limits[-1]:
+        raise UsageError(f"a text of {int(lengths.max())} tokens is longer than the model's {limits[-1]}; truncate it "
+                         "(the tokenizer's truncation=True) or export with a larger --max-seq-len")
+    return np.searchsorted(limits, lengths)
 
 
 def bucket_file(output: Path, length: int | None, longest: int) -> Path:
@@ -151,7 +152,7 @@ BUCKET_KEYS = ("seq_len", "file", "method", "natural_length", "schedule", "budge
 
 def manifest(buckets: list[dict], storage: dict, longest: int, unmerged_up_to: int, weights: str) -> dict:
     """The longest graph's manifest (what a reader of one graph needs), plus every bucket's own."""
-    top = {key: value for key, value in buckets[-1].items() if key not in ("seq_len", "file", "natural_length")}
+    top = {key: value for key, value in buckets[-1].items() if key not in ("seq_len", "file")}
     top["settings"] = {**top.get("settings", {}), "seq_len": None, "max_seq_len": longest, "unmerged_up_to": unmerged_up_to}
     top["preprocess"] = {**top["preprocess"], "seq_len": longest, "length_adaptive": True}
     top["weights"] = {"file": weights, **storage}

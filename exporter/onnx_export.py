@@ -389,16 +389,6 @@ def natural_length_graph(adapter: Adapter, work: Path, *, opset: int, dtype: str
     }
 
 
-def export_natural_length(adapter: Adapter, output: Path, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32", log=print) -> dict:
-    """Write the natural-length export (natural_length_graph) and its manifest; the baseline of bench."""
-    check_request(adapter, output, opset, dtype)
-    with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work, atomic_outputs(output, output.with_suffix(".json")) as (tmp_onnx, tmp_json):
-        model, result = natural_length_graph(adapter, Path(work), opset=opset, dtype=dtype, log=log)
-        onnx.save(model, str(tmp_onnx))
-        tmp_json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
 def _check_plain(adapter: Adapter, plain: torch.nn.Module, path: Path, dtype: str):
     """The dynamic-length graph against PyTorch at lengths other than the traced one."""
     import onnxruntime as ort
