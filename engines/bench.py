@@ -247,6 +247,7 @@ def bench(
     model = Path(model)
     if not model.is_file():
         raise UsageError(f"{model}: no such file")
+    dataset = read_data(data) if data else None  # a bad --data fails before any baseline is exported
     with tempfile.TemporaryDirectory(prefix="tokenfuse-bench-") as work:
         baseline_path = ensure_baseline(model, baseline, Path(work), log)
         rss = {"start": _status_mib("VmRSS")}
@@ -260,7 +261,6 @@ def bench(
         base_manifest = runners["baseline"].manifest or {}
         ratio = merged_manifest.get("budget", {}).get("flops_ratio")
         base_ratio = base_manifest.get("budget", {}).get("flops_ratio", 1.0)
-        dataset = read_data(data) if data else None
         ideal = (base_ratio / ratio) if ratio and dataset is None else None  # the manifest's ratio holds at its full length only
         results, inputs = [], {"kind": "random", "note": "full-length random inputs; pass --data for your own items' lengths"}
         for batch in batches:
