@@ -95,7 +95,9 @@ def _add_build(sub):
         "build",
         help="build a TensorRT engine from an exported model",
         description="Build a TensorRT engine (full TensorRT when importable, TensorRT-RTX otherwise) with an "
-        "optimisation profile over the batch axis and a timing cache; write a sidecar manifest beside it.",
+        "optimisation profile over the batch axis and a timing cache; write a sidecar manifest beside it. "
+        "A length-adaptive text export gets one engine per length bucket (NAME.engine, NAME.lenL.engine, "
+        "NAME.natural.engine), and NAME.engine.json lists them for the runtime.",
     )
     p.add_argument("onnx", help="an .onnx written by tokenfuse export (its .json manifest is read when present)")
     p.add_argument("-o", "--output", required=True, help="the .engine path; the sidecar goes beside it as .engine.json")
@@ -130,8 +132,9 @@ def _run_build(args) -> int:
     from .engines.build import build_engine
 
     sidecar = build_engine(args.onnx, args.output, batch=args.batch, plugins=args.plugins, timing_cache=args.timing_cache)
-    trt = sidecar["tensorrt"]
-    print(f"wrote {args.output}: {trt['flavour']} {trt['version']}, batch {args.batch[0]}:{args.batch[1]}:{args.batch[2]}")
+    trt, buckets = sidecar["tensorrt"], sidecar.get("buckets") or []
+    engines = f" and {len(buckets) - 1} more engines ({', '.join(b['file'] for b in buckets[:-1])})" if len(buckets) > 1 else ""
+    print(f"wrote {args.output}{engines}: {trt['flavour']} {trt['version']}, batch {args.batch[0]}:{args.batch[1]}:{args.batch[2]}")
     return 0
 
 
@@ -232,7 +235,8 @@ def _add_triton(sub):
         "triton-repo",
         help="write a Triton Inference Server model repository",
         description="Write a Triton model repository for MODEL (.onnx: onnxruntime_onnx, .engine: tensorrt_plan) with "
-        "dynamic batching and instance groups; a plugin library the engine needs is copied and preloaded.",
+        "dynamic batching and instance groups; a plugin library the engine needs is copied and preloaded. "
+        "A length-adaptive text export (or its engines) gets one model per length bucket.",
     )
     p.add_argument("model", help="an .onnx or .engine written by tokenfuse")
     p.add_argument("-o", "--output", required=True, help="the repository directory (new or empty)")
@@ -247,9 +251,10 @@ def _add_triton(sub):
 def _run_triton(args) -> int:
     from .engines.triton import write_repository
 
-    folder = write_repository(args.model, args.output, name=args.name, max_batch=args.max_batch, instances=args.instances,
-                              kind=args.kind, delay_us=args.max_delay_us)
-    print(f"wrote {folder}/config.pbtxt; start with: tritonserver --model-repository={args.output} (see its README.md)")
+    folders = write_repository(args.model, args.output, name=args.name, max_batch=args.max_batch, instances=args.instances,
+                               kind=args.kind, delay_us=args.max_delay_us)
+    models = f"{folders[0]}/config.pbtxt" if len(folders) == 1 else f"{len(folders)} models, one per length bucket ({', '.join(f.name for f in folders)})"
+    print(f"wrote {models}; start with: tritonserver --model-repository={args.output} (see its README.md)")
     return 0
 
 

@@ -17,12 +17,18 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..exporter.buckets import refuse_length_adaptive
+from ..exporter.buckets import bucket_file, is_length_adaptive, refuse_length_adaptive
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
 from .tensorrt import load_tensorrt
 
 CUSTOM_OPS = {"SimilarityEnergyMerge"}
+
+
+def read_manifest(onnx_path: Path) -> dict | None:
+    """The export manifest beside `onnx_path`, if any."""
+    manifest = onnx_path.with_suffix(".json")
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -113,15 +119,19 @@ def _check_plugin_import(onnx_path: Path, library: Path, version: str) -> None:
         )
 
 
+TENSORRT_DTYPES = {"float": "float32", "half": "float16", "bfloat16": "bfloat16", "int64": "int64", "int32": "int32", "int8": "int8", "bool": "bool"}
+
+
+def numpy_dtype_name(name: str) -> str:
+    """A binding's dtype as NumPy and torch name it (TensorRT says float for float32, half for float16)."""
+    return TENSORRT_DTYPES.get(name, name)
+
+
 def _bindings(network) -> list[dict]:
-    out = []
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        out.append({"name": t.name, "io": "input", "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)})
-    for i in range(network.num_outputs):
-        t = network.get_output(i)
-        out.append({"name": t.name, "io": "output", "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)})
-    return out
+    tensors = [("input", network.get_input(i)) for i in range(network.num_inputs)]
+    tensors += [("output", network.get_output(i)) for i in range(network.num_outputs)]
+    return [{"name": t.name, "io": io, "dtype": numpy_dtype_name(str(t.dtype).split(".")[-1].lower()), "shape": list(t.shape)}
+            for io, t in tensors]
 
 
 def _targets(trt, config, flavour: str) -> dict:
@@ -145,17 +155,21 @@ def compile_engine(
     onnx_path: str | Path,
     *,
     batch: tuple[int, int, int] = (1, 8, 32),
+    lengths: tuple[int, int, int] | None = None,
     plugins: str | None = "auto",
     timing_cache: str | Path | None = None,
+    export_manifest: dict | None = None,
     log=print,
 ) -> tuple[bytes, dict]:
-    """Parse and build `onnx_path` with one profile over the batch axis: (engine bytes, sidecar)."""
+    """Parse and build one graph with one profile over the batch axis (and, for a graph with a
+    dynamic token axis, over `lengths`): (engine bytes, sidecar). `export_manifest` defaults to
+    the one beside `onnx_path`."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise UsageError(f"{onnx_path}: no such file; export one with tokenfuse export")
-    manifest_path = onnx_path.with_suffix(".json")
-    export_manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    refuse_length_adaptive(export_manifest, onnx_path, "tokenfuse build")
+    if export_manifest is None:
+        export_manifest = read_manifest(onnx_path)
+        refuse_length_adaptive(export_manifest, onnx_path, "compile_engine (use build_engine)")
     trt, flavour = load_tensorrt()
     log(f"[1/3] parsing {onnx_path} with {flavour} {trt.__version__}")
     plugin = _load_plugins(trt, plugins, onnx_path)
@@ -176,7 +190,9 @@ def compile_engine(
         if tensor.shape[0] != -1:
             raise UsageError(f"{onnx_path}: input {tensor.name} has no dynamic batch axis; export it with tokenfuse export")
         rest = list(tensor.shape)[1:]
-        profile.set_shape(tensor.name, *([b] + rest for b in batch))
+        if -1 in rest and lengths is None:
+            raise UsageError(f"{onnx_path}: input {tensor.name} has a dynamic token axis; give lengths=(min, opt, max) for its profile")
+        profile.set_shape(tensor.name, *([b] + [length if d == -1 else d for d in rest] for b, length in zip(batch, lengths or batch)))
     config.add_optimization_profile(profile)
 
     cache_path = None
@@ -185,18 +201,22 @@ def compile_engine(
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=True)
 
-    log(f"[2/3] building for batch {batch[0]}:{batch[1]}:{batch[2]} (timing cache: {cache_path or 'none in ' + flavour})")
+    shape = f"batch {batch[0]}:{batch[1]}:{batch[2]}" + (f", length {lengths[0]}:{lengths[1]}:{lengths[2]}" if lengths else "")
+    log(f"[2/3] building for {shape} (timing cache: {cache_path or 'none in ' + flavour})")
     started = time.time()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UsageError(f"{onnx_path}: {flavour} could not build an engine; run with TOKENFUSE_DEBUG=1 for its log")
-    log(f"      built in {time.time() - started:.1f}s, {serialized.nbytes / 2**20:.1f} MiB")
+    seconds = time.time() - started
+    log(f"      built in {seconds:.1f}s, {serialized.nbytes / 2**20:.1f} MiB")
 
     sidecar = {
         "tokenfuse_version": __version__,
         "tensorrt": {"flavour": flavour, "module": trt.__name__, "version": trt.__version__},
         "target": _targets(trt, config, flavour),
         "batch_profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+        "length_profile": {"min": lengths[0], "opt": lengths[1], "max": lengths[2]} if lengths else None,
+        "build_seconds": round(seconds, 2),
         "plugin_library": plugin,
         "timing_cache": str(cache_path) if cache_path else None,
         "bindings": _bindings(network),
@@ -211,16 +231,52 @@ def compile_engine(
 
 
 def build_engine(onnx_path: str | Path, output: str | Path, *, log=print, **options) -> dict:
-    """Build `output` (.engine) and its sidecar `output + .json`; return the sidecar.
+    """Build `output` (.engine) and its sidecar `output + .json`; return the sidecar. A
+    length-adaptive export gets one engine per bucket (see build_bucket_engines).
 
     `options` are compile_engine's: batch, plugins, timing_cache."""
-    output = Path(output)
+    onnx_path, output = Path(onnx_path), Path(output)
+    manifest = read_manifest(onnx_path) if onnx_path.is_file() else None
+    if is_length_adaptive(manifest):
+        return build_bucket_engines(onnx_path, manifest, output, log=log, **options)
     engine, sidecar = compile_engine(onnx_path, log=log, **options)
     log(f"[3/3] writing {output} and {output.name}.json")
     with atomic_outputs(output, sidecar_path(output)) as (tmp_engine, tmp_sidecar):
         tmp_engine.write_bytes(engine)
         tmp_sidecar.write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
+
+
+def build_bucket_engines(onnx_path: Path, manifest: dict, output: Path, *, log=print, **options) -> dict:
+    """One engine per bucket of a length-adaptive export, named as its graphs are (`NAME.engine`
+    the longest, `NAME.lenL.engine`, `NAME.natural.engine`, each with its sidecar): the merged
+    buckets at their static length, the natural-length graph with a profile over 1..its limit.
+    The top sidecar lists the buckets, so the runtime picks an engine per text as it picks a graph.
+    Nothing is written unless every bucket builds."""
+    buckets, longest = manifest["buckets"], manifest["buckets"][-1]["seq_len"]
+    engines = [bucket_file(output.with_suffix(".onnx"), None if b["natural_length"] else b["seq_len"], longest).with_suffix(".engine")
+               for b in buckets]
+    if len(buckets) == 1:  # an unmerged export: its one graph is the model
+        engines = [output]
+    shared = {key: value for key, value in manifest.items() if key != "buckets"}
+    sidecars, started = [], time.time()
+    with atomic_outputs(*engines, *map(sidecar_path, engines)) as temps:
+        for step, (bucket, engine, tmp) in enumerate(zip(buckets, engines, temps), 1):
+            limit = bucket["seq_len"]
+            log(f"engine {step}/{len(buckets)}: texts of up to {limit} tokens" + (" at their natural length" if bucket["natural_length"] else ""))
+            lengths = (1, -(-limit // 2), limit) if bucket["natural_length"] else None
+            blob, sidecar = compile_engine(onnx_path.with_name(bucket["file"]), lengths=lengths, export_manifest={**shared, **bucket},
+                                           log=log, **options)
+            tmp.write_bytes(blob)
+            sidecars.append(sidecar)
+        top = sidecars[-1] | {"export_manifest": manifest,
+                              "buckets": [{**bucket, "file": engine.name} for bucket, engine in zip(buckets, engines)]}
+        for sidecar, tmp in zip(sidecars[:-1] + [top], temps[len(engines):]):
+            tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+        sizes = sum(tmp.stat().st_size for tmp in temps[: len(engines)])
+        log(f"writing {len(engines)} engine{'s' * (len(engines) > 1)} ({sizes / 2**20:.0f} MiB) and their sidecars, "
+            f"built in {time.time() - started:.0f}s")
+    return top
 
 
 def sidecar_path(engine: Path) -> Path:

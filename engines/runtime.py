@@ -13,7 +13,7 @@ import numpy as np
 
 from ..exporter.buckets import bucket_indices, is_length_adaptive
 from ..exporter.errors import UsageError
-from .build import file_sha256, sidecar_path
+from .build import file_sha256, numpy_dtype_name, sidecar_path
 from .tensorrt import load_tensorrt
 
 ORT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -143,32 +143,28 @@ class TrtRunner(Runner):
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self.manifest = sidecar.get("export_manifest")
-        self.inputs = [b for b in sidecar["bindings"] if b["io"] == "input"]
-        self.outputs = [b for b in sidecar["bindings"] if b["io"] == "output"]
-        self.profile = sidecar["batch_profile"]
-        self._buffers: dict[int, dict] = {}
+        bindings = [{**b, "dtype": numpy_dtype_name(b["dtype"])} for b in sidecar["bindings"]]
+        self.inputs = [b for b in bindings if b["io"] == "input"]
+        self.outputs = [b for b in bindings if b["io"] == "output"]
+        self.profile, self.length_profile = sidecar["batch_profile"], sidecar.get("length_profile")
         self.torch = torch
-
-    def _buffers_for(self, batch: int) -> dict:
-        if batch not in self._buffers:
-            torch = self.torch
-            dtypes = {"float": torch.float32, "float32": torch.float32, "half": torch.float16, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
-            self._buffers[batch] = {
-                b["name"]: torch.empty([batch] + list(b["shape"][1:]), dtype=dtypes[b["dtype"]], device="cuda")
-                for b in self.inputs + self.outputs
-            }
-        return self._buffers[batch]
 
     def run(self, feeds):
         arrays = self.check_feeds(feeds)
         batch = len(next(iter(arrays.values())))
         if not self.profile["min"] <= batch <= self.profile["max"]:
             raise UsageError(f"batch {batch} is outside the engine's profile {self.profile['min']}..{self.profile['max']}; rebuild with --batch")
-        buffers = self._buffers_for(batch)
-        with self.torch.cuda.stream(self.stream):
+        torch = self.torch
+        with torch.cuda.stream(self.stream):  # torch's caching allocator makes the per-call buffers cheap
+            buffers = {}
             for spec in self.inputs:
-                buffers[spec["name"]].copy_(self.torch.from_numpy(arrays[spec["name"]]), non_blocking=True)
-                self.context.set_input_shape(spec["name"], tuple(buffers[spec["name"]].shape))
+                buffers[spec["name"]] = torch.from_numpy(arrays[spec["name"]]).to("cuda", non_blocking=True)
+                if not self.context.set_input_shape(spec["name"], tuple(arrays[spec["name"]].shape)):
+                    raise UsageError(f"input {spec['name']} of shape {list(arrays[spec['name']].shape)} is outside the engine's profile "
+                                     f"(batch {self.profile}, length {self.length_profile}); rebuild it with tokenfuse build")
+            for spec in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(spec["name"]))
+                buffers[spec["name"]] = torch.empty(shape, dtype=getattr(torch, spec["dtype"]), device="cuda")
             for name, tensor in buffers.items():
                 self.context.set_tensor_address(name, tensor.data_ptr())
             self.context.execute_async_v3(self.stream.cuda_stream)
@@ -180,11 +176,12 @@ class BucketRunner(Runner):
     """A length-adaptive text export (exporter/buckets.py): each text runs in the bucket its length
     selects, padded to that bucket only (the natural-length graph: to the longest text it got), so
     its outputs do not depend on its batch-mates. Takes token ids of any width (right-padded, as
-    tokenizers pad) and returns rows in input order, per-token outputs zero-padded to the widest."""
+    tokenizers pad) and returns rows in input order, per-token outputs zero-padded to the widest.
+    `buckets` name each bucket's file (the graphs of the export, or the engines built from them)."""
 
-    def __init__(self, path: Path, manifest: dict, open_bucket):
+    def __init__(self, path: Path, manifest: dict, buckets: list[dict], open_bucket):
         self.manifest = manifest
-        self.buckets = manifest["buckets"]
+        self.buckets = buckets
         self.runners = {bucket["file"]: open_bucket(path.with_name(bucket["file"])) for bucket in self.buckets}
         longest = self.runners[self.buckets[-1]["file"]]
         self.backend, self.providers = longest.backend, getattr(longest, "providers", None)
@@ -252,8 +249,12 @@ def load(path: str | Path, *, providers=None, plugins: str | None = None, thread
         manifest = path.with_suffix(".json")
         manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
         if is_length_adaptive(manifest):
-            return BucketRunner(path, manifest, lambda bucket: OrtRunner(bucket, providers, threads, arena=arena, spin=spin))
+            return BucketRunner(path, manifest, manifest["buckets"], lambda bucket: OrtRunner(bucket, providers, threads, arena=arena, spin=spin))
         return OrtRunner(path, providers, threads, arena=arena, spin=spin)
     if path.suffix in (".engine", ".plan"):
+        sidecar = sidecar_path(path)
+        buckets = json.loads(sidecar.read_text()).get("buckets") if sidecar.is_file() else None
+        if buckets:
+            return BucketRunner(path, json.loads(sidecar.read_text())["export_manifest"], buckets, lambda bucket: TrtRunner(bucket, plugins))
         return TrtRunner(path, plugins)
     raise UsageError(f"{path}: give an .onnx (ONNX Runtime) or an .engine (TensorRT)")

@@ -5,6 +5,10 @@ Layout written:
     REPO/NAME/1/model.onnx      (or model.plan for a TensorRT engine)
     REPO/NAME/tokenfuse.json    the export manifest (and the engine sidecar)
     REPO/README.md              how to start Triton on it, including plugin preloading
+    REPO/NAME/plugins/          the plugin library an engine needs, if any
+
+A length-adaptive text export (or its engines) gets one model per length bucket, NAME-lenL and
+NAME-natural; the client sends each text to the bucket its length selects (the README lists them).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..exporter.buckets import refuse_length_adaptive
 from ..exporter.errors import UsageError
 from .build import sidecar_path
 
@@ -24,7 +27,7 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float": "TYPE_FP32", "float16": "TYPE_F
 def _tensors(entries: list[dict]) -> str:
     blocks = []
     for entry in entries:
-        dims = ", ".join(str(d) for d in entry["shape"][1:])
+        dims = ", ".join(str(d if isinstance(d, int) else -1) for d in entry["shape"][1:])  # a named axis is dynamic
         blocks.append(f'  {{\n    name: "{entry["name"]}"\n    data_type: {TRITON_TYPES[entry["dtype"]]}\n    dims: [ {dims} ]\n  }}')
     return ",\n".join(blocks)
 
@@ -45,6 +48,54 @@ def config_text(name: str, platform: str, max_batch: int, inputs: list[dict], ou
     )
 
 
+def _models(model: Path, name: str) -> tuple[dict, dict | None, list[dict]]:
+    """(export manifest, engine sidecar, one entry per Triton model): a length-adaptive export or its
+    engines give one model per bucket, named NAME-lenL (NAME-natural for the unmerged bucket)."""
+    if model.suffix == ".onnx":
+        manifest_file = model.with_suffix(".json")
+        if not manifest_file.is_file():
+            raise UsageError(f"{model}: no manifest beside it; triton-repo needs the .json that tokenfuse export writes")
+        manifest = json.loads(manifest_file.read_text())
+        buckets = manifest.get("buckets") or [{"file": model.name, **manifest}]
+        return manifest, None, [
+            {"name": _bucket_name(name, bucket, buckets), "file": model.with_name(bucket["file"]), "platform": "onnxruntime_onnx",
+             "file_name": "model.onnx", "inputs": bucket["inputs"], "outputs": bucket["outputs"], "bucket": bucket}
+            for bucket in buckets]
+    if model.suffix in (".engine", ".plan"):
+        top = _sidecar(model)
+        buckets = top.get("buckets") or [{"file": model.name}]
+        entries = []
+        for bucket in buckets:
+            sidecar = top if bucket["file"] == model.name else _sidecar(model.with_name(bucket["file"]))
+            entries.append({"name": _bucket_name(name, bucket, buckets), "file": model.with_name(bucket["file"]), "platform": "tensorrt_plan",
+                            "file_name": "model.plan", "sidecar": sidecar, "bucket": bucket,
+                            "inputs": [b for b in sidecar["bindings"] if b["io"] == "input"],
+                            "outputs": [b for b in sidecar["bindings"] if b["io"] == "output"]})
+        return top.get("export_manifest") or {}, top, entries
+    raise UsageError(f"{model}: give an .onnx or an .engine")
+
+
+def _sidecar(engine: Path) -> dict:
+    sidecar_file = sidecar_path(engine)
+    if not sidecar_file.is_file():
+        raise UsageError(f"{engine}: no sidecar {sidecar_file.name}; build the engine with tokenfuse build")
+    return json.loads(sidecar_file.read_text())
+
+
+def _bucket_name(name: str, bucket: dict, buckets: list[dict]) -> str:
+    if len(buckets) == 1:
+        return name
+    return f"{name}-natural" if bucket.get("natural_length") else f"{name}-len{bucket['seq_len']}"
+
+
+def _place(source: Path, target: Path) -> None:
+    """A hard link where the filesystem allows (the weights are shared, not copied), else a copy."""
+    try:
+        target.hardlink_to(source)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def write_repository(
     model: str | Path,
     output: str | Path,
@@ -54,59 +105,59 @@ def write_repository(
     instances: int = 1,
     kind: str = "gpu",
     delay_us: int = 5000,
-) -> Path:
-    """Write the repository for `model` (.onnx or .engine) under `output`; return the model folder."""
+) -> list[Path]:
+    """Write the repository for `model` (.onnx or .engine) under `output`; return its model folders
+    (one, or one per length bucket of a length-adaptive export)."""
     model, output = Path(model), Path(output)
     if not model.is_file():
         raise UsageError(f"{model}: no such file")
     if output.exists() and any(output.iterdir()):
         raise UsageError(f"{output} exists and is not empty; give a new directory")
-    name = name or model.stem
-    if model.suffix == ".onnx":
-        manifest_file = model.with_suffix(".json")
-        if not manifest_file.is_file():
-            raise UsageError(f"{model}: no manifest beside it; triton-repo needs the .json that tokenfuse export writes")
-        manifest = json.loads(manifest_file.read_text())
-        refuse_length_adaptive(manifest, model, "tokenfuse triton-repo")
-        platform, file_name, sidecar = "onnxruntime_onnx", "model.onnx", None
-        inputs, outputs = manifest["inputs"], manifest["outputs"]
-    elif model.suffix in (".engine", ".plan"):
-        sidecar_file = sidecar_path(model)
-        if not sidecar_file.is_file():
-            raise UsageError(f"{model}: no sidecar {sidecar_file.name}; build the engine with tokenfuse build")
-        sidecar = json.loads(sidecar_file.read_text())
-        manifest = sidecar.get("export_manifest") or {}
-        platform, file_name = "tensorrt_plan", "model.plan"
-        inputs = [b for b in sidecar["bindings"] if b["io"] == "input"]
-        outputs = [b for b in sidecar["bindings"] if b["io"] == "output"]
-        max_batch = min(max_batch, sidecar["batch_profile"]["max"])
-    else:
-        raise UsageError(f"{model}: give an .onnx or an .engine")
     if max_batch < 1 or instances < 1:
         raise UsageError("--max-batch and --instances must be >= 1")
+    name = name or model.stem
+    manifest, sidecar, entries = _models(model, name)
+    weights = (manifest.get("weights") or {}).get("file") if sidecar is None else None
 
     staging = Path(tempfile.mkdtemp(prefix=".triton-", dir=output.parent if output.parent.exists() else None))
     try:
-        folder = staging / name
-        (folder / "1").mkdir(parents=True)
-        shutil.copyfile(model, folder / "1" / file_name)
-        (folder / "config.pbtxt").write_text(config_text(name, platform, max_batch, inputs, outputs, instances, kind, delay_us))
-        (folder / "tokenfuse.json").write_text(json.dumps({"export_manifest": manifest, "engine_sidecar": sidecar}, indent=2) + "\n")
-        preload = ""
-        library = (sidecar or {}).get("plugin_library")
-        if library:
-            (folder / "plugins").mkdir()
-            shutil.copyfile(library["path"], folder / "plugins" / Path(library["path"]).name)
-            preload = f"LD_PRELOAD=$PWD/{output.name}/{name}/plugins/{Path(library['path']).name} "
-        (staging / "README.md").write_text(
-            f"# Triton model repository for {manifest.get('model', name)} ({manifest.get('method', '?')})\n\n"
-            f"    {preload}tritonserver --model-repository=$PWD/{output.name}\n\n"
-            + ("The TensorRT plugin library is preloaded with LD_PRELOAD so the plan can deserialise.\n" if preload else "")
-            + ("The plan runs only with the TensorRT version and GPU it was built for (see tokenfuse.json).\n" if sidecar else "")
-        )
+        for entry in entries:
+            folder = staging / entry["name"]
+            (folder / "1").mkdir(parents=True)
+            shutil.copyfile(entry["file"], folder / "1" / entry["file_name"])
+            if weights:  # the graphs name their external-data file; each version folder holds it
+                _place(model.with_name(weights), folder / "1" / weights)
+            batch = min(max_batch, entry["sidecar"]["batch_profile"]["max"]) if entry.get("sidecar") else max_batch
+            (folder / "config.pbtxt").write_text(
+                config_text(entry["name"], entry["platform"], batch, entry["inputs"], entry["outputs"], instances, kind, delay_us))
+            (folder / "tokenfuse.json").write_text(
+                json.dumps({"export_manifest": manifest, "engine_sidecar": entry.get("sidecar"), "bucket": entry["bucket"] if len(entries) > 1 else None}, indent=2) + "\n")
+        library, preload = (sidecar or {}).get("plugin_library"), ""
+        if library:  # inside a model folder: Triton takes every top-level folder for a model
+            home = entries[-1]["name"]
+            (staging / home / "plugins").mkdir()
+            shutil.copyfile(library["path"], staging / home / "plugins" / Path(library["path"]).name)
+            preload = f"LD_PRELOAD=$PWD/{output.name}/{home}/plugins/{Path(library['path']).name} "
+        (staging / "README.md").write_text(_readme(manifest, name, entries, output, preload, sidecar))
         if output.exists():
             output.rmdir()
         staging.rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return output / name
+    return [output / entry["name"] for entry in entries]
+
+
+def _readme(manifest: dict, name: str, entries: list[dict], output: Path, preload: str, sidecar: dict | None) -> str:
+    text = (f"# Triton model repository for {manifest.get('model', name)} ({manifest.get('method', '?')})\n\n"
+            f"    {preload}tritonserver --model-repository=$PWD/{output.name}\n\n")
+    if preload:
+        text += "The TensorRT plugin library is preloaded with LD_PRELOAD so the plans can deserialise.\n"
+    if sidecar:
+        text += "The plans run only with the TensorRT version and GPU they were built for (see tokenfuse.json).\n"
+    if len(entries) > 1:
+        text += ("\nA length-adaptive export: one model per length bucket. Send a text of L tokens to the first model whose "
+                 "limit is at least L, padded to that limit (the natural-length model: padded only to the longest text of the "
+                 "request), so its result does not depend on its batch-mates:\n\n| model | texts of up to | tokens fed |\n|---|---|---|\n")
+        text += "".join(f"| {e['name']} | {e['bucket']['seq_len']} tokens | "
+                        f"{'their own length' if e['bucket'].get('natural_length') else e['bucket']['seq_len']} |\n" for e in entries)
+    return text

@@ -380,7 +380,11 @@ def natural_length_graph(adapter: Adapter, work: Path, *, opset: int, dtype: str
                           input_names=names, output_names=["embedding", *TOKEN_OUTPUTS],
                           dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names + list(TOKEN_OUTPUTS)} | {"embedding": {0: "batch"}})
     model = onnx.load(str(traced))
-    _check_plain(adapter, plain, traced, dtype)
+    shapes = _check_plain(adapter, plain, traced, dtype)
+    for value in model.graph.output:  # the tracer leaves feature sizes symbolic (e.g. "Divembedding_dim_1")
+        for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
+            if dim.dim_param not in ("batch", "sequence"):
+                dim.dim_value = size
     return model, {
         "tokenfuse_version": __version__, "model": adapter.name, "family": adapter.family, "method": "none",
         "natural_length": True, "budget": {"flops_ratio": 1.0}, "preprocess": {**adapter.preprocess(), "seq_len": adapter.max_seq_len},
@@ -390,7 +394,8 @@ def natural_length_graph(adapter: Adapter, work: Path, *, opset: int, dtype: str
 
 
 def _check_plain(adapter: Adapter, plain: torch.nn.Module, path: Path, dtype: str):
-    """The dynamic-length graph against PyTorch at lengths other than the traced one."""
+    """The dynamic-length graph against PyTorch at lengths other than the traced one; returns
+    the shapes of its outputs."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -399,7 +404,9 @@ def _check_plain(adapter: Adapter, plain: torch.nn.Module, path: Path, dtype: st
         inputs = adapter.with_seq_len(length).natural_inputs(3, torch.Generator().manual_seed(length))
         with torch.no_grad():
             expected = plain(inputs["input_ids"], inputs["attention_mask"])[0].float().numpy()
-        got = session.run(["embedding"], {k: v.numpy() for k, v in inputs.items()})[0].astype(np.float32)
+        outputs = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        got = outputs[0].astype(np.float32)
         cosine = (expected * got).sum(1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))
         if cosine.min() < limit:
             raise RuntimeError(f"the dynamic-length export differs from PyTorch at length {length} (cosine {cosine.min():.6f})")
+    return {value.name: array.shape for value, array in zip(session.get_outputs(), outputs)}

@@ -184,15 +184,75 @@ def test_bench_on_real_texts_against_the_natural_length_baseline(adaptive, tmp_p
     assert row["flops_ideal_speedup"] is None  # the manifest's ratio holds at full length only
 
 
-def test_commands_that_take_one_graph_refuse_a_length_adaptive_export(adaptive, tmp_path):
-    from tokenfuse.engines.build import compile_engine
+@pytest.fixture(scope="module")
+def tiny_adaptive(tmp_path_factory, hf_dirs):
+    """A small random BERT, pitome r=0.9 up to 64 tokens: unmerged up to 16, buckets 32, 48, 64."""
+    path = tmp_path_factory.mktemp("tiny-adaptive") / "bert.onnx"
+    export(f"hf:{hf_dirs['bert']}", path, method="pitome", r=0.9, max_seq_len=64, unmerged_up_to=16, seed=0, log=lambda *_: None)
+    return path
+
+
+def test_one_engine_per_bucket_and_a_sidecar_that_lists_them(tiny_adaptive, tmp_path):
+    """`tokenfuse build` of a length-adaptive export: each merged bucket at its static length, the
+    natural-length graph with a profile over batch and length; the runtime takes the set."""
+    from tokenfuse.engines.build import build_engine, sidecar_path
+
+    out = tmp_path / "bert.engine"
+    top = build_engine(tiny_adaptive, out, batch=(1, 4, 8), log=lambda *_: None)
+    engines = ["bert.natural.engine", "bert.len32.engine", "bert.len48.engine", "bert.engine"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(engines + [e + ".json" for e in engines])
+    manifest = json.loads(tiny_adaptive.with_suffix(".json").read_text())
+    assert [b["file"] for b in top["buckets"]] == engines and top["export_manifest"] == manifest
+    assert [(b["seq_len"], b["natural_length"]) for b in top["buckets"]] == [(b["seq_len"], b["natural_length"]) for b in manifest["buckets"]]
+    assert json.loads(sidecar_path(out).read_text()) == top
+    natural = json.loads(sidecar_path(tmp_path / engines[0]).read_text())
+    assert natural["length_profile"] == {"min": 1, "opt": 8, "max": 16} and natural["batch_profile"] == {"min": 1, "opt": 4, "max": 8}
+    ids = {b["name"]: b for b in natural["bindings"]}
+    assert ids["input_ids"]["shape"] == [-1, -1] and ids["input_ids"]["dtype"] == "int64" and ids["embedding"]["dtype"] == "float32"
+    for engine, length in zip(engines[1:], (32, 48, 64)):
+        sidecar = json.loads(sidecar_path(tmp_path / engine).read_text())
+        assert sidecar["length_profile"] is None and {b["name"]: b["shape"] for b in sidecar["bindings"]}["input_ids"] == [-1, length]
+        assert sidecar["export_manifest"]["budget"]["layers"][0]["tokens_in"] == length  # the top sidecar: the longest bucket's
+        assert (tmp_path / engine).stat().st_size > 100_000
+    with pytest.raises(UsageError, match="no NVIDIA GPU|has none"):  # this machine cannot run them; the refusal is one line
+        load(out)
+
+
+def test_a_bucket_that_fails_to_build_leaves_no_engine_behind(tiny_adaptive, tmp_path, monkeypatch):
+    from tokenfuse.engines import build
+
+    compiled = build.compile_engine
+
+    def failing(path, **kwargs):
+        if path.name == "bert.len48.onnx":
+            raise UsageError(f"{path}: TensorRT-RTX could not build an engine (planted)")
+        return compiled(path, **kwargs)
+
+    monkeypatch.setattr(build, "compile_engine", failing)
+    with pytest.raises(UsageError, match="planted"):
+        build.build_engine(tiny_adaptive, tmp_path / "bert.engine", batch=(1, 2, 2), log=lambda *_: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_triton_repository_has_one_model_per_bucket(tiny_adaptive, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     from tokenfuse.engines.triton import write_repository
 
-    with pytest.raises(UsageError, match="length-adaptive export .*--seq-len N"):
-        compile_engine(adaptive[0])
-    with pytest.raises(UsageError, match="length-adaptive export .*--seq-len N"):
-        write_repository(adaptive[0], tmp_path / "repo")
-    assert not (tmp_path / "repo").exists()
+    folders = write_repository(tiny_adaptive, tmp_path / "repo", max_batch=8)
+    assert [f.name for f in folders] == ["bert-natural", "bert-len32", "bert-len48", "bert-len64"]
+    weights = tiny_adaptive.with_suffix(".weights")
+    for folder, dims in zip(folders, ([-1], [32], [48], [64])):
+        config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert config.name == folder.name and config.max_batch_size == 8 and list(config.input[0].dims) == dims
+        assert (folder / "1" / weights.name).read_bytes() == weights.read_bytes()  # each graph finds its external data
+        session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        width = dims[0] if dims[0] > 0 else 5
+        out = session.run(["embedding"], {"input_ids": np.ones((2, width), np.int64), "attention_mask": np.ones((2, width), np.int64)})
+        assert out[0].shape[0] == 2
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert "| bert-len48 | 48 tokens | 48 |" in readme and "| bert-natural | 16 tokens | their own length |" in readme
 
 
 def test_unmerged_length_adaptive_export_is_the_plain_model_at_natural_lengths(minilm_path, tmp_path, tokenizer):

@@ -31,7 +31,7 @@ def _parse(folder):
 def test_onnx_repository_matches_the_model(exported, tmp_path, which):
     model = exported[which]
     manifest = json.loads(model.with_suffix(".json").read_text())
-    folder = write_repository(model, tmp_path / "repo", max_batch=16, instances=2)
+    [folder] = write_repository(model, tmp_path / "repo", max_batch=16, instances=2)
     config = _parse(folder)
     assert config.name == model.stem and config.platform == "onnxruntime_onnx" and config.max_batch_size == 16
     assert (folder / "1" / "model.onnx").read_bytes() == model.read_bytes()
@@ -53,7 +53,7 @@ def vit_engine(shared_exports):
 
 def test_engine_repository_uses_the_plan_and_its_profile(vit_engine, tmp_path):
     engine = vit_engine
-    folder = write_repository(engine, tmp_path / "repo")
+    [folder] = write_repository(engine, tmp_path / "repo")
     config = _parse(folder)
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
     assert (folder / "1" / "model.plan").read_bytes() == engine.read_bytes()
@@ -83,7 +83,7 @@ def test_an_engines_plugin_library_is_copied_and_preloaded(vit_engine, tmp_path)
     sidecar = json.loads(sidecar_path(vit_engine).read_text())
     sidecar["plugin_library"] = {"path": str(library), "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
     sidecar_path(engine).write_text(json.dumps(sidecar))
-    folder = write_repository(engine, tmp_path / "repo")
+    [folder] = write_repository(engine, tmp_path / "repo")
     assert (folder / "plugins" / library.name).read_bytes() == library.read_bytes()
     readme = (tmp_path / "repo" / "README.md").read_text()
     assert f"LD_PRELOAD=$PWD/repo/{folder.name}/plugins/{library.name} tritonserver --model-repository" in readme
