@@ -7,6 +7,10 @@ included. An admitted request that cannot start within `max_queue_delay_ms` of i
 that long; once any of its examples has started, all of them are computed. A request that would
 find more work ahead of it than it may wait for (batches ahead x recent batch time) is refused
 (429) on arrival instead of being admitted to expire.
+
+Texts of a length-adaptive model are batched by length bucket: a model call takes the oldest
+waiting example and up to `max_batch - 1` more of its bucket, so a call runs one bucket full
+instead of several half-empty ones.
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ class _Request:
     futures: list = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Waiting:
+    """One example in the queue: its request, inputs, result, group (length bucket) and arrival time."""
+    request: _Request
+    example: dict
+    future: asyncio.Future
+    group: object
+    queued_at: float
+
+
 class Batcher:
     """Gathers the examples of admitted requests into model calls of up to `max_batch`."""
 
@@ -48,7 +62,8 @@ class Batcher:
         self.queue_size = queue_size
         self.max_wait = max_queue_delay_ms / 1000 if max_queue_delay_ms else None
         self.retry_after = max(1, math.ceil(self.max_wait or 1))
-        self.pending: deque[tuple[_Request, dict, asyncio.Future]] = deque()
+        self.pending: deque[_Waiting] = deque()
+        self.group_of = getattr(runner, "group_of", lambda example: None)  # a call takes examples of one group
         self.reserved = 0  # places of admitted requests still being preprocessed
         self.closing = False
         self.running = False
@@ -107,7 +122,7 @@ class Batcher:
         for example in examples:
             future = loop.create_future()
             request.futures.append(future)
-            self.pending.append((request, example, future))
+            self.pending.append(_Waiting(request, example, future, self.group_of(example), loop.time()))
         self._wake.set()
         results = asyncio.gather(*request.futures)
         if self.max_wait is None:
@@ -117,13 +132,18 @@ class Batcher:
         except asyncio.TimeoutError:
             if request.started:
                 return await results
-            self.pending = deque(item for item in self.pending if item[0] is not request)
+            self.pending = deque(item for item in self.pending if item.request is not request)
             raise self._late()
 
+    def _head_group(self) -> list[_Waiting]:
+        """The oldest waiting example and up to max_batch - 1 more of its group, in order."""
+        group = self.pending[0].group
+        return [item for item in self.pending if item.group == group][: self.max_batch]
+
     async def _fill(self):
-        """Wait up to max_delay for a full batch."""
-        deadline = asyncio.get_running_loop().time() + self.max_delay
-        while len(self.pending) < self.max_batch:
+        """Wait for a full batch of the oldest example's group, until max_delay after it arrived."""
+        while self.pending and len(self._head_group()) < self.max_batch:
+            deadline = self.pending[0].queued_at + self.max_delay
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 return
@@ -140,29 +160,31 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
             await self._fill()
-            batch = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
-            if not batch:  # everything waiting was withdrawn meanwhile
+            if not self.pending:  # everything waiting was withdrawn meanwhile
                 continue
-            for request, _, _ in batch:
-                request.started = True
-            feeds = {name: stack([example[name] for _, example, _ in batch]) for name in batch[0][1]}
+            batch = self._head_group()
+            chosen = set(map(id, batch))
+            self.pending = deque(item for item in self.pending if id(item) not in chosen)
+            for item in batch:
+                item.request.started = True
+            feeds = {name: stack([item.example[name] for item in batch]) for name in batch[0].example}
             started = time.perf_counter()
             self.running = True
             try:
                 outputs = await loop.run_in_executor(self._executor, self.runner.run, feeds)
             except Exception as exc:  # answer every waiter, keep serving
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
                 continue
             finally:
                 self.running = False
             elapsed = time.perf_counter() - started
             self.batch_seconds = elapsed if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * elapsed
             self.on_batch(len(batch), elapsed)
-            for i, (_, _, future) in enumerate(batch):
-                if not future.done():
-                    future.set_result({name: value[i : i + 1] for name, value in outputs.items()})
+            for i, item in enumerate(batch):
+                if not item.future.done():
+                    item.future.set_result({name: value[i : i + 1] for name, value in outputs.items()})
 
     async def drain(self):
         """Refuse new work, finish every admitted request, stop."""

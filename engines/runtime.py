@@ -198,6 +198,14 @@ class BucketRunner(Runner):
             raise UsageError(f"row {int(np.argmax(lengths == 0))} is empty (no tokens in its attention_mask); send at least one token")
         return lengths
 
+    def group_of(self, example: dict) -> int | None:
+        """The bucket an example runs in (serve batches examples of one bucket together); None for
+        a malformed one, which the run then refuses."""
+        try:
+            return int(bucket_indices(self.lengths_of(_numpy(example["attention_mask"])), self.buckets).max())
+        except (UsageError, KeyError, ValueError):
+            return None
+
     def run(self, feeds):
         arrays = self.check_feeds(feeds)
         if len({array.shape for array in arrays.values()}) > 1:

@@ -171,6 +171,10 @@ def test_served_texts_are_padded_per_bucket(adaptive):
     batch = runner.run({name: stack([e[name] for e in examples]) for name in ("input_ids", "attention_mask")})
     for i, example in enumerate(examples):
         assert np.abs(runner.run(example)["embedding"][0] - batch["embedding"][i]).max() < 1e-5
+    # serve's batcher groups by the bucket each text runs in; a malformed example gets no group (its run refuses it)
+    lengths = np.array([e["attention_mask"].sum() for e in examples])
+    assert [runner.group_of(e) for e in examples] == B.bucket_indices(lengths, runner.buckets).tolist()
+    assert runner.group_of({"attention_mask": np.zeros((1, 4), np.int64)}) is None
 
 
 def test_bench_on_real_texts_against_the_natural_length_baseline(adaptive, tmp_path):

@@ -636,3 +636,42 @@ def test_health_port_answers_from_its_own_thread():
             start_health_server("127.0.0.1", port, lambda: ({}, 200), lambda: (b"", "text/plain"))
     finally:
         server.shutdown()
+
+
+class BucketedRunner(SlowRunner):
+    """A SlowRunner whose examples fall in groups (as a length-adaptive model's buckets); records each call's groups."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.calls = []
+
+    def group_of(self, example):
+        return int(example["x"][0, 0]) // 10
+
+    def run(self, feeds):
+        self.calls.append(sorted({int(v) // 10 for v in feeds["x"][:, 0]}))
+        return super().run(feeds)
+
+
+def test_a_call_takes_one_bucket_oldest_first():
+    """Queued texts are batched by length bucket: each model call runs the oldest waiting example's
+    bucket, up to max_batch of it, and every example is still answered with its own result."""
+    from tokenfuse.engines.batching import Batcher
+
+    async def scenario():
+        runner = BucketedRunner(0.05)
+        batcher = Batcher(runner, max_batch=3, max_delay_ms=20, queue_size=64)
+        batcher.start()
+        blocker = asyncio.ensure_future(batcher.submit(1, _examples(99)))  # keeps the model busy while the rest queue
+        await asyncio.sleep(0.01)
+        values = [1, 21, 2, 11, 3, 4, 22, 12]
+        waiting = [asyncio.ensure_future(batcher.submit(1, _examples(v))) for v in values]
+        results = await asyncio.gather(blocker, *waiting)
+        await batcher.drain()
+        return runner, [r[0]["y"][0, 0] for r in results]
+
+    runner, answers = asyncio.run(scenario())
+    assert answers == [2 * v for v in [99, 1, 21, 2, 11, 3, 4, 22, 12]]
+    assert all(len(groups) == 1 for groups in runner.calls)  # never two buckets in one call
+    # oldest first: bucket 0 (a full call), then 21's bucket, 11's, and the rest of bucket 0
+    assert runner.seen == [99, 1, 2, 3, 21, 22, 11, 12, 4]
