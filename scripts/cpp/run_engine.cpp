@@ -1,6 +1,9 @@
 // Load the tokenfuse plugin library (if given) and a TensorRT engine, run one batch of zeros,
 // and print each output's shape and first values. TensorRT is opened at run time:
-//   run_engine vit.engine [--plugins libtokenfuse_plugins.so] [--batch 8] [--tensorrt libnvinfer.so.10]
+//   run_engine vit.engine [--plugins libtokenfuse_plugins.so] [--batch 8] [--length 40] [--tensorrt libnvinfer.so.10]
+// A length-adaptive text export builds into one engine per length bucket (NAME.engine.json lists
+// them): run a text of L tokens with the first bucket whose seq_len is at least L, padded to it;
+// the natural-length engine (NAME.natural.engine) takes --length L itself (its dynamic token axis).
 #include <NvInferRuntime.h>
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
@@ -45,6 +48,7 @@ size_t elementSize(nvinfer1::DataType type) {
 struct Options {
   std::string engine, plugins, tensorrt = "libnvinfer.so.10";
   int batch = 1;
+  int length = 0;  // for a dynamic token axis
 };
 
 Options parse(int argc, char** argv) {
@@ -57,12 +61,14 @@ Options parse(int argc, char** argv) {
     };
     if (arg == "--plugins") options.plugins = value();
     else if (arg == "--batch") options.batch = std::atoi(value().c_str());
+    else if (arg == "--length") options.length = std::atoi(value().c_str());
     else if (arg == "--tensorrt") options.tensorrt = value();
     else if (options.engine.empty()) options.engine = arg;
     else fail("unexpected argument " + arg);
   }
-  if (options.engine.empty()) fail("usage: run_engine ENGINE [--plugins LIB] [--batch N] [--tensorrt LIBNVINFER]");
+  if (options.engine.empty()) fail("usage: run_engine ENGINE [--plugins LIB] [--batch N] [--length L] [--tensorrt LIBNVINFER]");
   if (options.batch < 1) fail("--batch must be >= 1");
+  if (options.length < 0) fail("--length must be >= 1");
   return options;
 }
 
@@ -97,7 +103,12 @@ int main(int argc, char** argv) {
     if (engine->getTensorIOMode(name) != nvinfer1::TensorIOMode::kINPUT) continue;
     nvinfer1::Dims dims = engine->getTensorShape(name);
     dims.d[0] = options.batch;
-    if (!context->setInputShape(name, dims)) fail(std::string("batch outside the engine's profile for ") + name);
+    for (int d = 1; d < dims.nbDims; ++d) {
+      if (dims.d[d] != -1) continue;
+      if (options.length < 1) fail(std::string("input ") + name + " has a dynamic token axis; pass --length L");
+      dims.d[d] = options.length;
+    }
+    if (!context->setInputShape(name, dims)) fail(std::string("batch or length outside the engine's profile for ") + name);
   }
   for (int i = 0; i < engine->getNbIOTensors(); ++i) {
     char const* name = engine->getIOTensorName(i);
