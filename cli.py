@@ -306,9 +306,13 @@ def _add_tune(sub):
     p.add_argument("--model", required=True, help="timm:NAME or hf:DIR, as for export")
     p.add_argument("--data", required=True, help="a folder of images (class subfolders give labels), a text file (one text per line, "
                    "or fastText __label__X lines) or JSONL ('text', optional 'label')")
-    p.add_argument("--methods", default="pitome,tome,crossget,turbo", help="methods to sweep (default pitome,tome,crossget,turbo)")
+    p.add_argument("--methods", help="methods to sweep (default pitome,tome,crossget,turbo; with --lengths one method, default pitome)")
     p.add_argument("--budgets", help="budgets to sweep, comma separated: 0.9 (kept ratio), 8 (tokens removed per layer), "
-                   "dec:8 (decreasing schedule, mean r 8); default: 0.95,0.9,0.85,0.8, two r and a decreasing schedule")
+                   "dec:8 (decreasing schedule, mean r 8); default: 0.95,0.9,0.85,0.8, two r and a decreasing schedule; "
+                   "with --lengths one kept fraction, default 0.9")
+    p.add_argument("--lengths", action="store_true", help="text models: measure every length bucket merged against the plain model "
+                   "at natural lengths and pick --unmerged-up-to for a length-adaptive export")
+    p.add_argument("--max-seq-len", type=int, help="with --lengths: the longest bucket (default: the model's maximum length)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--max-drop", type=float, help="pick the fastest configuration losing at most this much fidelity (default 0.01)")
     target.add_argument("--min-speedup", type=float, help="pick the most faithful configuration at least this much faster")
@@ -320,7 +324,7 @@ def _add_tune(sub):
     p.add_argument("--seq-len", type=int, help="fixed sequence length of text models (as for export)")
     p.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower (default vision)")
     p.add_argument("--time-limit", type=float, help="stop starting new configurations after this many seconds")
-    p.add_argument("--seconds", type=float, default=10.0, help="speed measurement limit per configuration (default 10)")
+    p.add_argument("--seconds", type=float, help="speed measurement limit per configuration (default 10; with --lengths per bucket, default 5)")
     p.add_argument("--min-rounds", type=int, default=20, help="rounds before the speed medians may be called stable (default 20)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--json", help="write the report as JSON")
@@ -329,12 +333,39 @@ def _add_tune(sub):
 
 
 def _run_tune(args) -> int:
-    from .engines.tune import tune
+    from .engines.tune import DEFAULT_METHODS, tune
+    from .exporter.errors import UsageError
 
-    tune(args.model, args.data, methods=tuple(args.methods.split(",")), budgets=args.budgets, measure=args.measure,
+    if args.lengths:
+        return _run_tune_lengths(args)
+    if args.max_seq_len is not None:
+        raise UsageError("--max-seq-len is for tune --lengths; a sweep runs at one --seq-len")
+    methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
+    tune(args.model, args.data, methods=methods, budgets=args.budgets, measure=args.measure,
          max_drop=args.max_drop, min_speedup=args.min_speedup, batch=args.batch, weights=args.weights, random_init=args.random_init, seq_len=args.seq_len,
-         tower=args.tower, time_limit=args.time_limit, seconds=args.seconds, min_rounds=args.min_rounds, threads=args.threads,
+         tower=args.tower, time_limit=args.time_limit, seconds=args.seconds or 10.0, min_rounds=args.min_rounds, threads=args.threads,
          json_path=args.json, plot_path=args.plot)
+    return 0
+
+
+def _run_tune_lengths(args) -> int:
+    from .engines.tune_lengths import tune_lengths
+    from .exporter.errors import UsageError
+
+    method, budget = args.methods or "pitome", args.budgets or "0.9"
+    if "," in method or "," in budget:
+        raise UsageError("tune --lengths measures one method at one kept fraction: e.g. --methods pitome --budgets 0.9")
+    unused = [flag for flag, value in (("--max-drop", args.max_drop), ("--min-speedup", args.min_speedup), ("--measure", args.measure), ("--weights", args.weights),
+                                       ("--random-init", args.random_init), ("--seq-len", args.seq_len), ("--plot", args.plot),
+                                       ("--time-limit", args.time_limit)) if value]
+    if unused:
+        raise UsageError(f"{', '.join(unused)}: not used by tune --lengths (it takes --methods, --budgets, --batch, --max-seq-len, --seconds, --json)")
+    try:
+        r = float(budget)
+    except ValueError:
+        raise UsageError(f"--budgets {budget}: tune --lengths takes a kept fraction, e.g. 0.9")
+    tune_lengths(args.model, args.data, method=method, r=r, batch=args.batch, max_seq_len=args.max_seq_len,
+                 seconds=args.seconds or 5.0, min_rounds=args.min_rounds, threads=args.threads, json_path=args.json)
     return 0
 
 

@@ -1,0 +1,160 @@
+"""`tokenfuse tune --lengths`: up to which length a text model should run unmerged, measured.
+
+A length-adaptive export (exporter/buckets.py) runs texts of at most `--unmerged-up-to` tokens in
+the plain model at their natural length, and each longer text merged in the smallest bucket that
+holds it, padded to it. Whether a bucket pays depends on the machine, the batch size and the
+model: it must beat the plain model on the texts that land in it, which are shorter than the
+bucket. So for every bucket (P, L] this measures, with bench's interleaved timing, the merged
+graph at L against the plain natural-length graph at the width a batch of texts from that bucket
+is padded to (its longest: P + (L - P) * B / (B + 1) at batch B, the middle at batch 1), on rows
+of real tokens cut from --data (and, for information, the embeddings' cosine to the plain
+model's: whether a method and budget keep enough is what the sweep of `tokenfuse tune` answers).
+The pick is the `--unmerged-up-to` with the least expected time per text, each bucket weighted by
+the share of --data's texts that land in it, so the length distribution decides.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..exporter.buckets import LENGTHS
+from ..exporter.errors import UsageError
+from .bench import machine, measure_pair
+from .data import Dataset, read_data
+from .runtime import fit_tokens, load
+from .tune import DEFAULT_METHODS, fidelity, write_outputs
+
+
+def token_rows(tokenizer, texts: list[str], width: int, count: int) -> dict[str, np.ndarray]:
+    """`count` rows of `width` real tokens: the texts' tokens run together and cut into windows,
+    each framed as the tokenizer frames a text (BERT family: [CLS] ... [SEP])."""
+    stream = [token for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for token in ids]
+    frame = tokenizer("")["input_ids"]  # the special tokens alone
+    inner = width - len(frame)
+    if not stream or inner < 1:
+        raise UsageError("--data gives no tokens to measure with; give a file of real texts")
+    windows = np.resize(np.array(stream, np.int64), (count, inner))
+    ids = np.concatenate([np.full((count, 1), frame[0]), windows, np.tile(np.array(frame[1:], np.int64), (count, 1))], axis=1)
+    return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)}
+
+
+def unmerged_up_to(rows: list[dict]) -> int:
+    """The `--unmerged-up-to` (0 or a bucket's length) with the least expected time per text: texts
+    up to it take the plain model's time, longer ones their bucket's merged time, each bucket
+    weighted by its share of the data. Buckets no text reached keep a small weight, so they still
+    count where the data is silent; ties go to running more unmerged."""
+    floor = 0.01 / len(rows)
+    weights = [row["share"] + floor for row in rows]
+
+    def cost(limit: int) -> float:
+        return sum(w * (row["plain_p50_ms"] if row["seq_len"] <= limit else row["merged_p50_ms"]) for w, row in zip(weights, rows))
+
+    return min([0] + [row["seq_len"] for row in rows], key=lambda limit: (cost(limit), -limit))
+
+
+def tune_lengths(
+    model: str,
+    data: str | Path | Dataset,
+    *,
+    method: str = "pitome",
+    r: float = 0.9,
+    batch: int = 8,
+    max_seq_len: int | None = None,
+    seconds: float = 5.0,
+    min_rounds: int = 20,
+    threads: int | None = None,
+    json_path: str | Path | None = None,
+    log=print,
+) -> dict:
+    """Measure every length bucket of `model` (an hf:DIR text encoder) merged with `method` at
+    kept fraction `r` against the plain model; return the report with the `--unmerged-up-to` pick."""
+    from transformers import AutoTokenizer
+    from tqdm import tqdm
+
+    from ..exporter import export, load_model
+
+    if batch < 1:
+        raise UsageError(f"--batch {batch}: must be >= 1")
+    if method not in DEFAULT_METHODS:
+        raise UsageError(f"--methods {method}: choose one of {', '.join(DEFAULT_METHODS)}")
+    if not isinstance(r, float) or not 0 < r < 1:
+        raise UsageError(f"--r {r}: per-length tuning takes a kept fraction in (0, 1), e.g. 0.9 (each bucket has its own token count)")
+    started = time.monotonic()
+    dataset = data if isinstance(data, Dataset) else read_data(data)
+    adapter = load_model(model)
+    if not adapter.is_text or not adapter.length_adaptive:
+        raise UsageError(f"--lengths is for text encoders with length-adaptive exports (BERT family); {adapter.name} is not one")
+    if dataset.kind != "text":
+        raise UsageError(f"--data holds {dataset.kind}s; --lengths measures a text model on texts")
+    longest = adapter.checked_length(max_seq_len or adapter.max_seq_len, "--max-seq-len")
+    lengths = tuple(length for length in LENGTHS if length < longest) + (longest,)
+    folder = adapter.preprocess().get("tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        raise UsageError(f"{model}: no tokenizer in {folder}; tune --lengths counts the data's tokens with the model's own tokenizer")
+    text_lengths = np.minimum([len(ids) for ids in tokenizer(dataset.items)["input_ids"]], longest)
+    shares = np.bincount(np.searchsorted(lengths, text_lengths), minlength=len(lengths)) / len(text_lengths)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-lengths-") as work:
+        quiet = lambda *_: None  # noqa: E731
+        plain_path = Path(work, "plain.onnx")
+        export(adapter, plain_path, method="none", max_seq_len=longest, validate=False, log=quiet)
+        plain = load(plain_path, providers=["CPUExecutionProvider"], threads=threads)
+        previous = 0
+        with tqdm(lengths, desc="lengths", unit="bucket", disable=None) as progress:
+            for length, share in zip(progress, shares):
+                # a batch of the plain model is padded to its longest text: of `batch` lengths spread
+                # evenly over the bucket, the longest is expected at P + (L - P) * batch / (batch + 1)
+                width = max(previous + round((length - previous) * batch / (batch + 1)), len(tokenizer("")["input_ids"]) + 1)
+                progress.set_postfix_str(f"{length} tokens (texts of ~{width})")
+                path = Path(work, f"{length}.onnx")
+                manifest = export(adapter.with_seq_len(length), path, method=method, r=r, validate=False, log=quiet)
+                merged = load(path, providers=["CPUExecutionProvider"], threads=threads)
+                texts = token_rows(tokenizer, dataset.items, width, batch)
+                padded = {name: fit_tokens(array, length) for name, array in texts.items()}
+                with tqdm(desc="speed", unit="round", leave=False, disable=None) as rounds:
+                    pair = measure_pair({"merged": merged, "plain": plain}, {"merged": None, "plain": None}, batch, warmup=3,
+                                        min_rounds=min_rounds, max_seconds=seconds, tolerance=0.01, progress=rounds,
+                                        feeds=[{"merged": padded, "plain": texts}])
+                cosine = fidelity(plain.run(texts), merged.run(padded), None)["cosine"]
+                speedup = pair["plain"]["p50_ms"] / pair["merged"]["p50_ms"]
+                rows.append({"seq_len": length, "share": float(share), "text_tokens": width, "tokens_out": manifest["schedule"][-1], "speedup": speedup,
+                             "merged_p50_ms": pair["merged"]["p50_ms"], "plain_p50_ms": pair["plain"]["p50_ms"],
+                             "speed_stable": pair["stable"], "cosine": cosine})
+                previous = length
+
+    pick = unmerged_up_to(rows)
+    command = ["tokenfuse", "export", "--model", model, "-o", "model.onnx"]
+    command += ["--method", "none"] if pick == longest else ["--method", method, "--r", str(r), "--unmerged-up-to", str(pick)]
+    report = {
+        "model": model, "method": method, "r": r, "batch": batch, "max_seq_len": longest,
+        "data": {"path": str(data) if not isinstance(data, Dataset) else None, "items": len(dataset.items)},
+        "machine": machine(), "rows": rows, "unmerged_up_to": pick,
+        "export_command": shlex.join(command + ["--max-seq-len", str(longest)]), "seconds": round(time.monotonic() - started, 1),
+    }
+    log(lengths_table(report))
+    write_outputs(report, json_path, None)
+    return report
+
+
+def lengths_table(report: dict) -> str:
+    lines = [f"{report['method']} r={report['r']} per length bucket against the plain model at natural lengths, batch {report['batch']}:",
+             f"  {'bucket':>6} {'of data':>7} {'measured at':>11} {'tokens out':>10} {'speedup':>8} {'cosine':>8}"]
+    for row in report["rows"]:
+        lines.append(f"  {row['seq_len']:>6} {row['share']:>7.0%} {row['text_tokens']:>11} {row['tokens_out']:>10} {row['speedup']:>7.2f}x "
+                     f"{row['cosine']:>8.4f}")
+    pick = report["unmerged_up_to"]
+    if pick == report["max_seq_len"]:
+        verdict = "on these lengths the plain model is fastest everywhere: export it (--method none)"
+    else:
+        verdict = f"run texts of up to {pick} tokens unmerged (--unmerged-up-to {pick})" if pick else "merge every length (--unmerged-up-to 0)"
+    lines.append(f"pick (least expected time per text on this data's lengths): {verdict}")
+    lines.append(f"export it with:\n  {report['export_command']}")
+    return "\n".join(lines)
