@@ -7,7 +7,7 @@ model: it must beat the plain model on the texts that land in it, which are shor
 bucket. So for every bucket (P, L] this measures, with bench's interleaved timing, the merged
 graph at L against the plain natural-length graph at the width a batch of texts from that bucket
 is padded to (its longest: P + (L - P) * B / (B + 1) at batch B, the middle at batch 1), on rows
-of real tokens cut from --data (and, for information, the embeddings' cosine to the plain
+of real tokens cut from --data (and, for information, the embeddings' mean cosine, over 32 rows, to the plain
 model's: whether a method and budget keep enough is what the sweep of `tokenfuse tune` answers).
 The pick is the `--unmerged-up-to` with the least expected time per text, each bucket weighted by
 the share of --data's texts that land in it, so the length distribution decides.
@@ -25,9 +25,11 @@ import numpy as np
 from ..exporter.buckets import LENGTHS
 from ..exporter.errors import UsageError
 from .bench import machine, measure_pair
-from .data import Dataset, read_data
+from .data import Dataset, read_data, run_batched
 from .runtime import fit_tokens, load
 from .tune import DEFAULT_METHODS, fidelity, write_outputs
+
+FIDELITY_ROWS = 32  # rows the cosine is averaged over, at any batch size
 
 
 def token_rows(tokenizer, texts: list[str], width: int, count: int) -> dict[str, np.ndarray]:
@@ -117,13 +119,14 @@ def tune_lengths(
                 path = Path(work, f"{length}.onnx")
                 manifest = export(adapter.with_seq_len(length), path, method=method, r=r, validate=False, log=quiet)
                 merged = load(path, providers=["CPUExecutionProvider"], threads=threads)
-                texts = token_rows(tokenizer, dataset.items, width, batch)
-                padded = {name: fit_tokens(array, length) for name, array in texts.items()}
+                rows_of_text = token_rows(tokenizer, dataset.items, width, max(batch, FIDELITY_ROWS))
+                padded_rows = {name: fit_tokens(array, length) for name, array in rows_of_text.items()}
+                texts, padded = ({name: array[:batch] for name, array in feeds.items()} for feeds in (rows_of_text, padded_rows))
                 with tqdm(desc="speed", unit="round", leave=False, disable=None) as rounds:
                     pair = measure_pair({"merged": merged, "plain": plain}, {"merged": None, "plain": None}, batch, warmup=3,
                                         min_rounds=min_rounds, max_seconds=seconds, tolerance=0.01, progress=rounds,
                                         feeds=[{"merged": padded, "plain": texts}])
-                cosine = fidelity(plain.run(texts), merged.run(padded), None)["cosine"]
+                cosine = fidelity(run_batched(plain, rows_of_text, batch), run_batched(merged, padded_rows, batch), None)["cosine"]
                 speedup = pair["plain"]["p50_ms"] / pair["merged"]["p50_ms"]
                 rows.append({"seq_len": length, "share": float(share), "text_tokens": width, "tokens_out": manifest["schedule"][-1], "speedup": speedup,
                              "merged_p50_ms": pair["merged"]["p50_ms"], "plain_p50_ms": pair["plain"]["p50_ms"],

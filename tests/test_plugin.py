@@ -45,7 +45,7 @@ RULES = [
 ]
 RULE_IDS = ["tome", "crossget", "turbo", "pitome-plain", "pitome-bsm", "pitome-text"]
 REPO = Path(__file__).resolve().parents[1]
-# README "What tokenfuse export writes": ViT-B/16 pitome 0.9 with --lowering plugin.
+# docs/cli.md "What it writes": ViT-B/16 pitome 0.9 with --lowering plugin.
 PLUGIN_LOWERED_VIT_B_NODES = 1049
 
 
@@ -300,7 +300,7 @@ def test_layer_rules_match_the_per_layer_knobs():
     assert cfg.for_layer(6, 12).variant == "plain"
 
 
-@pytest.mark.slow  # a ViT-B export, 25-35 s: the README's node count
+@pytest.mark.slow  # a ViT-B export, 25-35 s: docs/cli.md's node count
 def test_vit_b_plugin_export_validates_and_records_the_lowering(tmp_path):
     path = tmp_path / "vit.onnx"
     manifest = export("timm:vit_base_patch16_224", path, random_init=True, method="pitome", r=0.9, lowering="plugin", seed=0, log=lambda *_: None)
