@@ -84,6 +84,7 @@ def judge(decision: Decision, runtime: Tensor, tolerance: float) -> Agreement:
     d = decision
     n = d.metric.shape[1]
     sim, free = prepare(d.metric, d.protected, d.valid, d.frozen)
+    free = free.expand(sim.shape[:2])  # [N] when no token is frozen
     explain = {"tome": _tome_row, "turbo": _tome_row, "pitome": _pitome_row, "crossget": _crossget_row}[d.rule.name]
     keys = _keys(d, sim, free)
     for b in rows:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .agreement import Decision
-from .methods import BIG, MethodConfig, TokenMerge, match_step
+from .methods import BIG, MethodConfig, TokenMerge, match_step, token_count
 from .plugin_lowering import MergeNode, merge_op
 
 Tensor = torch.Tensor
@@ -157,7 +157,7 @@ def _merge(settings: MergeSettings, layer: int, n_out: int, x: Tensor, metric: T
         state.slots.append(slots)
         state.merged = True
         return x
-    rule, r = settings.method.for_layer(layer, len(settings.schedule)), x.shape[1] - n_out
+    rule, r = settings.method.for_layer(layer, len(settings.schedule)), token_count(x, 1) - n_out
     plan = match_step(rule, metric, r, protected=settings.protected, cls_attn=cls_attn, valid=state.valid, frozen=state.frozen)
     state.slots.append(plan.dst_slot)
     if state.replay is not None:  # decide (recorded above), but apply the given decision

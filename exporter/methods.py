@@ -33,6 +33,7 @@ NON_FINITE_SIMILARITY = -2.0
 # padding/real pairs less similar than any real pair: padding merges with padding first.
 PAD_BONUS = 4.0
 MIXED_PENALTY = 8.0
+PAIR_AXES = 5  # row_sum: pair levels per Reshape
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,22 @@ class LayerRule:
     turbo_weight: float = 30.0
 
 
+def token_count(t: torch.Tensor, axis: int = -1) -> int:
+    """A token count as a Python int. Every merging graph has static token counts, so reading
+    them this way makes the trace write constants instead of Shape/Gather/Range nodes."""
+    return int(t.shape[axis])
+
+
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32, with no Cast node in the graph when it already is."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def positions(t: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    """0, 1, ..., N-1 along `axis` of `t` (a constant in the exported graph)."""
+    return torch.arange(token_count(t, axis), device=t.device)
+
+
 class TokenMerge:
     """A merge decision: input token i goes to output slot `dst_slot[b, i]` of `num_out` slots."""
 
@@ -97,9 +114,9 @@ class TokenMerge:
         self.identity = identity
 
     @classmethod
-    def keep_all(cls, batch: int, n: int, device=None) -> "TokenMerge":
-        slots = torch.arange(n, device=device).expand(batch, n)
-        return cls(slots, n, identity=True)
+    def keep_all(cls, metric: torch.Tensor) -> "TokenMerge":
+        n = token_count(metric, 1)
+        return cls(positions(metric, 1).expand(metric.shape[0], n), n, identity=True)
 
     def _assignment(self, dtype) -> torch.Tensor:
         """[B, K, N] one-hot: row k selects the input tokens merged into slot k."""
@@ -112,7 +129,7 @@ class TokenMerge:
             return x, size
         assign = self._assignment(size.dtype)
         new_size = assign @ size
-        return ((assign @ (x.float() * size)) / new_size).to(x.dtype), new_size
+        return _like(x, (assign @ (fp32(x) * size)) / new_size), new_size
 
     def merge_padded(self, x: torch.Tensor, size: torch.Tensor, valid: torch.Tensor):
         """Merge with an attention mask (`valid` [B, N] bool, False = padding).
@@ -124,12 +141,12 @@ class TokenMerge:
         if self.identity:
             return x, size, valid
         assign = self._assignment(size.dtype)
-        real = valid.unsqueeze(-1).to(size.dtype)
-        weight = size * (real + 1e-6 * (1.0 - real))
-        real_size = assign @ (size * real)
-        new_valid = real_size[..., 0] > 0
-        new_size = torch.where(real_size > 0, real_size, assign @ size)
-        return ((assign @ (x.float() * weight)) / (assign @ weight)).to(x.dtype), new_size, new_valid
+        real = valid.unsqueeze(-1)
+        weight = size * torch.where(real, 1.0, 1e-6)
+        real_size = assign @ torch.where(real, size, 0.0)
+        holds_real = real_size > 0
+        new_size = torch.where(holds_real, real_size, assign @ size)
+        return _like(x, (assign @ (fp32(x) * weight)) / (assign @ weight)), new_size, holds_real[..., 0]
 
     def merge_sums(self, t: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Per-slot sums of `t` ([B, N], fp32); with padding (`valid`), a slot holding real tokens
@@ -152,10 +169,14 @@ class TokenMerge:
         return torch.where(member, positions.unsqueeze(-2), -BIG).amax(-1)
 
 
+def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == x.dtype else t.to(x.dtype)
+
+
 def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
     """Exactly symmetric (a matmul alone may differ by an ulp between (i, j) and (j, i)); pairs
     with a non-finite metric row get NON_FINITE_SIMILARITY instead of NaN."""
-    unit = F.normalize(metric, dim=-1)
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize, without its Expand node
     sim = unit @ unit.transpose(-1, -2)
     sim = (sim + sim.transpose(-1, -2)) * 0.5
     return torch.where(torch.isnan(sim), NON_FINITE_SIMILARITY, sim)
@@ -168,12 +189,17 @@ def row_sum(t: torch.Tensor) -> torch.Tensor:
     A library reduction may order the additions differently for different rows, so equal rows
     could get sums an ulp apart and an exact tie would no longer break by position.
     """
-    rows, n = int(t.shape[-2]), int(t.shape[-1])  # token counts are static, also while tracing
-    width = 1 << max(n - 1, 0).bit_length()
-    t = F.pad(t, (0, width - n))
-    while width > 1:  # pairs (2k, 2k+1) as one Reshape and one ReduceSum over two values: each sum is exact, in any order
-        width //= 2
-        t = t.reshape(-1, rows, width, 2).sum(-1)
+    rows, n = token_count(t, -2), token_count(t)
+    levels = max(n - 1, 0).bit_length()
+    t = F.pad(t, (0, (1 << levels) - n))
+    while levels:
+        # One Reshape splits off up to 5 pair axes (TensorRT allows 8 dimensions in all), then
+        # one ReduceSum over each two-value axis, innermost first, adds pairs (2k, 2k+1).
+        step = min(levels, PAIR_AXES)
+        levels -= step
+        t = t.reshape(-1, rows, 1 << levels, *(2,) * step)
+        for _ in range(step):
+            t = t.sum(-1)
     return t.reshape(-1, rows)
 
 
@@ -181,24 +207,24 @@ def separate_padding(sim: torch.Tensor, valid: torch.Tensor | None) -> torch.Ten
     """Shift pair scores so padding pairs with padding first and with real tokens last."""
     if valid is None:
         return sim
-    pad = (~valid).to(sim.dtype)
-    both_pad = pad.unsqueeze(-1) * pad.unsqueeze(-2)
-    mixed = (pad.unsqueeze(-1) - pad.unsqueeze(-2)).abs()
-    return sim + PAD_BONUS * both_pad - MIXED_PENALTY * mixed
+    row, col = valid.unsqueeze(-1), valid.unsqueeze(-2)
+    return sim + torch.where(row == col, torch.where(row, 0.0, PAD_BONUS), -MIXED_PENALTY)
 
 
 def rank_among(key: torch.Tensor, members: torch.Tensor, descending: bool, tiebreak=None) -> torch.Tensor:
     """Position of each token among `members` ordered by `key` ([B, N]); ties: smaller tiebreak.
 
-    The default tiebreak is the token position. Values for non-members are meaningless.
+    The default tiebreak is the token position; `members` None means every token. Values for
+    non-members are meaningless.
     """
     if tiebreak is None:
-        tiebreak = torch.arange(key.shape[-1], device=key.device)
+        tiebreak = positions(key)
     k_i, k_j = key.unsqueeze(-1), key.unsqueeze(-2)
     t_i, t_j = tiebreak.unsqueeze(-1), tiebreak.unsqueeze(-2)
-    ahead = (k_j > k_i) if descending else (k_j < k_i)
-    ahead = (ahead | ((k_j == k_i) & (t_j < t_i))) & members.unsqueeze(-2)
-    return ahead.to(torch.int64).sum(-1)
+    ahead = ((k_j > k_i) if descending else (k_j < k_i)) | ((k_j == k_i) & (t_j < t_i))
+    if members is not None:
+        ahead = ahead & members.unsqueeze(-2)
+    return ahead.sum(-1)
 
 
 def best_partner(sim, candidates):
@@ -224,7 +250,7 @@ def bipartite_priority(sim, is_b, penalty=None):
 
 def bipartite_slots(src, is_a, is_b, protected, order):
     """Slots before the sources move: protected tokens, kept A tokens, then B tokens, each set in `order`."""
-    pos = torch.arange(src.shape[-1], device=src.device)
+    pos = positions(src)
     kept = is_a & ~src
     n_kept = kept.to(torch.int64).sum(-1, keepdim=True)
     slot = torch.where(
@@ -246,7 +272,7 @@ def _bipartite(sim, r, protected, is_a, is_b, order, penalty=None):
 
 
 def _tome(sim, r, protected, free, penalty=None):
-    pos = torch.arange(sim.shape[-1], device=sim.device)
+    pos = positions(sim)
     is_a = free & (pos % 2 == 0)
     is_b = free & (pos % 2 == 1)
     return _bipartite(sim, r, protected, is_a, is_b, pos, penalty)
@@ -269,28 +295,33 @@ def pitome_energy(sim, free, rule, valid):
 
 def pitome_sets(rank, free, r, variant):
     """The mergeable tokens, A (sources) and B (destinations) from the energy rank: the top 2r
-    alternate (every free token for BSM), or A = the top r and B the next r (text)."""
+    alternate (every free token for BSM), or A = the top r and B the next r (text). Outside BSM,
+    tokens that are not free must rank 2r or later."""
+    odd = rank % 2 == 1
     if variant == "bsm":
-        return free, free & (rank % 2 == 0), free & (rank % 2 == 1)
-    mergeable = free & (rank < 2 * r)
+        return free, free & ~odd, free & odd
+    mergeable = rank < 2 * r
     if variant == "text":
-        return mergeable, mergeable & (rank < r), mergeable & (rank >= r)
-    return mergeable, mergeable & (rank % 2 == 0), mergeable & (rank % 2 == 1)
+        return mergeable, rank < r, mergeable & (rank >= r)
+    return mergeable, mergeable & ~odd, mergeable & odd
 
 
 def pitome_slots(rank, free, r, protected, mergeable, variant):
     """Slots before the sources move: protected tokens, the kept ones by energy rank, then B by rank.
     B holds ranks 1, 3, 5, ... (r, r+1, ... for text), so a B token's place among B is its rank
     halved (less r): no second ranking pass. (The sources' values are overwritten by their partners'.)"""
-    pos = torch.arange(rank.shape[-1], device=rank.device)
+    pos = positions(rank)
     kept_count = free.to(torch.int64).sum(-1, keepdim=True) - 2 * r
-    among_b = rank - r if variant == "text" else torch.div(rank, 2, rounding_mode="floor")
-    slot = torch.where(mergeable, protected + kept_count + among_b, protected + rank - 2 * r)
+    among_b = rank - r if variant == "text" else torch.div(rank, 2, rounding_mode="trunc")  # ranks are >= 0: one Div
+    slot = torch.where(mergeable, among_b + (protected + kept_count), rank + (protected - 2 * r))
     return torch.where(pos < protected, pos, slot)
 
 
 def _pitome(sim, r, protected, free, rule, valid):
-    rank = rank_among(pitome_energy(sim, free, rule, valid), free, descending=True)
+    # Tokens that are not free get the lowest energy, so one ranking over all tokens gives the free
+    # ones their rank among the free, and the others ranks of at least 2r (never mergeable).
+    energy = torch.where(free, pitome_energy(sim, free, rule, valid), -torch.inf)
+    rank = rank_among(energy, None, descending=True)
     mergeable, is_a, is_b = pitome_sets(rank, free, r, rule.variant)
     if rule.variant == "bsm":
         return _bipartite(sim, r, protected, is_a, is_b, rank)
@@ -299,7 +330,7 @@ def _pitome(sim, r, protected, free, rule, valid):
 
 def crossget_scores(sim, free):
     """Similarities between distinct free tokens; every other pair -BIG."""
-    pos = torch.arange(sim.shape[-1], device=sim.device)
+    pos = positions(sim)
     allowed = free.unsqueeze(-1) & free.unsqueeze(-2) & (pos.unsqueeze(-1) != pos)
     return torch.where(allowed, sim, -BIG)
 
@@ -311,7 +342,7 @@ def crossget_key(scores, ranked_lower):
 
 def dst_slots(dst, protected):
     """CrossGET's slots before the sources move: protected tokens, then destinations in position order."""
-    pos = torch.arange(dst.shape[-1], device=dst.device)
+    pos = positions(dst)
     return torch.where(pos < protected, pos, protected + rank_among(pos, dst, descending=False))
 
 
@@ -326,9 +357,8 @@ def _crossget(sim, r, protected, free):
 
 def prepare(metric, protected, valid, frozen):
     """The pair scores every method decides on, and the tokens free to merge."""
-    batch, n, _ = metric.shape
-    sim = separate_padding(cosine_similarity(metric.float()), valid)
-    free = (torch.arange(n, device=metric.device) >= protected).expand(batch, n)
+    sim = separate_padding(cosine_similarity(fp32(metric)), valid)
+    free = positions(metric, 1) >= protected  # [N]: broadcast over the batch, a constant in the graph
     if frozen is not None:
         free = free & ~frozen
     return sim, free
@@ -378,9 +408,9 @@ def match_step(
     frozen: torch.Tensor | None = None,
 ) -> TokenMerge:
     """`match` for one layer's resolved rule (what the SimilarityEnergyMerge node computes)."""
-    batch, n, _ = metric.shape
+    n = token_count(metric, 1)
     if r <= 0 or rule.name == "none":
-        return TokenMerge.keep_all(batch, n, metric.device)
+        return TokenMerge.keep_all(metric)
     limit = max_removable(rule.name, n, protected + (frozen is not None))
     if r > limit:
         raise ValueError(f"{rule.name} can remove at most {limit} of {n} tokens in one layer, asked for {r}")

