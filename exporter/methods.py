@@ -22,6 +22,10 @@ import torch.nn.functional as F
 
 METHODS = ("none", "tome", "pitome", "crossget", "turbo")
 PITOME_VARIANTS = ("plain", "bsm-early", "text")
+# The plugin kernels' MergeMethod and PitomeVariant codes (similarityEnergyMergeKernels.h; a test
+# reads the header and checks them, and the constants below, against the C++ sources).
+KERNEL_METHOD_CODES = {"tome": 0, "pitome": 1, "crossget": 2, "turbo": 3}
+KERNEL_VARIANT_CODES = {"plain": 0, "bsm": 1, "text": 2}
 
 # Larger than any score derived from a cosine; finite so fp16 and ONNX stay NaN-free.
 BIG = 1e4
@@ -33,6 +37,7 @@ NON_FINITE_SIMILARITY = -2.0
 # padding/real pairs less similar than any real pair: padding merges with padding first.
 PAD_BONUS = 4.0
 MIXED_PENALTY = 8.0
+PADDING_WEIGHT = 1e-6  # a padding token's weight inside a slot that holds real tokens
 PAIR_AXES = 5  # row_sum: pair levels per Reshape
 
 
@@ -142,7 +147,7 @@ class TokenMerge:
             return x, size, valid
         assign = self._assignment(size.dtype)
         real = valid.unsqueeze(-1)
-        weight = size * torch.where(real, 1.0, 1e-6)
+        weight = size * torch.where(real, 1.0, PADDING_WEIGHT)
         real_size = assign @ torch.where(real, size, 0.0)
         holds_real = real_size > 0
         new_size = torch.where(holds_real, real_size, assign @ size)

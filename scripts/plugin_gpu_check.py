@@ -46,8 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "plugins" / "similarityEnergyMergePlugin" / "similarityEnergyMergeKernels.cu"
 BUILD_DIR = ROOT / "build" / "plugin-gpu"
 REPORT = ROOT / "docs" / "plugin-gpu.md"
-METHODS = {"tome": 0, "pitome": 1, "crossget": 2, "turbo": 3}
-VARIANTS = {"plain": 0, "bsm": 1, "text": 2}
 CASES = [("tome", "plain"), ("crossget", "plain"), ("turbo", "plain"), ("pitome", "plain"), ("pitome", "bsm"), ("pitome", "text")]
 NEAR_TIE = 1e-4  # keys closer than this may order either way (the fp32 export validation's tolerance)
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
@@ -147,7 +145,8 @@ class Kernels:
         """x [B, N, C], metric [B, N, D] (CUDA, fp32 or fp16), size [B, N] fp32, cls_attn [B, N] or None."""
         batch, n, channels = x.shape
         words = torch.zeros(11 + 16, dtype=torch.int32)  # MergeParams, then zeros for fields added later
-        words[:8] = torch.tensor([METHODS[rule.name], VARIANTS[rule.variant], batch, n, out_tokens, channels, metric.shape[-1], protected])
+        methods = load_exporter("methods")
+        words[:8] = torch.tensor([methods.KERNEL_METHOD_CODES[rule.name], methods.KERNEL_VARIANT_CODES[rule.variant], batch, n, out_tokens, channels, metric.shape[-1], protected])
         words[8:11] = torch.tensor([rule.margin, rule.alpha, rule.turbo_weight], dtype=torch.float32).view(torch.int32)
         # poisoned: an element the kernel leaves unwritten shows (NaN, slot -7)
         out_x = torch.full((batch, out_tokens, channels), float("nan"), dtype=x.dtype, device=x.device)

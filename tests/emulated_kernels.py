@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tokenfuse.exporter.agreement import Decision
-from tokenfuse.exporter.methods import LayerRule, TokenMerge, match_step
+from tokenfuse.exporter.methods import KERNEL_METHOD_CODES, KERNEL_VARIANT_CODES, LayerRule, TokenMerge, match_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "plugins" / "similarityEnergyMergePlugin"
@@ -32,8 +32,6 @@ PLUGIN_DIR = ROOT / "plugins" / "similarityEnergyMergePlugin"
 KERNEL_SOURCE = Path(os.environ.get("TOKENFUSE_KERNEL_SOURCE") or PLUGIN_DIR / "similarityEnergyMergeKernels.cu")
 EMULATION_DIR = Path(__file__).resolve().parent / "cuda_emulation"
 
-METHOD_CODES = {"tome": 0, "pitome": 1, "crossget": 2, "turbo": 3}
-VARIANT_CODES = {"plain": 0, "bsm": 1, "text": 2}
 # Entry points may gain trailing arguments (text encoders: padding mask, frozen EOS, positions);
 # the harness passes this many zeros after today's arguments, which a callee that reads fewer ignores.
 TRAILING_ZEROS = 6
@@ -122,7 +120,7 @@ class MergeCase:
         """MergeParams as int32 words (floats by their bits), zero-padded at the end."""
         batch, n, c, d = self.shape
         words = np.zeros(11 + PARAM_PADDING_WORDS, dtype=np.int32)
-        words[:8] = [METHOD_CODES[self.rule.name], VARIANT_CODES[self.rule.variant], batch, n, n - self.r, c, d,
+        words[:8] = [KERNEL_METHOD_CODES[self.rule.name], KERNEL_VARIANT_CODES[self.rule.variant], batch, n, n - self.r, c, d,
                      self.protected]
         words[8:11] = np.array([self.rule.margin, self.rule.alpha, self.rule.turbo_weight], dtype=np.float32).view(np.int32)
         return words

@@ -28,6 +28,7 @@ from tokenfuse.cli import main
 from tokenfuse.engines.build import build_engine, parse_with_plugin
 from tokenfuse.exporter import export
 from tokenfuse.exporter.errors import UsageError
+from tokenfuse.exporter import methods
 from tokenfuse.exporter.methods import LayerRule, MethodConfig, max_removable
 from tokenfuse.exporter.plugin_lowering import (
     DOMAIN, OP_TYPE, MergeNode, as_function, input_names, output_names, reference, reference_model,
@@ -298,6 +299,35 @@ def test_layer_rules_match_the_per_layer_knobs():
     cfg = MethodConfig(name="pitome", margin=0.9, pitome_variant="bsm-early", turbo_alpha=2.0, turbo_beta=0.5, turbo_gamma=1.0)
     assert cfg.for_layer(3, 12) == LayerRule("pitome", margin=0.9 - 0.9 * 3 / 12, alpha=1.0, variant="bsm", turbo_weight=0.5**2 * 2.0 * 30)
     assert cfg.for_layer(6, 12).variant == "plain"
+
+
+def test_kernel_codes_and_constants_equal_the_exporters():
+    """The C++ sources' method and variant codes (the header's enums, the plugin's attribute names)
+    and the constants the kernels decide with are the exporter's (methods.py), read from the files."""
+    import re
+
+    folder = REPO / "plugins" / "similarityEnergyMergePlugin"
+    header, kernels = (folder / "similarityEnergyMergeKernels.h").read_text(), (folder / "similarityEnergyMergeKernels.cu").read_text()
+    plugin = (folder / "similarityEnergyMergePlugin.cpp").read_text()
+
+    def enum(name: str) -> dict[str, int]:
+        body = re.search(rf"enum class {name} : int32_t\s*{{(.*?)}};", header, re.S).group(1)
+        return {key.lower(): int(value) for key, value in re.findall(r"k(\w+) = (\d+)", body)}
+
+    def named(table: str, enum_name: str) -> dict[str, int]:
+        body = re.search(rf"Named const {table}\[\] = {{(.*?)}};", plugin, re.S).group(1)
+        return {name: enum(enum_name)[key.lower()] for name, key in re.findall(rf'"(\w+)", int32_t\({enum_name}::k(\w+)\)', body)}
+
+    assert named("kMethods", "MergeMethod") == methods.KERNEL_METHOD_CODES == {m: c for m, c in enum("MergeMethod").items()}
+    assert named("kVariants", "PitomeVariant") == methods.KERNEL_VARIANT_CODES
+    assert set(methods.KERNEL_METHOD_CODES) == set(methods.METHODS) - {"none"}
+
+    def constant(name: str) -> float:
+        return float(re.search(rf"constexpr float {name} = ([-0-9.e]+)f;", kernels).group(1))
+
+    assert constant("kBig") == methods.BIG and constant("kNonFiniteSimilarity") == methods.NON_FINITE_SIMILARITY
+    assert constant("kPadBonus") == methods.PAD_BONUS and constant("kMixedPenalty") == methods.MIXED_PENALTY
+    assert constant("kPaddingWeight") == methods.PADDING_WEIGHT
 
 
 @pytest.mark.slow  # a ViT-B export, 25-35 s: docs/cli.md's node count
