@@ -250,6 +250,8 @@ def tune(
         max_drop = DEFAULT_MAX_DROP
     if batch < 1:
         raise UsageError(f"--batch {batch}: must be >= 1")
+    if time_limit is not None and time_limit <= 0:
+        raise UsageError(f"--time-limit {time_limit}: must be a positive number of seconds")
     unknown = [m for m in methods if m not in DEFAULT_METHODS]
     if unknown or not methods:
         raise UsageError(f"--methods {','.join(methods)}: choose from {','.join(DEFAULT_METHODS)}")
