@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ def _r(text: str):
 
 def _add_export(sub):
     from .exporter.buckets import UNMERGED_UP_TO
-    from .exporter.methods import METHODS, PITOME_VARIANTS
+    from .exporter.registry import method_names
 
     p = sub.add_parser(
         "export",
@@ -35,7 +36,7 @@ def _add_export(sub):
     )
     p.add_argument("--model", required=True, help="timm:NAME (timm's pretrained weights, from the Hugging Face cache or a download) or hf:DIR|ORG/NAME (a local Hugging Face directory or a hub id)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path; the manifest is written beside it as .json")
-    p.add_argument("--method", default="pitome", choices=METHODS, help="merge method (default: pitome; none = unmerged baseline)")
+    p.add_argument("--method", default="pitome", choices=method_names(), help="merge method (default: pitome; none = unmerged baseline)")
     budget = p.add_argument_group("token budget")
     budget.add_argument("--r", type=_r, help="fraction of tokens kept per layer in (0,1) (PiToMe, e.g. 0.9) or tokens removed per layer >= 1 (ToMe, e.g. 13); default 0.9")
     budget.add_argument("--schedule", type=_schedule, help="explicit tokens leaving each layer, comma separated")
@@ -52,14 +53,7 @@ def _add_export(sub):
     model.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower to export (default vision)")
     model.add_argument("--metric", choices=("keys", "hidden"), help="similarity measured on attention keys or hidden states (default: keys; hidden for CLIP)")
     model.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, help="proportional attention: add log(size) to the attention logits (default: on; off for MAE-style models)")
-    knobs = p.add_argument_group("method knobs (papers' defaults)")
-    knobs.add_argument("--margin", type=float, default=0.9, help="PiToMe margin m0 (default 0.9)")
-    knobs.add_argument("--alpha", type=float, default=1.0, help="PiToMe energy alpha (default 1.0)")
-    knobs.add_argument("--pitome-variant", default="auto", choices=("auto",) + PITOME_VARIANTS, help="auto: text for text encoders, plain otherwise; bsm-early: BSM in the first half of the layers")
-    knobs.add_argument("--turbo-alpha", type=float, default=1.0)
-    knobs.add_argument("--turbo-beta", type=float, default=1.0)
-    knobs.add_argument("--turbo-gamma", type=float, default=0.0)
-    knobs.add_argument("--turbo-threshold", type=int, default=40, help="Turbo: no merging in a layer with fewer input tokens (default 40)")
+    _add_knobs(p.add_argument_group("method knobs (papers' defaults; a knob of another method than --method is ignored)"))
     out = p.add_argument_group("output")
     out.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default 18)")
     out.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="compute precision; fp16 keeps similarity, energy, softmax sums and sizes in fp32 (default fp32)")
@@ -71,14 +65,32 @@ def _add_export(sub):
     p.set_defaults(run=_run_export)
 
 
+def _add_knobs(group):
+    """One flag per method knob in the registry (default None: the method's own default applies)."""
+    from .exporter.registry import all_knobs
+
+    for name, (knob, owners) in all_knobs().items():
+        group.add_argument(knob.flag, dest=name, type=functools.partial(_knob_value, knob), default=None, choices=knob.choices,
+                           metavar=None if knob.choices else name.split("_")[-1].upper(), help=f"{knob.help} ({', '.join(owners)}; default {knob.default})")
+
+
+def _knob_value(knob, text):
+    try:
+        return knob.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def _run_export(args) -> int:
     from .exporter import export
+    from .exporter.registry import all_knobs
 
-    knobs = ("min_tokens", "prop_attn", "metric", "margin", "alpha", "pitome_variant", "turbo_alpha", "turbo_beta", "turbo_gamma", "turbo_threshold")
+    knobs = {name: getattr(args, name) for name in all_knobs() if getattr(args, name) is not None}
+    knobs.update({key: getattr(args, key) for key in ("min_tokens", "prop_attn", "metric")})
     result = export(
         args.model, args.output, method=args.method, r=args.r, schedule=args.schedule, weights=args.weights, random_init=args.random_init,
         seq_len=args.seq_len, tower=args.tower, opset=args.opset, dtype=args.dtype, validate=args.validate, seed=args.seed,
-        lowering=args.lowering, max_seq_len=args.max_seq_len, unmerged_up_to=args.unmerged_up_to, **{k: getattr(args, k) for k in knobs},
+        lowering=args.lowering, max_seq_len=args.max_seq_len, unmerged_up_to=args.unmerged_up_to, **knobs,
     )
     for bucket in result.get("buckets") or [result]:
         where = bucket.get("file", args.output)
@@ -370,7 +382,7 @@ def _run_tune_lengths(args) -> int:
 
 
 def _add_show(sub):
-    from .exporter.methods import METHODS
+    from .exporter.registry import method_names
 
     p = sub.add_parser(
         "show",
@@ -385,7 +397,7 @@ def _add_show(sub):
     p.add_argument("--layers", type=_schedule, help="layers to draw, comma separated from 0 (default: up to 4 merging layers, the last included)")
     p.add_argument("--manifest", help="an export's manifest (.json, or the .onnx beside it): its model and merge settings")
     p.add_argument("--model", help="timm:NAME or hf:DIR, with the export options below (instead of --manifest)")
-    p.add_argument("--method", default="pitome", choices=METHODS)
+    p.add_argument("--method", default="pitome", choices=method_names())
     p.add_argument("--r", type=_r)
     p.add_argument("--schedule", type=_schedule)
     p.add_argument("--min-tokens", type=int)

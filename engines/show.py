@@ -16,17 +16,18 @@ import torch
 
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
+from ..exporter.registry import all_knobs
 from ..exporter.settings import MergeOptions
 from .preprocess import Preprocessor
 
-MANIFEST_OPTIONS = ("min_tokens", "margin", "alpha", "pitome_variant", "turbo_alpha", "turbo_beta", "turbo_gamma", "turbo_threshold", "metric")
+MANIFEST_OPTIONS = ("min_tokens", "metric")  # and every method knob (the registry's)
 
 
 def options_from_manifest(manifest: dict) -> tuple[dict, dict]:
     """(how to load the model, MergeOptions fields) as an export manifest records them."""
     settings = manifest["settings"]
     load = {"weights": settings.get("weights"), "random_init": settings.get("random_init", False), "seq_len": settings.get("seq_len") or settings.get("max_seq_len"), "tower": settings.get("tower", "vision")}
-    options = {key: settings[key] for key in MANIFEST_OPTIONS if key in settings}
+    options = {key: settings[key] for key in (*MANIFEST_OPTIONS, *all_knobs()) if key in settings}
     options.update(method=manifest["method"], r=settings.get("r"), prop_attn=settings.get("proportional_attention"))
     if settings.get("requested_schedule"):
         options["schedule"] = tuple(settings["requested_schedule"])

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
+from ..exporter.registry import method_names
 from .bench import machine, measure_pair
 from .runtime import load
 from .data import Dataset, model_inputs, read_data, run_batched
@@ -27,6 +28,11 @@ from .data import Dataset, model_inputs, read_data, run_batched
 NEIGHBOURS = 10  # each item's nearest neighbours within the data set, for embedding models
 MIN_CLASSIFIER_ITEMS = 10
 DEFAULT_METHODS = ("pitome", "tome", "crossget", "turbo")
+
+
+def merge_methods() -> tuple[str, ...]:
+    """The registered methods a sweep can try (every one that merges), the default sweep's first."""
+    return (*DEFAULT_METHODS, *(name for name in method_names() if name not in DEFAULT_METHODS and name != "none"))
 DEFAULT_MAX_DROP = 0.01
 MEASURES = ("agreement", "accuracy", "cosine", "knn")
 
@@ -252,9 +258,9 @@ def tune(
         raise UsageError(f"--batch {batch}: must be >= 1")
     if time_limit is not None and time_limit <= 0:
         raise UsageError(f"--time-limit {time_limit}: must be a positive number of seconds")
-    unknown = [m for m in methods if m not in DEFAULT_METHODS]
+    unknown = [m for m in methods if m not in merge_methods()]
     if unknown or not methods:
-        raise UsageError(f"--methods {','.join(methods)}: choose from {','.join(DEFAULT_METHODS)}")
+        raise UsageError(f"--methods {','.join(methods)}: choose from {','.join(merge_methods())}")
     if measure is not None and measure not in MEASURES:
         raise UsageError(f"--measure {measure}: choose one of {', '.join(MEASURES)}")
     started = time.monotonic()

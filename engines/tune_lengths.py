@@ -27,7 +27,7 @@ from ..exporter.errors import UsageError
 from .bench import machine, measure_pair
 from .data import Dataset, read_data, run_batched
 from .runtime import fit_tokens, load
-from .tune import DEFAULT_METHODS, fidelity, write_outputs
+from .tune import fidelity, merge_methods, write_outputs
 
 FIDELITY_ROWS = 32  # rows the cosine is averaged over, at any batch size
 
@@ -82,8 +82,8 @@ def tune_lengths(
 
     if batch < 1:
         raise UsageError(f"--batch {batch}: must be >= 1")
-    if method not in DEFAULT_METHODS:
-        raise UsageError(f"--methods {method}: choose one of {', '.join(DEFAULT_METHODS)}")
+    if method not in merge_methods():
+        raise UsageError(f"--methods {method}: choose one of {', '.join(merge_methods())}")
     if not isinstance(r, float) or not 0 < r < 1:
         raise UsageError(f"--r {r}: per-length tuning takes a kept fraction in (0, 1), e.g. 0.9 (each bucket has its own token count)")
     started = time.monotonic()

@@ -16,12 +16,14 @@ from .adapters import Adapter, adapter_for, load_model
 from .buckets import UNMERGED_UP_TO, export_length_adaptive
 from .errors import UsageError
 from .methods import METHODS, MethodConfig, TokenMerge, match
+from .registry import Knob, MergeMethod, get_method, method_names, register
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .settings import MergeOptions
 
 LOWERINGS = ("onnx", "plugin")
 
-__all__ = ["patch", "export", "load_model", "match", "MethodConfig", "MergeOptions", "TokenMerge", "METHODS", "UsageError"]
+__all__ = ["patch", "export", "load_model", "match", "MethodConfig", "MergeOptions", "TokenMerge", "METHODS", "UsageError",
+           "Knob", "MergeMethod", "register"]
 
 
 def patch(model: torch.nn.Module, method: str = "pitome", r: float | int | None = 0.9, **options) -> torch.nn.Module:
@@ -64,6 +66,8 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
     adapter = model if isinstance(model, Adapter) else load_model(model, weights=weights, random_init=random_init, seq_len=seq_len, tower=tower)
     if lowering == "plugin" and method == "none":
         raise UsageError("--lowering plugin needs a merge method; --method none has no merge to lower")
+    if lowering == "plugin" and method in method_names() and get_method(method).kernel_code is None:
+        raise UsageError(f"--lowering plugin: the tokenfuse plugin has no kernel for {method}; export it with --lowering onnx")
     if lowering == "plugin" and any(view.position_bias is not None for view in adapter.views()):
         raise UsageError(f"--lowering plugin does not carry relative positions ({adapter.name} has a relative position bias, "
                          "e.g. MPNet); export it with --lowering onnx")

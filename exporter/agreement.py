@@ -82,10 +82,13 @@ def judge(decision: Decision, runtime: Tensor, tolerance: float) -> Agreement:
     if not rows:
         return result
     d = decision
+    explain = _EXPLAINERS.get(d.rule.name)
+    if explain is None:  # a method no near-tie is explained for: every differing slot is wrong
+        result.wrong = result.tokens - result.equal
+        return result
     n = d.metric.shape[1]
     sim, free = prepare(d.metric, d.protected, d.valid, d.frozen)
     free = free.expand(sim.shape[:2])  # [N] when no token is frozen
-    explain = {"tome": _tome_row, "turbo": _tome_row, "pitome": _pitome_row, "crossget": _crossget_row}[d.rule.name]
     keys = _keys(d, sim, free)
     for b in rows:
         row = _Row(sim[b], free[b], runtime[b], d.r, d.protected, tolerance, keys[b] if keys is not None else None)
@@ -300,3 +303,6 @@ def _crossget_row(row: _Row, rule: LayerRule):
     wrong = _inverted(key, rank, reference, free, row.tolerance)
     wrong |= _partner_wrong(scores, src, partner, dst, row.tolerance)
     return wrong, place(dst_slots(dst, row.protected), src, partner.clamp(min=0))
+
+
+_EXPLAINERS = {"tome": _tome_row, "turbo": _tome_row, "pitome": _pitome_row, "crossget": _crossget_row}

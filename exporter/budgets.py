@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .methods import max_removable
+from .methods import MethodConfig, max_removable
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,16 @@ def removal(r: float | int, tokens: int, protected: int) -> int:
 
 
 def plan_schedule(
-    method: str,
+    method: str | MethodConfig,
     shape: Shape,
     r: float | int | None = None,
     schedule: list[int] | None = None,
     min_tokens: int | None = None,
-    turbo_threshold: int = 0,
 ) -> tuple[int, ...]:
-    """Tokens leaving each layer, checked against what `method` can merge in one layer."""
+    """Tokens leaving each layer, checked against what `method` (a name: its default knobs) can
+    merge in one layer; a layer the method's knobs say does not merge (Turbo's threshold) keeps all."""
+    config = method if isinstance(method, MethodConfig) else MethodConfig(method)
+    method = config.name
     n0, p = shape.tokens, shape.protected
     if method == "none":
         return (n0,) * shape.layers
@@ -77,7 +79,7 @@ def plan_schedule(
     for layer in range(shape.layers):
         if schedule is not None:
             target = schedule[layer]
-        elif method == "turbo" and n < turbo_threshold:
+        elif not config.merges(n):
             target = n
         else:
             target = n - removal(r, n, p)

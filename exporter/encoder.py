@@ -119,7 +119,7 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
     merging = n_out < x.shape[1]
     h = x if view.pre_norm is None else view.pre_norm(x)
     q, k, v = view.qkv(h)
-    need_row = merging and settings.method.name == "turbo"
+    need_row = merging and settings.method.spec.needs_cls_attn
     bias = attention_bias(state, settings.prop_attn)
     if view.position_bias is not None:
         relative = view.position_bias(state.position_sums / state.size[..., 0])

@@ -15,16 +15,13 @@ Conventions shared by all methods (see README "Methods"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-METHODS = ("none", "tome", "pitome", "crossget", "turbo")
-PITOME_VARIANTS = ("plain", "bsm-early", "text")
-# The plugin kernels' MergeMethod and PitomeVariant codes (similarityEnergyMergeKernels.h; a test
-# reads the header and checks them, and the constants below, against the C++ sources).
-KERNEL_METHOD_CODES = {"tome": 0, "pitome": 1, "crossget": 2, "turbo": 3}
+from .registry import Knob, MergeMethod, get_method, method_names, register
+
+# The plugin kernels' PitomeVariant codes (similarityEnergyMergeKernels.h; a test reads the header and
+# checks them, the registry's method codes and the constants below against the C++ sources).
 KERNEL_VARIANT_CODES = {"plain": 0, "bsm": 1, "text": 2}
 
 # Larger than any score derived from a cosine; finite so fp16 and ONNX stay NaN-free.
@@ -41,57 +38,66 @@ PADDING_WEIGHT = 1e-6  # a padding token's weight inside a slot that holds real 
 PAIR_AXES = 5  # row_sum: pair levels per Reshape
 
 
-@dataclass(frozen=True)
 class MethodConfig:
-    """A merge method and its knobs, with the papers' defaults."""
+    """A merge method and its knob values (the method's defaults, the papers', for those not
+    given). Knobs of other methods are ignored, so one set of options serves any method."""
 
-    name: str = "pitome"
-    margin: float = 0.9  # PiToMe m0; the per-layer margin falls linearly to 0
-    alpha: float = 1.0  # PiToMe ELU alpha
-    pitome_variant: str = "plain"  # plain | bsm-early (BSM in the first half) | text
-    turbo_alpha: float = 1.0
-    turbo_beta: float = 1.0
-    turbo_gamma: float = 0.0
-    turbo_threshold: int = 40  # Turbo: no merging in a layer whose input has fewer tokens
+    def __init__(self, name: str = "pitome", **knobs):
+        self.spec = get_method(name)
+        self.name = name
+        own = {knob.name: knob for knob in self.spec.knobs}
+        self.knobs = {key: own[key].parse(knobs.get(key, own[key].default)) for key in own}
+        self.__dict__.update(self.knobs)  # plain attributes, which torch.compile reads like any other
 
-    def __post_init__(self):
-        if self.name not in METHODS:
-            raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
-        if self.pitome_variant not in PITOME_VARIANTS:
-            raise ValueError(
-                f"unknown PiToMe variant {self.pitome_variant!r}; choose one of {', '.join(PITOME_VARIANTS)}"
-            )
-        if not 0.0 <= self.margin < 1.0:
-            raise ValueError(f"PiToMe margin must be in [0, 1), got {self.margin}")
+    def __eq__(self, other):
+        return isinstance(other, MethodConfig) and (self.name, self.knobs) == (other.name, other.knobs)
 
-    def turbo_weight(self, layer: int) -> float:
-        """Turbo's alpha' = beta^|gamma - layer| * alpha * 30 (the authors' code)."""
-        return self.turbo_beta ** abs(self.turbo_gamma - layer) * self.turbo_alpha * 30.0
+    def __hash__(self):
+        return hash((self.name, tuple(self.knobs.items())))
+
+    def __repr__(self):
+        return f"MethodConfig({self.name!r}{''.join(f', {k}={v!r}' for k, v in self.knobs.items())})"
+
+    def for_model(self, is_text: bool) -> "MethodConfig":
+        """The knobs made concrete for a text or vision model (PiToMe's variant "auto")."""
+        return MethodConfig(self.name, **self.spec.for_model(dict(self.knobs), is_text))
 
     def for_layer(self, layer: int, num_layers: int) -> "LayerRule":
         """The knobs of one layer's merge, with the layer-dependent ones worked out."""
-        variant = self.pitome_variant
-        if variant == "bsm-early":
-            variant = "bsm" if layer < num_layers // 2 else "plain"
-        return LayerRule(
-            name=self.name,
-            margin=self.margin - self.margin * layer / num_layers,
-            alpha=self.alpha,
-            variant=variant,
-            turbo_weight=self.turbo_weight(layer),
-        )
+        return LayerRule(self.name, **self.spec.layer_rule(self.knobs, layer, num_layers))
+
+    def merges(self, tokens_in: int) -> bool:
+        """Whether a layer with `tokens_in` input tokens merges at all."""
+        return self.spec.merges(self.knobs, tokens_in)
 
 
-@dataclass(frozen=True)
 class LayerRule:
-    """One layer's merge rule: everything `match_step` needs besides the tokens, and exactly the
-    attributes of the SimilarityEnergyMerge plugin node (with K and the protected count)."""
+    """One layer's merge rule: the method and its per-layer values (the method's `rule_defaults`
+    for those not given). With K and the protected count it is a SimilarityEnergyMerge node."""
 
-    name: str
-    margin: float = 0.9  # PiToMe margin of this layer
-    alpha: float = 1.0
-    variant: str = "plain"  # PiToMe: plain | bsm | text
-    turbo_weight: float = 30.0
+    def __init__(self, name: str, **values):
+        defaults = get_method(name).rule_defaults
+        unknown = sorted(set(values) - set(defaults))
+        if unknown:
+            raise TypeError(f"a {name} layer rule has no {', '.join(unknown)} (it has: {', '.join(defaults) or 'nothing'})")
+        merged = {**defaults, **values}
+        for key, value in {**merged, "name": name, "values": merged}.items():  # plain attributes, as torch.compile wants them
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, key, value):
+        raise AttributeError("a LayerRule is immutable; use replace()")
+
+    def replace(self, **changes) -> "LayerRule":
+        return LayerRule(self.name, **{**self.values, **changes})
+
+    def __eq__(self, other):
+        return isinstance(other, LayerRule) and (self.name, self.values) == (other.name, other.values)
+
+    def __hash__(self):
+        return hash((self.name, tuple(sorted(self.values.items()))))
+
+    def __repr__(self):
+        return f"LayerRule({self.name!r}{''.join(f', {k}={v!r}' for k, v in self.values.items())})"
 
 
 def token_count(t: torch.Tensor, axis: int = -1) -> int:
@@ -266,7 +272,7 @@ def bipartite_slots(src, is_a, is_b, protected, order):
     return torch.where(pos < protected, pos, slot)
 
 
-def _bipartite(sim, r, protected, is_a, is_b, order, penalty=None):
+def bipartite_match(sim, r, protected, is_a, is_b, order, penalty=None):
     """ToMe's soft matching between sets A and B; `order` orders each set in the output.
 
     The r A tokens whose best match in B is strongest (minus `penalty`) merge into it.
@@ -280,7 +286,7 @@ def _tome(sim, r, protected, free, penalty=None):
     pos = positions(sim)
     is_a = free & (pos % 2 == 0)
     is_b = free & (pos % 2 == 1)
-    return _bipartite(sim, r, protected, is_a, is_b, pos, penalty)
+    return bipartite_match(sim, r, protected, is_a, is_b, pos, penalty)
 
 
 def pitome_energy(sim, free, rule, valid):
@@ -329,7 +335,7 @@ def _pitome(sim, r, protected, free, rule, valid):
     rank = rank_among(energy, None, descending=True)
     mergeable, is_a, is_b = pitome_sets(rank, free, r, rule.variant)
     if rule.variant == "bsm":
-        return _bipartite(sim, r, protected, is_a, is_b, rank)
+        return bipartite_match(sim, r, protected, is_a, is_b, rank)
     return _absorb(pitome_slots(rank, free, r, protected, mergeable, rule.variant), sim, is_a, is_b)
 
 
@@ -373,11 +379,7 @@ def max_removable(method: str, n: int, protected: int) -> int:
     """The most tokens `method` can remove from n tokens in one layer.
 
     `protected` counts every token that never merges (leading ones and a frozen one)."""
-    if method == "none":
-        return 0
-    if method == "crossget":
-        return max(n - protected - 1, 0)
-    return max((n - protected) // 2, 0)
+    return get_method(method).removable(n, protected)
 
 
 def match(
@@ -419,17 +421,87 @@ def match_step(
     limit = max_removable(rule.name, n, protected + (frozen is not None))
     if r > limit:
         raise ValueError(f"{rule.name} can remove at most {limit} of {n} tokens in one layer, asked for {r}")
+    method = get_method(rule.name)
+    if method.needs_cls_attn and cls_attn is None:
+        raise ValueError(f"{rule.name} needs the CLS attention row (cls_attn)")
     sim, free = prepare(metric, protected, valid, frozen)
-    if rule.name == "tome":
-        slot = _tome(sim, r, protected, free)
-    elif rule.name == "turbo":
-        if cls_attn is None:
-            raise ValueError("turbo needs the CLS attention row (cls_attn)")
-        slot = _tome(sim, r, protected, free, penalty=rule.turbo_weight * cls_attn.float())
-    elif rule.name == "pitome":
-        slot = _pitome(sim, r, protected, free, rule, valid)
-    else:
-        slot = _crossget(sim, r, protected, free)
+    slot = method.decide(sim, r, protected, free, rule, cls_attn=cls_attn, valid=valid)
     if frozen is not None:
         slot = torch.where(frozen, n - r - 1, slot)
     return TokenMerge(slot, n - r)
+
+
+# The built-in methods (algorithms: docs/methods.md). Each `decide` takes the pair scores and the
+# free tokens from `prepare` and returns every token's slot before the sources move.
+
+
+def _decide_tome(sim, r, protected, free, rule, *, cls_attn, valid):
+    return _tome(sim, r, protected, free)
+
+
+def _decide_turbo(sim, r, protected, free, rule, *, cls_attn, valid):
+    return _tome(sim, r, protected, free, penalty=rule.turbo_weight * cls_attn.float())
+
+
+def _decide_pitome(sim, r, protected, free, rule, *, cls_attn, valid):
+    return _pitome(sim, r, protected, free, rule, valid)
+
+
+def _decide_crossget(sim, r, protected, free, rule, *, cls_attn, valid):
+    return _crossget(sim, r, protected, free)
+
+
+def _turbo_layer(knobs, layer, num_layers):
+    """Turbo's alpha' = beta^|gamma - layer| * alpha * 30 (the authors' code)."""
+    return {"turbo_weight": knobs["turbo_beta"] ** abs(knobs["turbo_gamma"] - layer) * knobs["turbo_alpha"] * 30.0}
+
+
+def _pitome_layer(knobs, layer, num_layers):
+    """The margin falls linearly from m0 to 0 over the layers; bsm-early is BSM in the first half."""
+    variant = knobs["pitome_variant"]
+    if variant == "bsm-early":
+        variant = "bsm" if layer < num_layers // 2 else "plain"
+    elif variant == "auto":  # no model to decide for: the vision default
+        variant = "plain"
+    margin = knobs["margin"]
+    return {"margin": margin - margin * layer / num_layers, "alpha": knobs["alpha"], "variant": variant}
+
+
+def _pitome_for_model(knobs, is_text):
+    if knobs["pitome_variant"] == "auto":
+        return {**knobs, "pitome_variant": "text" if is_text else "plain"}
+    return knobs
+
+
+register(MergeMethod("none", None, "no merging (the baseline)", removable=lambda n, protected: 0))
+register(MergeMethod("tome", _decide_tome, "ToMe: bipartite soft matching, A = even, B = odd positions", kernel_code=0))
+register(MergeMethod(
+    "pitome", _decide_pitome, "PiToMe: the lowest-energy tokens are protected, the highest-energy ones merge",
+    knobs=(
+        Knob("margin", 0.9, "PiToMe margin m0 (falls linearly to 0 over the layers)",
+             check=lambda m: 0.0 <= m < 1.0, requirement="must be in [0, 1)"),
+        Knob("alpha", 1.0, "PiToMe energy alpha (ELU)"),
+        Knob("pitome_variant", "auto", "auto: text for text encoders, plain otherwise; bsm-early: BSM in the first half of the layers",
+             choices=("auto", "plain", "bsm-early", "text")),
+    ),
+    rule_defaults={"margin": 0.9, "alpha": 1.0, "variant": "plain"},
+    layer_rule=_pitome_layer, for_model=_pitome_for_model, kernel_code=1,
+))
+register(MergeMethod(
+    "crossget", _decide_crossget, "CrossGET: the most redundant tokens merge into their best remaining partner",
+    removable=lambda n, protected: max(n - protected - 1, 0), kernel_code=2,
+))
+register(MergeMethod(
+    "turbo", _decide_turbo, "Turbo: ToMe with a penalty on tokens the CLS token attends to",
+    knobs=(
+        Knob("turbo_alpha", 1.0, "Turbo alpha"),
+        Knob("turbo_beta", 1.0, "Turbo beta (per-layer decay of the weight)"),
+        Knob("turbo_gamma", 0.0, "Turbo gamma (the layer of the largest weight)"),
+        Knob("turbo_threshold", 40, "Turbo: no merging in a layer with fewer input tokens"),
+    ),
+    rule_defaults={"turbo_weight": 30.0}, layer_rule=_turbo_layer,
+    merges=lambda knobs, tokens_in: tokens_in >= knobs["turbo_threshold"],
+    needs_cls_attn=True, kernel_code=3,
+))
+
+METHODS = method_names()  # the built-in ones, in this order

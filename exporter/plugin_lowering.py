@@ -17,7 +17,6 @@ protected, margin, alpha, variant, turbo_weight (a `LayerRule`), padded, causal 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -27,12 +26,30 @@ import numpy as np
 import onnx
 import torch
 
-from .methods import LayerRule, match_step
+from .methods import KERNEL_VARIANT_CODES, LayerRule, match_step
+from .registry import get_method
 
 DOMAIN = "tokenfuse"
 OP_TYPE = "SimilarityEnergyMerge"
 VERSION = "1"
 MIN_IR_VERSION = 10  # function overloads
+# The kernels' per-layer fields, with the value each takes for a method that does not use it.
+KERNEL_FIELDS = {"margin": 0.9, "alpha": 1.0, "variant": "plain", "turbo_weight": 30.0}
+
+
+def kernel_fields(rule: LayerRule) -> dict:
+    """`rule` as the kernels' fields (the node's attributes besides method, K, protected and flags)."""
+    return {key: rule.values.get(key, default) for key, default in KERNEL_FIELDS.items()}
+
+
+def kernel_params(rule: LayerRule, batch: int, n: int, out_tokens: int, channels: int, dim: int, protected: int) -> np.ndarray:
+    """MergeParams (similarityEnergyMergeKernels.h) as 11 int32 words, the floats by their bits:
+    the one binding of a rule to the kernels, for the CPU emulation and the GPU check alike."""
+    fields = kernel_fields(rule)
+    words = np.zeros(11, dtype=np.int32)
+    words[:8] = [get_method(rule.name).kernel_code, KERNEL_VARIANT_CODES[fields["variant"]], batch, n, out_tokens, channels, dim, protected]
+    words[8:11] = np.array([fields["margin"], fields["alpha"], fields["turbo_weight"]], dtype=np.float32).view(np.int32)
+    return words
 
 
 @dataclass(frozen=True)
@@ -48,20 +65,19 @@ class MergeNode:
     def __post_init__(self):
         if self.causal and not self.padded:
             raise ValueError("a causal merge node (frozen token, positions) also takes the padding mask")
+        if get_method(self.rule.name).kernel_code is None:
+            raise ValueError(f"the tokenfuse plugin has no kernel for {self.rule.name}")
         # Float attributes are float32 (ONNX FLOAT, the plugin's fields): every lowering computes with those.
         rule = self.rule
-        as32 = {k: float(np.float32(getattr(rule, k))) for k in ("margin", "alpha", "turbo_weight")}
-        object.__setattr__(self, "rule", dataclasses.replace(rule, **as32))
+        as32 = {k: float(np.float32(v)) for k, v in rule.values.items() if isinstance(v, float)}
+        object.__setattr__(self, "rule", rule.replace(**as32))
 
     def attributes(self) -> dict:
         return {
             "method": self.rule.name,
             "K": self.out_tokens,
             "protected": self.protected,
-            "margin": float(self.rule.margin),
-            "alpha": float(self.rule.alpha),
-            "variant": self.rule.variant,
-            "turbo_weight": float(self.rule.turbo_weight),
+            **kernel_fields(self.rule),
             "padded": int(self.padded),
             "causal": int(self.causal),
         }
@@ -71,7 +87,8 @@ class MergeNode:
         """Read a node's attributes back (what the plugin's creator does with its fields)."""
         a = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
         text = {k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()}
-        rule = LayerRule(name=text["method"], margin=a["margin"], alpha=a["alpha"], variant=text["variant"], turbo_weight=a["turbo_weight"])
+        name = text["method"]
+        rule = LayerRule(name, **{key: text[key] for key in get_method(name).rule_defaults})
         return cls(rule, int(a["K"]), int(a["protected"]), bool(a.get("padded", 0)), bool(a.get("causal", 0)))
 
 
@@ -161,7 +178,7 @@ class _Reference(torch.nn.Module):
 
 
 def input_names(node: MergeNode) -> list[str]:
-    return (["x", "metric", "size"] + (["cls_attn"] if node.rule.name == "turbo" else [])
+    return (["x", "metric", "size"] + (["cls_attn"] if get_method(node.rule.name).needs_cls_attn else [])
             + (["valid"] if node.padded else []) + (["frozen", "positions"] if node.causal else []))
 
 
@@ -174,7 +191,7 @@ def reference_model(node: MergeNode, x: torch.Tensor, metric: torch.Tensor, opse
     """The reference implementation of one node as a standalone ONNX model (dynamic batch)."""
     batch, n = x.shape[:2]
     inputs = [x, metric, torch.ones(batch, n, 1)]
-    if node.rule.name == "turbo":
+    if get_method(node.rule.name).needs_cls_attn:
         inputs.append(torch.rand(batch, n).softmax(-1))
     if node.padded:
         inputs.append(torch.ones(batch, n))

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .adapters import Adapter
 from .budgets import BudgetReport, plan_schedule
 from .encoder import MergeSettings
 from .errors import UsageError
-from .methods import METHODS, MethodConfig
+from .methods import MethodConfig
+from .registry import all_knobs, method_names
 
 
 ATTENTION = ("auto", "explicit", "fused")
 DEFAULT_R = 0.9  # PiToMe's kept fraction per layer, used when no budget is given
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class MergeOptions:
-    """What the user asks for; `resolve` turns it into settings for one model."""
+    """What the user asks for; `resolve` turns it into settings for one model.
+
+    `knobs` holds method knob values by name (registry.py); those of other methods than `method`
+    are ignored, so one set of options serves any method, and an unknown name is refused."""
 
     method: str = "pitome"
     r: float | int | None = None
@@ -25,36 +29,27 @@ class MergeOptions:
     min_tokens: int | None = None
     prop_attn: bool | None = None  # None: the adapter's default (on, off for MAE)
     metric: str | None = None  # None: the adapter's default
-    margin: float = 0.9
-    alpha: float = 1.0
-    pitome_variant: str = "auto"  # auto: text for text encoders, plain otherwise
-    turbo_alpha: float = 1.0
-    turbo_beta: float = 1.0
-    turbo_gamma: float = 0.0
-    turbo_threshold: int = 40
     attention: str = "auto"  # patched models: auto (fused on GPUs) | explicit | fused; exports are always explicit
+    knobs: dict = field(default_factory=dict)
+
+    def __init__(self, method="pitome", r=None, schedule=None, min_tokens=None, prop_attn=None, metric=None, attention="auto", **knobs):
+        known = all_knobs()
+        unknown = [name for name in knobs if name not in known]
+        if unknown:
+            raise UsageError(f"unknown option(s) {', '.join(unknown)}; the method knobs are {', '.join(known)}")
+        for name, value in dict(method=method, r=r, schedule=schedule, min_tokens=min_tokens, prop_attn=prop_attn,
+                                metric=metric, attention=attention, knobs=knobs).items():
+            object.__setattr__(self, name, value)
 
     def method_config(self, adapter: Adapter) -> MethodConfig:
-        variant = self.pitome_variant
-        if variant == "auto":
-            variant = "text" if adapter.is_text else "plain"
         try:
-            return MethodConfig(
-                name=self.method,
-                margin=self.margin,
-                alpha=self.alpha,
-                pitome_variant=variant,
-                turbo_alpha=self.turbo_alpha,
-                turbo_beta=self.turbo_beta,
-                turbo_gamma=self.turbo_gamma,
-                turbo_threshold=self.turbo_threshold,
-            )
+            return MethodConfig(self.method, **self.knobs).for_model(adapter.is_text)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
 
     def resolve(self, adapter: Adapter) -> tuple[MergeSettings, BudgetReport]:
-        if self.method not in METHODS:
-            raise UsageError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method not in method_names():
+            raise UsageError(f"--method {self.method!r}: choose one of {', '.join(method_names())}")
         if self.r is not None and self.schedule is not None:
             raise UsageError("give --r or --schedule, not both")
         r = DEFAULT_R if self.r is None and self.schedule is None else self.r
@@ -66,12 +61,11 @@ class MergeOptions:
         config = self.method_config(adapter)
         shape = adapter.shape()
         schedule = plan_schedule(
-            self.method,
+            config,
             shape,
             r=r,
             schedule=list(self.schedule) if self.schedule else None,
             min_tokens=self.min_tokens,
-            turbo_threshold=config.turbo_threshold,
         )
         settings = MergeSettings(
             method=config,

@@ -145,9 +145,8 @@ class Kernels:
         """x [B, N, C], metric [B, N, D] (CUDA, fp32 or fp16), size [B, N] fp32, cls_attn [B, N] or None."""
         batch, n, channels = x.shape
         words = torch.zeros(11 + 16, dtype=torch.int32)  # MergeParams, then zeros for fields added later
-        methods = load_exporter("methods")
-        words[:8] = torch.tensor([methods.KERNEL_METHOD_CODES[rule.name], methods.KERNEL_VARIANT_CODES[rule.variant], batch, n, out_tokens, channels, metric.shape[-1], protected])
-        words[8:11] = torch.tensor([rule.margin, rule.alpha, rule.turbo_weight], dtype=torch.float32).view(torch.int32)
+        lowering = load_exporter("plugin_lowering")
+        words[:11] = torch.from_numpy(lowering.kernel_params(rule, batch, n, out_tokens, channels, metric.shape[-1], protected))
         # poisoned: an element the kernel leaves unwritten shows (NaN, slot -7)
         out_x = torch.full((batch, out_tokens, channels), float("nan"), dtype=x.dtype, device=x.device)
         out_size = torch.full((batch, out_tokens), float("nan"), device=x.device)
@@ -195,7 +194,9 @@ def draw(kind: str, batch: int, n: int, channels: int, dim: int, dtype, seed: in
 def rule_for(methods, name: str, variant: str, ties: bool):
     # On ties the energies must be exact sums: ELU at margin 0 (cosines >= 0), Gaussian at 0.99 (0 or 1)
     margin = {"plain": 0.0, "bsm": 0.0, "text": 0.99}[variant] if ties else {"plain": 0.675, "bsm": 0.45, "text": 0.6}[variant]
-    return methods.LayerRule(name, margin=margin, variant=variant, turbo_weight=2.0 if ties else 12.5)
+    if name == "pitome":
+        return methods.LayerRule(name, margin=margin, variant=variant)
+    return methods.LayerRule(name, turbo_weight=2.0 if ties else 12.5) if name == "turbo" else methods.LayerRule(name)
 
 
 def check_one(kernels, methods, agreement, kind, name, variant, dtype, n, d, channels, seed, batch) -> dict:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from tokenfuse.exporter.agreement import Decision
-from tokenfuse.exporter.methods import KERNEL_METHOD_CODES, KERNEL_VARIANT_CODES, LayerRule, TokenMerge, match_step
+from tokenfuse.exporter.methods import LayerRule, TokenMerge, match_step
+from tokenfuse.exporter.plugin_lowering import kernel_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "plugins" / "similarityEnergyMergePlugin"
@@ -119,11 +120,8 @@ class MergeCase:
     def params(self) -> np.ndarray:
         """MergeParams as int32 words (floats by their bits), zero-padded at the end."""
         batch, n, c, d = self.shape
-        words = np.zeros(11 + PARAM_PADDING_WORDS, dtype=np.int32)
-        words[:8] = [KERNEL_METHOD_CODES[self.rule.name], KERNEL_VARIANT_CODES[self.rule.variant], batch, n, n - self.r, c, d,
-                     self.protected]
-        words[8:11] = np.array([self.rule.margin, self.rule.alpha, self.rule.turbo_weight], dtype=np.float32).view(np.int32)
-        return words
+        return np.concatenate([kernel_params(self.rule, batch, n, n - self.r, c, d, self.protected),
+                               np.zeros(PARAM_PADDING_WORDS, dtype=np.int32)])
 
 
 def make_case(rule: LayerRule, r: int, protected: int, metric: np.ndarray, x: np.ndarray | None = None,

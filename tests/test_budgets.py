@@ -4,6 +4,7 @@ import pytest
 
 from tokenfuse.exporter.budgets import BudgetReport, Shape, parse_r, plan_schedule
 from tokenfuse.exporter.errors import UsageError
+from tokenfuse.exporter.methods import MethodConfig
 
 VIT_B = Shape(tokens=197, layers=12, width=768, mlp_width=3072, heads=12)
 
@@ -42,7 +43,7 @@ def test_explicit_schedule_and_min_tokens_floor():
 
 
 def test_turbo_threshold_stops_merging_below_it():
-    schedule = plan_schedule("turbo", VIT_B, r=13, turbo_threshold=100)
+    schedule = plan_schedule(MethodConfig("turbo", turbo_threshold=100), VIT_B, r=13)
     assert schedule[-1] == 93 and schedule[-2] == 93  # 197 - 8*13 = 93 < 100: no more merging
 
 

@@ -31,8 +31,9 @@ from tokenfuse.exporter.errors import UsageError
 from tokenfuse.exporter import methods
 from tokenfuse.exporter.methods import LayerRule, MethodConfig, max_removable
 from tokenfuse.exporter.plugin_lowering import (
-    DOMAIN, OP_TYPE, MergeNode, as_function, input_names, output_names, reference, reference_model,
+    DOMAIN, OP_TYPE, MergeNode, as_function, input_names, kernel_fields, output_names, reference, reference_model,
 )
+from tokenfuse.exporter.registry import get_method
 
 pytestmark = pytest.mark.xdist_group("plugin")  # one pytest-xdist worker makes the plugin library once
 
@@ -179,12 +180,12 @@ def _inputs(rule: LayerRule, seed: int, n=197, c=48, d=16, dtype=torch.float32):
 def _numpy_plan(node: MergeNode, metric: np.ndarray, cls_attn: np.ndarray | None):
     """The independent NumPy reference's slots and decision margin, given the node's attributes as
     one layer's knobs."""
-    rule = node.rule
-    variant = {"plain": "plain", "text": "text", "bsm": "bsm-early"}[rule.variant]
+    fields = kernel_fields(node.rule)
+    variant = {"plain": "plain", "text": "text", "bsm": "bsm-early"}[fields["variant"]]
     return reference_plan(
-        rule.name, metric.astype(np.float64), metric.shape[1] - node.out_tokens, protected=node.protected, layer=0,
-        num_layers=2 if variant == "bsm-early" else 1, margin=rule.margin, alpha=rule.alpha, pitome_variant=variant,
-        cls_attn=None if cls_attn is None else cls_attn.astype(np.float64), turbo_alpha=rule.turbo_weight / 30.0,
+        node.rule.name, metric.astype(np.float64), metric.shape[1] - node.out_tokens, protected=node.protected, layer=0,
+        num_layers=2 if variant == "bsm-early" else 1, margin=fields["margin"], alpha=fields["alpha"], pitome_variant=variant,
+        cls_attn=None if cls_attn is None else cls_attn.astype(np.float64), turbo_alpha=fields["turbo_weight"] / 30.0,
         return_info=True,
     )
 
@@ -297,8 +298,10 @@ def test_node_reference_in_fp16():
 
 def test_layer_rules_match_the_per_layer_knobs():
     cfg = MethodConfig(name="pitome", margin=0.9, pitome_variant="bsm-early", turbo_alpha=2.0, turbo_beta=0.5, turbo_gamma=1.0)
-    assert cfg.for_layer(3, 12) == LayerRule("pitome", margin=0.9 - 0.9 * 3 / 12, alpha=1.0, variant="bsm", turbo_weight=0.5**2 * 2.0 * 30)
+    assert cfg.for_layer(3, 12) == LayerRule("pitome", margin=0.9 - 0.9 * 3 / 12, alpha=1.0, variant="bsm")
     assert cfg.for_layer(6, 12).variant == "plain"
+    turbo = MethodConfig(name="turbo", turbo_alpha=2.0, turbo_beta=0.5, turbo_gamma=1.0)
+    assert turbo.for_layer(3, 12) == LayerRule("turbo", turbo_weight=0.5**2 * 2.0 * 30)
 
 
 def test_kernel_codes_and_constants_equal_the_exporters():
@@ -318,9 +321,10 @@ def test_kernel_codes_and_constants_equal_the_exporters():
         body = re.search(rf"Named const {table}\[\] = {{(.*?)}};", plugin, re.S).group(1)
         return {name: enum(enum_name)[key.lower()] for name, key in re.findall(rf'"(\w+)", int32_t\({enum_name}::k(\w+)\)', body)}
 
-    assert named("kMethods", "MergeMethod") == methods.KERNEL_METHOD_CODES == {m: c for m, c in enum("MergeMethod").items()}
+    codes = {name: get_method(name).kernel_code for name in methods.METHODS if get_method(name).kernel_code is not None}
+    assert named("kMethods", "MergeMethod") == codes == {m: c for m, c in enum("MergeMethod").items()}
     assert named("kVariants", "PitomeVariant") == methods.KERNEL_VARIANT_CODES
-    assert set(methods.KERNEL_METHOD_CODES) == set(methods.METHODS) - {"none"}
+    assert set(codes) == set(methods.METHODS) - {"none"}
 
     def constant(name: str) -> float:
         return float(re.search(rf"constexpr float {name} = ([-0-9.e]+)f;", kernels).group(1))

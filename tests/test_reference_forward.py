@@ -167,8 +167,7 @@ class Family:
     def reference(self, settings, inputs):
         x, extra = self.embed(inputs)
         cfg = settings.method
-        knobs = dict(margin=cfg.margin, alpha=cfg.alpha, pitome_variant=cfg.pitome_variant, turbo_alpha=cfg.turbo_alpha,
-                     turbo_beta=cfg.turbo_beta, turbo_gamma=cfg.turbo_gamma) if cfg.name != "none" else {}
+        knobs = {k: v for k, v in cfg.knobs.items() if k != "turbo_threshold"}  # the threshold is in the schedule
         out = reference.reference_encoder(x, self.layers(), settings.schedule, method=cfg.name, protected=settings.protected,
                                           prop_attn=settings.prop_attn, metric=settings.metric, **extra, **knobs)
         return self.head(out), out

@@ -21,6 +21,7 @@ from tokenfuse.exporter.adapters import adapter_for
 from tokenfuse.exporter.agreement import Decision, judge
 from tokenfuse.exporter.errors import UsageError
 from tokenfuse.exporter.methods import LayerRule, match_step, max_removable
+from tokenfuse.exporter.plugin_lowering import kernel_fields
 from tokenfuse.exporter.onnx_export import validate_under_seeds
 from tokenfuse.exporter.settings import MergeOptions
 
@@ -86,15 +87,16 @@ def test_near_ties_are_excused_and_only_they(name, padded, frozen):
 def test_float64_reference_agrees_up_to_near_ties(name):
     """The independent NumPy reference, in float64, decides as PyTorch's fp32 does up to near-ties."""
     rule = RULES[name]
-    variant = {"plain": "plain", "bsm": "bsm-early", "text": "text"}[rule.variant]
+    fields = kernel_fields(rule)
+    variant = {"plain": "plain", "bsm": "bsm-early", "text": "text"}[fields["variant"]]
     differing = 0
     for seed in range(4):
         case = anisotropic_case(rule, seed, padded=seed % 2 == 1)
         d = decision(rule, case)
         theirs = reference_plan(rule.name, case["metric"].double().numpy(), case["r"], protected=1, layer=0,
-                                num_layers=2 if variant == "bsm-early" else 1, margin=rule.margin, alpha=rule.alpha,
+                                num_layers=2 if variant == "bsm-early" else 1, margin=fields["margin"], alpha=fields["alpha"],
                                 pitome_variant=variant, cls_attn=case["cls_attn"].double().numpy(),
-                                turbo_alpha=rule.turbo_weight / 30.0,
+                                turbo_alpha=fields["turbo_weight"] / 30.0,
                                 valid=None if case["valid"] is None else case["valid"].numpy())
         result = judge(d, torch.from_numpy(theirs), TOLERANCE)
         assert result.wrong == 0, (seed, result)
