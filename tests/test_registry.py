@@ -89,3 +89,58 @@ def test_the_plugin_lowering_refuses_a_method_without_a_kernel(toy, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no kernel for phased" in err[0] and "--lowering onnx" in err[0]
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+# ---- model families ----------------------------------------------------------------------------
+
+def test_the_supported_model_tables_are_the_families_own():
+    from pathlib import Path
+
+    from tokenfuse.exporter.adapters import supported_models_table
+
+    root = Path(__file__).resolve().parents[1]
+    assert supported_models_table("docs/") in (root / "README.md").read_text()
+    assert supported_models_table("") in (root / "docs" / "models.md").read_text()
+
+
+def test_a_family_is_its_adapter_alone(monkeypatch, tmp_path):
+    """A family defined anywhere (here: a timm ViT subclass with its own adapter) is found by
+    `patch`, exported, listed in the table and in the unsupported-model error, with no other edit."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    from tokenfuse.exporter import adapters, export, patch
+    from tokenfuse.exporter.adapters.timm_vit import TimmViT
+    from tokenfuse.exporter.errors import UsageError
+
+    adapters.families()  # the built-in ones first, so the fixture's copy holds them
+    monkeypatch.setattr(adapters, "_FAMILIES", list(adapters._FAMILIES))
+
+    class SmallViT(VisionTransformer):
+        pass
+
+    class SmallViTFamily(TimmViT):
+        family = "small-vit"
+        models = "a `SmallViT` module"
+        description = "a timm ViT subclass"
+        output_names = "as timm's"
+
+        @classmethod
+        def accepts(cls, model):
+            return isinstance(model, SmallViT)
+
+    model = SmallViT(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5).eval()
+    assert adapters.family_of(model) is SmallViTFamily  # TimmViT accepts it too: the subclass wins
+    assert adapters.family_of(timm.create_model("vit_tiny_patch16_224", depth=1)) is TimmViT
+    assert "| a `SmallViT` module | a timm ViT subclass | as timm's |" in adapters.supported_models_table()
+    with pytest.raises(UsageError, match="a SmallViT module"):
+        adapters.adapter_for(torch.nn.Linear(2, 2))
+
+    manifest = export(adapters.adapter_for(model), tmp_path / "small.onnx", method="tome", r=2, seed=0, log=lambda *_: None)
+    assert manifest["family"] == "small-vit"
+    assert_validated_exactly(manifest)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(images)
+        merged = patch(model, method="tome", r=2)(images)
+    assert merged.shape == plain.shape and type(model).__name__ == "TokenMergedSmallViT"

@@ -7,6 +7,8 @@ turns the final tokens into outputs. The merge logic lives in `encoder` and `met
 from __future__ import annotations
 
 import copy
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,17 +17,6 @@ import torch
 from ..budgets import Shape
 from ..encoder import BlockView, MergeSettings, TokenState, run_encoder
 from ..errors import UsageError
-
-SUPPORTED = (
-    "timm:<vit_*|deit_*|deit3_*> (timm VisionTransformer, incl. distilled, register-token and MAP-pooled/SigLIP models)",
-    "hf:<dir> with a ViT-like image encoder (ViT, DeiT incl. distilled, DINOv2 incl. registers)",
-    "hf:<dir> with CLIP (vision or text tower)",
-    "hf:<dir> with SigLIP (vision tower)",
-    "hf:<dir> with a BERT-like text encoder (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, e.g. all-MiniLM-L6-v2)",
-    "hf:<dir> with DistilBERT",
-    "hf:<dir> with MPNet",
-)
-
 
 def _hf_size(size, square: bool) -> dict | None:
     """A Hugging Face size entry as a dict: legacy integers mean a square when `square`, else the
@@ -43,7 +34,7 @@ def _resample_name(resample: int) -> str:
 
 
 def unsupported(what: str) -> UsageError:
-    return UsageError(f"{what} is not supported; supported models: " + "; ".join(SUPPORTED))
+    return UsageError(f"{what} is not supported; supported models: " + "; ".join(f.models.replace("`", "") for f in families()))
 
 
 @dataclass(frozen=True)
@@ -54,9 +45,14 @@ class InputSpec:
 
 
 class Adapter:
-    """How tokenfuse runs one model family."""
+    """How tokenfuse runs one model family. A subclass that sets `family` is one (registered as
+    it is defined); `models`, `description` and `output_names` make its row of the supported-model
+    table, which the README shows and the error for an unsupported model lists."""
 
     family = ""
+    models = ""  # how its models are named (`--model`), in Markdown
+    description = ""  # {docs} stands for the docs folder in links
+    output_names = ""
     metric = "keys"  # what similarity is measured on, by default
     prop_attn = True  # proportional attention by default (off for MAE-style models)
     pooling = None  # a text encoder's `embedding` pooling (pooling.Pooling), recorded in the manifest
@@ -65,12 +61,23 @@ class Adapter:
         self.model = model
         self.name = name
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:
+            _FAMILIES.append(cls)
+
     # --- described by each family ---
     protected: int = 1
 
     @classmethod
     def accepts(cls, model: torch.nn.Module) -> bool:
         raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, path: str, config, seq_len: int | None, tower: str) -> "Adapter | None":
+        """The adapter for a Hugging Face directory that this family recognises by its config
+        (CLIP's towers); None: families are recognised by the modules a model has."""
+        return None
 
     @classmethod
     def wrap(cls, model: torch.nn.Module) -> "Adapter":
@@ -336,24 +343,36 @@ def natural_pixels(batch: int, channels: int, size: tuple[int, int], generator: 
     return pixels
 
 
+_FAMILIES: list[type[Adapter]] = []
+
+
+def families() -> tuple[type[Adapter], ...]:
+    """Every model family, timm's first, then images, then texts. Each module of this package
+    defines its own, so a new family is a new module and nothing else."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return tuple(sorted(_FAMILIES, key=lambda f: (not f.family.startswith("timm"), issubclass(f, TextAdapter), f.__module__, _FAMILIES.index(f))))
+
+
+def family_of(model: torch.nn.Module) -> type[Adapter] | None:
+    """The family that accepts `model`; of a family and its subclass that both do, the subclass."""
+    accepting = [f for f in families() if f.accepts(model)]
+    return next((f for f in accepting if not any(g is not f and issubclass(g, f) for g in accepting)), None)
+
+
 def adapter_for(model: torch.nn.Module) -> Adapter:
     """The adapter for an already-built PyTorch model (used by `patch`)."""
-    from .clip import ClipText, ClipVision
-    from .timm_vit import TimmViT
-
-    for family in (TimmViT, ClipVision, ClipText, *hf_families()):
-        if family.accepts(model):
-            return family.wrap(model)
-    raise unsupported(type(model).__name__)
+    family = family_of(model)
+    if family is None:
+        raise unsupported(type(model).__name__)
+    return family.wrap(model)
 
 
-def hf_families() -> tuple[type[Adapter], ...]:
-    """Hugging Face families recognised by the modules a model has, not by its model type."""
-    from .bert import Bert, DistilBert, MPNet
-    from .hf_vit import HfViT
-    from .siglip import SiglipVision
-
-    return (HfViT, SiglipVision, Bert, DistilBert, MPNet)
+def supported_models_table(docs: str = "docs/") -> str:
+    """The supported-model table in Markdown, links into the docs folder at `docs`."""
+    rows = ["| `--model` | family | outputs |", "|---|---|---|"]
+    rows += [f"| {f.models} | {f.description.format(docs=docs)} | {f.output_names} |" for f in families()]
+    return "\n".join(rows)
 
 
 def has_modules(model: torch.nn.Module, *paths: str) -> bool:
@@ -447,16 +466,12 @@ def load_hf(path: str, *, seq_len: int | None, tower: str) -> Adapter:
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     kind = config.model_type
-    if tower != "vision" and kind not in ("clip", "clip_text_model"):
+    for family in families():
+        adapter = family.from_config(path, config, seq_len, tower)
+        if adapter is not None:
+            return adapter
+    if tower != "vision":
         raise UsageError(f"--tower {tower}: the tower choice applies to CLIP models only, hf:{path} is {kind!r}")
-    if kind in ("clip", "clip_vision_model"):
-        from .clip import load_clip_text, load_clip_vision
-
-        return load_clip_text(path, config, seq_len) if tower == "text" else load_clip_vision(path, config)
-    if kind == "clip_text_model":
-        from .clip import load_clip_text
-
-        return load_clip_text(path, config, seq_len)
     return load_by_structure(path, config, seq_len)
 
 
@@ -472,7 +487,7 @@ def load_by_structure(path: str, config, seq_len: int | None) -> Adapter:
             skeleton = cls(config) if classifiers else cls.from_config(config)
     except ValueError:  # a config AutoModel has no class for
         raise unsupported(f"hf:{path} (model_type {config.model_type!r})") from None
-    family = next((f for f in hf_families() if f.accepts(skeleton)), None)
+    family = family_of(skeleton)
     if family is None:
         raise unsupported(f"hf:{path} ({type(skeleton).__name__})")
     try:

@@ -25,6 +25,11 @@ class Bert(TextAdapter):
     intermediate, output.{dense,LayerNorm}; ELECTRA's embeddings_project when present."""
 
     family = "hf-bert"
+    models = ("`hf:DIR` with BERT, RoBERTa, XLM-RoBERTa, ELECTRA or any model whose blocks look like BERT's "
+              "(recognised by its modules, not its model type; e.g. all-MiniLM-L6-v2)")
+    description = "BERT-like encoders (token type ids: all zero, not an input)"
+    output_names = ("`embedding` (the sentence-transformers pooling and normalisation of the directory; otherwise the "
+                    "size-weighted mean over real tokens), `last_hidden_state`, `token_sizes`, `token_mask`")
     layers_path = "encoder.layer"
     block_modules = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                      "attention.output.LayerNorm", "intermediate", "output.dense", "output.LayerNorm")
@@ -109,6 +114,9 @@ class DistilBert(Bert):
     output_layer_norm (no token types)."""
 
     family = "hf-distilbert"
+    models = "`hf:DIR` with DistilBERT"
+    description = "DistilBERT (no token types)"
+    output_names = "as BERT-like"
     layers_path = "transformer.layer"
     block_modules = ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin",
                      "sa_layer_norm", "ffn.lin1", "ffn.lin2", "output_layer_norm")
@@ -144,6 +152,10 @@ class MPNet(Bert):
     """
 
     family = "hf-mpnet"
+    models = "`hf:DIR` with MPNet (e.g. all-mpnet-base-v2)"
+    description = ("MPNet (no token types; relative position bias: a merged token sits at its members' size-weighted mean "
+                   "position, rounded; cost measured in [{docs}mpnet-positions.json]({docs}mpnet-positions.json))")
+    output_names = "as BERT-like"
     block_modules = ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
                      "attention.LayerNorm", "intermediate", "output.dense", "output.LayerNorm")
 

@@ -8,6 +8,7 @@ import torch
 
 from ..budgets import Shape
 from ..encoder import TokenState
+from ..errors import UsageError
 from . import ImageAdapter, TextAdapter, attention_view, random_text
 
 
@@ -29,6 +30,17 @@ def _pre_norm_views(layers, heads):
 
 class ClipVision(ImageAdapter):
     family = "hf-clip-vision"
+    models = "`hf:DIR` with a CLIP or CLIP-vision checkpoint"
+    description = "CLIP vision tower"
+    output_names = "`pooler_output`, `image_embeds` (with the projection), `last_hidden_state`, `token_sizes`"
+
+    @classmethod
+    def from_config(cls, path, config, seq_len, tower):
+        if config.model_type == "clip_vision_model" and tower == "text":
+            raise UsageError(f"--tower text: hf:{path} holds the CLIP vision tower only")
+        if config.model_type == "clip_vision_model" or (config.model_type == "clip" and tower == "vision"):
+            return cls(_clip_class(config, "vision").from_pretrained(path, local_files_only=True), f"hf:{path}")
+        return None
     metric = "hidden"  # the PiToMe authors measure CLIP similarity on the hidden states
 
     def __init__(self, model, name):
@@ -88,6 +100,15 @@ class ClipText(TextAdapter):
     """
 
     family = "hf-clip-text"
+    models = "`hf:DIR --tower text` with a CLIP or CLIP-text checkpoint"
+    description = "CLIP text tower (causal, pooled at EOS)"
+    output_names = "`pooler_output`, `text_embeds` (with the projection), `last_hidden_state`, `token_sizes`, `token_mask`"
+
+    @classmethod
+    def from_config(cls, path, config, seq_len, tower):
+        if config.model_type == "clip_text_model" or (config.model_type == "clip" and tower == "text"):
+            return cls(_clip_class(config, "text").from_pretrained(path, local_files_only=True), f"hf:{path}", seq_len)
+        return None
     metric = "hidden"
     length_adaptive = False  # trained and served with every text padded to its 77 positions
 
@@ -181,10 +202,3 @@ def _clip_class(config, tower: str):
     with_projection = any("Projection" in arch for arch in config.architectures or [])
     return getattr(transformers, f"CLIP{tower}ModelWithProjection" if with_projection else f"CLIP{tower}Model")
 
-
-def load_clip_vision(path, config) -> ClipVision:
-    return ClipVision(_clip_class(config, "vision").from_pretrained(path, local_files_only=True), f"hf:{path}")
-
-
-def load_clip_text(path, config, seq_len) -> ClipText:
-    return ClipText(_clip_class(config, "text").from_pretrained(path, local_files_only=True), f"hf:{path}", seq_len)

@@ -37,6 +37,9 @@ def _identity(x):
 
 class HfViT(ImageAdapter):
     family = "hf-vit"
+    models = "`hf:DIR` with ViT, DeiT (incl. `DeiTForImageClassificationWithTeacher`: both heads averaged), DINOv2 (layer scale; `Dinov2WithRegisters`)"
+    description = "Hugging Face ViT-like encoders; CLS, distillation and register tokens never merge"
+    output_names = "`logits` or `pooler_output`, `last_hidden_state`, `token_sizes`"
 
     def __init__(self, model, name):
         super().__init__(model, name)

@@ -16,6 +16,9 @@ BLOCK = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
 
 class SiglipVision(ImageAdapter):
     family = "hf-siglip-vision"
+    models = "`hf:DIR` with a SigLIP or SigLIP-vision checkpoint"
+    description = "SigLIP vision tower (no CLS: every token may merge; the attention-pooling head weighs each token by its size)"
+    output_names = "`pooler_output`, `last_hidden_state`, `token_sizes`"
     protected = 0
 
     def __init__(self, model, name):

@@ -17,6 +17,9 @@ RANDOM_INIT_SEED = 0
 
 class TimmViT(ImageAdapter):
     family = "timm-vit"
+    models = "`timm:vit_*`, `timm:deit_*`, `timm:deit3_*`"
+    description = "timm `VisionTransformer` (token, avg or `map` pool, e.g. timm's SigLIP ViTs; distilled; register tokens)"
+    output_names = "`logits` (or `embedding` for a head-less model), `last_hidden_state`, `token_sizes`"
 
     def __init__(self, model, name):
         super().__init__(model, name)
