@@ -20,9 +20,9 @@ from .. import __version__
 from ..exporter.buckets import bucket_file, is_length_adaptive, refuse_length_adaptive
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
+from ..exporter.plugin_lowering import OP_TYPE
+from .dtypes import numpy_name
 from .tensorrt import load_tensorrt
-
-CUSTOM_OPS = {"SimilarityEnergyMerge"}
 
 
 def read_manifest(onnx_path: Path) -> dict | None:
@@ -61,7 +61,7 @@ def _uses_custom_ops(onnx_path: Path) -> bool:
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return any(node.op_type in CUSTOM_OPS for node in model.graph.node)
+    return any(node.op_type == OP_TYPE for node in model.graph.node)
 
 
 def _load_plugins(trt, plugins: str | None, onnx_path: Path) -> dict | None:
@@ -119,18 +119,10 @@ def _check_plugin_import(onnx_path: Path, library: Path, version: str) -> None:
         )
 
 
-TENSORRT_DTYPES = {"float": "float32", "half": "float16", "bfloat16": "bfloat16", "int64": "int64", "int32": "int32", "int8": "int8", "bool": "bool"}
-
-
-def numpy_dtype_name(name: str) -> str:
-    """A binding's dtype as NumPy and torch name it (TensorRT says float for float32, half for float16)."""
-    return TENSORRT_DTYPES.get(name, name)
-
-
 def _bindings(network) -> list[dict]:
     tensors = [("input", network.get_input(i)) for i in range(network.num_inputs)]
     tensors += [("output", network.get_output(i)) for i in range(network.num_outputs)]
-    return [{"name": t.name, "io": io, "dtype": numpy_dtype_name(str(t.dtype).split(".")[-1].lower()), "shape": list(t.shape)}
+    return [{"name": t.name, "io": io, "dtype": numpy_name(str(t.dtype).split(".")[-1].lower()), "shape": list(t.shape)}
             for io, t in tensors]
 
 

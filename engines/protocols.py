@@ -16,9 +16,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from .batching import Refusal
+from .dtypes import from_kserve, kserve_type
 
-KSERVE_TYPES = {"float32": "FP32", "float": "FP32", "float16": "FP16", "half": "FP16", "int64": "INT64", "int32": "INT32"}
-NUMPY_TYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
 
 
 class EmbeddingsRequest(BaseModel):
@@ -74,12 +73,12 @@ def add_openai_routes(app, served):
 
 
 def _tensor_metadata(binding: dict) -> dict:
-    return {"name": binding["name"], "datatype": KSERVE_TYPES[binding["dtype"]], "shape": [-1] + list(binding["shape"][1:])}
+    return {"name": binding["name"], "datatype": kserve_type(binding["dtype"]), "shape": [-1] + list(binding["shape"][1:])}
 
 
 def _read_tensor(tensor, spec: dict, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
     """One input tensor from a KServe request (JSON data or the binary extension); the new offset."""
-    name, expected = spec["name"], KSERVE_TYPES[spec["dtype"]]
+    name, expected = spec["name"], kserve_type(spec["dtype"])
     if tensor.get("datatype") != expected:
         raise Refusal(400, f"input {name!r} has datatype {tensor.get('datatype')!r}; the model takes {expected}")
     shape = tensor.get("shape")
@@ -88,7 +87,7 @@ def _read_tensor(tensor, spec: dict, binary: memoryview, offset: int) -> tuple[n
     wanted = list(spec["shape"][1:])
     if shape[0] < 1 or len(shape) != len(wanted) + 1 or any(w not in (-1, d) for w, d in zip(wanted, shape[1:])):
         raise Refusal(400, f"input {name!r} has shape {shape}, expected [batch, {', '.join(map(str, wanted))}]")
-    dtype, count = NUMPY_TYPES[expected], int(np.prod(shape))
+    dtype, count = from_kserve(expected), int(np.prod(shape))
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     try:
         if size is not None:
@@ -105,7 +104,7 @@ def _read_tensor(tensor, spec: dict, binary: memoryview, offset: int) -> tuple[n
 
 
 def _output_tensor(name: str, array: np.ndarray, binary: bool, buffers: list[bytes]) -> dict:
-    tensor = {"name": name, "datatype": KSERVE_TYPES[str(array.dtype)], "shape": list(array.shape)}
+    tensor = {"name": name, "datatype": kserve_type(str(array.dtype)), "shape": list(array.shape)}
     if binary:
         data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
         buffers.append(data)

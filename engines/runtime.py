@@ -13,7 +13,8 @@ import numpy as np
 
 from ..exporter.buckets import bucket_indices, is_length_adaptive
 from ..exporter.errors import UsageError
-from .build import file_sha256, numpy_dtype_name, sidecar_path
+from .build import file_sha256, sidecar_path
+from .dtypes import numpy_name
 from .tensorrt import load_tensorrt
 
 ORT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -96,9 +97,8 @@ class OrtRunner(Runner):
 
 
 def _ort_binding(value) -> dict:
-    dtypes = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
     shape = [d if isinstance(d, int) else -1 for d in value.shape]
-    return {"name": value.name, "dtype": dtypes.get(value.type, "float32"), "shape": shape}
+    return {"name": value.name, "dtype": numpy_name(value.type), "shape": shape}
 
 
 class TrtRunner(Runner):
@@ -143,7 +143,7 @@ class TrtRunner(Runner):
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self.manifest = sidecar.get("export_manifest")
-        bindings = [{**b, "dtype": numpy_dtype_name(b["dtype"])} for b in sidecar["bindings"]]
+        bindings = [{**b, "dtype": numpy_name(b["dtype"])} for b in sidecar["bindings"]]
         self.inputs = [b for b in bindings if b["io"] == "input"]
         self.outputs = [b for b in bindings if b["io"] == "output"]
         self.profile, self.length_profile = sidecar["batch_profile"], sidecar.get("length_profile")

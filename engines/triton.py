@@ -20,15 +20,15 @@ from pathlib import Path
 
 from ..exporter.errors import UsageError
 from .build import sidecar_path
+from .dtypes import triton_type
 
-TRITON_TYPES = {"float32": "TYPE_FP32", "float": "TYPE_FP32", "float16": "TYPE_FP16", "half": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 
 
 def _tensors(entries: list[dict]) -> str:
     blocks = []
     for entry in entries:
         dims = ", ".join(str(d if isinstance(d, int) else -1) for d in entry["shape"][1:])  # a named axis is dynamic
-        blocks.append(f'  {{\n    name: "{entry["name"]}"\n    data_type: {TRITON_TYPES[entry["dtype"]]}\n    dims: [ {dims} ]\n  }}')
+        blocks.append(f'  {{\n    name: "{entry["name"]}"\n    data_type: {triton_type(entry["dtype"])}\n    dims: [ {dims} ]\n  }}')
     return ",\n".join(blocks)
 
 

@@ -142,37 +142,29 @@ def run_block(view: BlockView, layer: int, x: Tensor, state: TokenState, setting
 
 def _merge(settings: MergeSettings, layer: int, n_out: int, x: Tensor, metric: Tensor, cls_attn, state: TokenState) -> Tensor:
     """Merge x down to n_out tokens, updating the state; records the decision in state.slots."""
+    rule = settings.method.for_layer(layer, len(settings.schedule))
     if settings.lowering == "plugin" and state.replay is None:
         # One op, exported as a SimilarityEnergyMerge node (with the padding mask, the frozen token
         # and the causal positions when the model has them).
-        rule = settings.method.for_layer(layer, len(settings.schedule))
         node = MergeNode(rule, n_out, settings.protected, padded=state.valid is not None, causal=state.frozen is not None)
         outputs = merge_op(node, x, metric, state.size, cls_attn, state.valid, state.frozen, state.positions)
-        x, state.size, slots = outputs[:3]
-        if node.padded:
-            state.valid = outputs[3] > 0.5
-        if node.causal:
-            state.positions = outputs[4].to(state.positions.dtype)
-            state.frozen = _frozen_last(x, n_out)
-        state.slots.append(slots)
-        state.merged = True
-        return x
-    rule, r = settings.method.for_layer(layer, len(settings.schedule)), token_count(x, 1) - n_out
-    plan = match_step(rule, metric, r, protected=settings.protected, cls_attn=cls_attn, valid=state.valid, frozen=state.frozen)
-    state.slots.append(plan.dst_slot)
-    if state.replay is not None:  # decide (recorded above), but apply the given decision
-        state.decisions.append(Decision(rule, metric, r, settings.protected, cls_attn, state.valid, state.frozen, plan.dst_slot))
-        plan = TokenMerge(state.replay[len(state.slots) - 1], n_out)
-    if state.position_sums is not None:  # before padding changes: a slot with real tokens sums only theirs
-        state.position_sums = plan.merge_sums(state.position_sums, state.valid)
-    if state.valid is None:
-        x, state.size = plan.merge(x, state.size)
+        x, size, slots = outputs[:3]
+        valid = outputs[3] > 0.5 if node.padded else None
+        positions = outputs[4].to(state.positions.dtype) if node.causal else None
     else:
-        x, state.size, state.valid = plan.merge_padded(x, state.size, state.valid)
-    if state.positions is not None:
-        state.positions = plan.merge_positions(state.positions)
+        r = token_count(x, 1) - n_out
+        plan = match_step(rule, metric, r, protected=settings.protected, cls_attn=cls_attn, valid=state.valid, frozen=state.frozen)
+        slots = plan.dst_slot
+        if state.replay is not None:  # decide (recorded), but apply the given decision
+            state.decisions.append(Decision(rule, metric, r, settings.protected, cls_attn, state.valid, state.frozen, slots))
+            plan = TokenMerge(state.replay[len(state.slots)], n_out)
+        if state.position_sums is not None:  # before padding changes: a slot with real tokens sums only theirs
+            state.position_sums = plan.merge_sums(state.position_sums, state.valid)
+        x, size, valid, positions = plan.apply(x, state.size, state.valid, state.positions)
+    state.size, state.valid, state.positions = size, valid, positions
     if state.frozen is not None:
         state.frozen = _frozen_last(x, n_out)
+    state.slots.append(slots)
     state.merged = True
     return x
 

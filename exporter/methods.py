@@ -159,6 +159,15 @@ class TokenMerge:
         new_size = torch.where(holds_real, real_size, assign @ size)
         return _like(x, (assign @ (fp32(x) * weight)) / (assign @ weight)), new_size, holds_real[..., 0]
 
+    def apply(self, x: torch.Tensor, size: torch.Tensor, valid: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+        """The token state after the merge: x, sizes, and the padding mask and causal positions
+        where the model has them (None where not). Every path that merges calls this."""
+        if valid is None:
+            x, size = self.merge(x, size)
+        else:
+            x, size, valid = self.merge_padded(x, size, valid)
+        return x, size, valid, None if positions is None else self.merge_positions(positions)
+
     def merge_sums(self, t: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Per-slot sums of `t` ([B, N], fp32); with padding (`valid`), a slot holding real tokens
         sums only theirs, as its size counts only theirs."""

@@ -99,14 +99,11 @@ def reference(node: MergeNode, x, metric, size, cls_attn=None, valid=None, froze
     frozen = None if frozen is None else frozen > 0.5
     plan = match_step(node.rule, metric, x.shape[1] - node.out_tokens, protected=node.protected, cls_attn=cls_attn,
                       valid=valid, frozen=frozen)
-    slots = plan.dst_slot.to(torch.int32)
-    if valid is None:
-        return (*plan.merge(x, size), slots)
-    merged, merged_size, merged_valid = plan.merge_padded(x, size, valid)
-    outputs = (merged, merged_size, slots, merged_valid.to(torch.float32))
-    if positions is not None:
-        outputs += (plan.merge_positions(positions),)
-    return outputs
+    merged, merged_size, merged_valid, merged_positions = plan.apply(x, size, valid, positions)
+    outputs = (merged, merged_size, plan.dst_slot.to(torch.int32))
+    if valid is not None:
+        outputs += (merged_valid.to(torch.float32),)
+    return outputs if positions is None else (*outputs, merged_positions)
 
 
 _recorded: list | None = None  # (node, x, metric) of each node traced, while `recording()`

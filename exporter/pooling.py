@@ -26,6 +26,7 @@ import torch
 
 from .encoder import TokenState, weighted_mean
 from .errors import UsageError
+from .methods import TokenMerge
 
 MODES = ("mean", "mean_sqrt_len_tokens", "cls", "max", "weightedmean", "lasttoken")
 # sentence-transformers' older config: one boolean per mode
@@ -77,8 +78,7 @@ def follow_merges(state: TokenState, per_token: torch.Tensor) -> torch.Tensor:
     decisions = state.replay if state.replay is not None else state.slots
     sizes = [slots.shape[1] for slots in decisions[1:]] + [state.size.shape[1]]
     for slots, num_out in zip(decisions, sizes):
-        assign = slots.unsqueeze(-2) == torch.arange(num_out, device=slots.device).unsqueeze(-1)  # [B,K,N]
-        per_token = assign.to(per_token.dtype) @ per_token
+        per_token = TokenMerge(slots, num_out).merge_sums(per_token[..., 0]).unsqueeze(-1)
     return per_token
 
 
