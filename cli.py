@@ -164,7 +164,7 @@ def _add_bench(sub):
     p.add_argument("--data", help="measure on these items at their real lengths, in batches in file order: a text file (one text per "
                    "line, or fastText __label__ lines), JSONL ('text') or a folder of images, as for tune")
     p.add_argument("--batch", default="1,8,32", type=_batch_list, help="batch sizes (default 1,8,32)")
-    p.add_argument("--backend", choices=("ort", "trt"), help="ort for .onnx, trt for .engine (default: from the file)")
+    p.add_argument("--backend", choices=("ort", "trt"), help="ort for .onnx, trt for .engine (default: from the file; a check)")
     p.add_argument("--providers", help="ONNX Runtime providers, comma separated (default: TensorRT, CUDA, CPU as available)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--plugins", help="the plugin library an engine needs (default: the path in its sidecar)")
@@ -181,9 +181,11 @@ def _run_bench(args) -> int:
     from .engines import bench
     from .exporter.errors import UsageError
 
-    suffix = Path(args.model).suffix
-    if args.backend and (args.backend == "trt") != (suffix in (".engine", ".plan")):
-        raise UsageError(f"--backend {args.backend} does not run a {suffix} file; ort runs .onnx, trt runs .engine")
+    from .engines.runtime import BACKENDS, backend_for
+
+    if args.backend and backend_for(Path(args.model)).flag != args.backend:
+        runs = "; ".join(f"{b.flag} runs {'/'.join(b.suffixes)}" for b in BACKENDS)
+        raise UsageError(f"--backend {args.backend} does not run a {Path(args.model).suffix} file; {runs}")
     report = bench.bench(
         args.model, baseline=args.baseline, batches=args.batch,
         providers=args.providers.split(",") if args.providers else None, threads=args.threads, plugins=args.plugins,

@@ -70,20 +70,13 @@ def _return_free_memory():
         pass
 
 
-def memory_probe(path: Path, runner: Runner, threads: int | None):
-    """A runner whose calls allocate their own buffers, to measure one call's peak; None where
-    the peak is measured otherwise (TensorRT) or not at all (GPU providers)."""
-    if runner.backend != "onnxruntime" or runner.providers[0] != "CPUExecutionProvider":
-        return None
-    return load(path, providers=["CPUExecutionProvider"], threads=threads, arena=False)
-
-
 def peak_call_mib(runner: Runner, probe: Runner | None, feeds: dict) -> float | None:
     """Peak memory of one call: the TensorRT engine's activation memory, or on CPU the resident
     memory an arena-free call adds at its peak (Linux: the high-water mark is reset through
     /proc/self/clear_refs)."""
-    if runner.backend == "tensorrt":
-        return runner.engine.device_memory_size / 2**20
+    known = runner.activation_mib()
+    if known is not None:
+        return known
     if probe is None:
         return None
     _return_free_memory()
@@ -256,7 +249,7 @@ def bench(
         runners["baseline"] = load(baseline_path, providers=providers, threads=threads, plugins=plugins)
         rss["baseline"] = _status_mib("VmRSS")
         paths = {"merged": model, "baseline": baseline_path}
-        probes = {name: memory_probe(paths[name], runner, threads) for name, runner in runners.items()}
+        probes = {name: runner.memory_probe(paths[name], threads) for name, runner in runners.items()}
         merged_manifest = runners["merged"].manifest or {}
         base_manifest = runners["baseline"].manifest or {}
         ratio = merged_manifest.get("budget", {}).get("flops_ratio")

@@ -146,7 +146,7 @@ def add_kserve_routes(app, served):
         return {
             "name": model.name,
             "versions": ["1"],
-            "platform": "onnxruntime_onnx" if model.runner.backend == "onnxruntime" else "tensorrt_plan",
+            "platform": model.runner.triton_platform,
             "inputs": [_tensor_metadata(b) for b in model.runner.inputs],
             "outputs": [_tensor_metadata(b) for b in model.runner.outputs],
         }

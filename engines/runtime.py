@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..exporter.buckets import bucket_indices, is_length_adaptive
+from ..exporter.buckets import bucket_indices
 from ..exporter.errors import UsageError
 from .build import file_sha256, sidecar_path
 from .dtypes import numpy_name
@@ -27,15 +28,42 @@ def _numpy(value) -> np.ndarray:
 
 
 class Runner:
-    """Named inputs in, named outputs out; `inputs`/`outputs` describe the bindings."""
+    """Named inputs in, named outputs out; `inputs`/`outputs` describe the bindings.
 
-    backend = ""
+    A backend is a Runner subclass in BACKENDS: the files it runs (`suffixes`), its short name
+    for `bench --backend`, its Triton platform and file name, what a file of it holds
+    (`contents`, without opening it) and how much memory a call takes."""
+
+    backend = ""  # its name in reports
+    flag = ""  # bench --backend
+    suffixes: tuple[str, ...] = ()
+    triton_platform = ""  # also the platform in KServe v2 model metadata
+    triton_file = ""  # the file's name in a Triton model repository
     inputs: list[dict]
     outputs: list[dict]
     manifest: dict | None
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    @classmethod
+    def open(cls, path: Path, *, providers=None, plugins: str | None = None, threads: int | None = None, spin: bool = True,
+             arena: bool = True) -> "Runner":
+        """One graph or engine file (the options of another backend are ignored)."""
+        raise NotImplementedError
+
+    @classmethod
+    def contents(cls, path: Path) -> "Contents":
+        raise NotImplementedError
+
+    def memory_probe(self, path: Path, threads: int | None) -> "Runner | None":
+        """A runner whose calls allocate their own buffers, to measure one call's peak; None where
+        the peak is known otherwise (`activation_mib`) or not measured at all (GPU providers)."""
+        return None
+
+    def activation_mib(self) -> float | None:
+        """The memory one call takes, where the backend knows it (a TensorRT engine's activations)."""
+        return None
 
     def check_feeds(self, feeds: dict) -> dict[str, np.ndarray]:
         arrays = {}
@@ -50,8 +78,20 @@ class Runner:
         return arrays
 
 
+@dataclass
+class Contents:
+    """What a model file holds, from its manifest or sidecars: one part per graph or engine (its
+    file, bindings, bucket entry and engine sidecar) and, for a length-adaptive model, its buckets."""
+
+    manifest: dict | None  # the export manifest
+    sidecar: dict | None  # the engine's sidecar (the top one of a length-adaptive model)
+    parts: list[dict]
+    buckets: list[dict] | None
+
+
 class OrtRunner(Runner):
-    backend = "onnxruntime"
+    backend, flag, suffixes = "onnxruntime", "ort", (".onnx",)
+    triton_platform, triton_file = "onnxruntime_onnx", "model.onnx"
 
     def __init__(self, path: Path, providers=None, threads: int | None = None, arena: bool = True, spin: bool = True):
         import onnxruntime as ort
@@ -95,6 +135,26 @@ class OrtRunner(Runner):
         values = self.session.run(None, arrays)
         return dict(zip((o["name"] for o in self.outputs), values))
 
+    @classmethod
+    def open(cls, path, *, providers=None, plugins=None, threads=None, spin=True, arena=True):
+        return cls(path, providers, threads, arena=arena, spin=spin)
+
+    @classmethod
+    def contents(cls, path):
+        file = path.with_suffix(".json")
+        manifest = json.loads(file.read_text()) if file.is_file() else None
+        if manifest is None:
+            return Contents(None, None, [], None)
+        buckets = manifest.get("buckets")
+        parts = [{"file": path.with_name(bucket["file"]), "inputs": bucket["inputs"], "outputs": bucket["outputs"], "bucket": bucket,
+                  "sidecar": None} for bucket in buckets or [{"file": path.name, **manifest}]]
+        return Contents(manifest, None, parts, buckets)
+
+    def memory_probe(self, path, threads):
+        if self.providers[0] != "CPUExecutionProvider":
+            return None
+        return load(path, providers=["CPUExecutionProvider"], threads=threads, arena=False)
+
 
 def _ort_binding(value) -> dict:
     shape = [d if isinstance(d, int) else -1 for d in value.shape]
@@ -104,7 +164,8 @@ def _ort_binding(value) -> dict:
 class TrtRunner(Runner):
     """A TensorRT engine on the GPU; device buffers are reused per batch size, one CUDA stream."""
 
-    backend = "tensorrt"
+    backend, flag, suffixes = "tensorrt", "trt", (".engine", ".plan")
+    triton_platform, triton_file = "tensorrt_plan", "model.plan"
 
     def __init__(self, path: Path, plugins: str | None = None):
         sidecar_file = sidecar_path(path)
@@ -171,6 +232,44 @@ class TrtRunner(Runner):
         self.stream.synchronize()
         return {b["name"]: buffers[b["name"]].cpu().numpy() for b in self.outputs}
 
+    @classmethod
+    def open(cls, path, *, providers=None, plugins=None, threads=None, spin=True, arena=True):
+        return cls(path, plugins)
+
+    @classmethod
+    def contents(cls, path):
+        top = read_sidecar(path)
+        buckets = top.get("buckets")
+        parts = []
+        for bucket in buckets or [{"file": path.name}]:
+            sidecar = top if bucket["file"] == path.name else read_sidecar(path.with_name(bucket["file"]))
+            parts.append({"file": path.with_name(bucket["file"]), "bucket": bucket, "sidecar": sidecar,
+                          "inputs": [b for b in sidecar["bindings"] if b["io"] == "input"],
+                          "outputs": [b for b in sidecar["bindings"] if b["io"] == "output"]})
+        return Contents(top.get("export_manifest"), top, parts, buckets)
+
+    def activation_mib(self):
+        return self.engine.device_memory_size / 2**20
+
+
+def read_sidecar(engine: Path) -> dict:
+    """An engine's sidecar (.engine.json), which every reader of an engine needs."""
+    file = sidecar_path(engine)
+    if not file.is_file():
+        raise UsageError(f"{engine}: no sidecar {file.name}; build the engine with tokenfuse build")
+    return json.loads(file.read_text())
+
+
+BACKENDS: tuple[type[Runner], ...] = (OrtRunner, TrtRunner)
+
+
+def backend_for(path: Path) -> type[Runner]:
+    """The backend that runs `path`, by its suffix."""
+    found = next((backend for backend in BACKENDS if path.suffix in backend.suffixes), None)
+    if found is None:
+        raise UsageError(f"{path}: give " + " or ".join(f"{'/'.join(b.suffixes)} ({b.backend})" for b in BACKENDS))
+    return found
+
 
 class BucketRunner(Runner):
     """A length-adaptive text export (exporter/buckets.py): each text runs in the bucket its length
@@ -185,9 +284,17 @@ class BucketRunner(Runner):
         self.runners = {bucket["file"]: open_bucket(path.with_name(bucket["file"])) for bucket in self.buckets}
         longest = self.runners[self.buckets[-1]["file"]]
         self.backend, self.providers = longest.backend, getattr(longest, "providers", None)
+        self.triton_platform, self.triton_file = longest.triton_platform, longest.triton_file
         self.inputs = [{**spec, "shape": [spec["shape"][0], -1]} for spec in longest.inputs]
         self.outputs = [{**spec, "shape": [spec["shape"][0], -1, *spec["shape"][2:]] if len(spec["shape"]) > 2 else spec["shape"]}
                         for spec in longest.outputs]
+
+    def memory_probe(self, path, threads):
+        return self.runners[self.buckets[-1]["file"]].memory_probe(path, threads)  # `load(path)` opens every bucket
+
+    def activation_mib(self):
+        known = [runner.activation_mib() for runner in self.runners.values()]
+        return None if None in known else max(known)
 
     def lengths_of(self, mask: np.ndarray) -> np.ndarray:
         """Each row's token count; the mask must be ones then zeros, with at least one token."""
@@ -253,16 +360,12 @@ def load(path: str | Path, *, providers=None, plugins: str | None = None, thread
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
-    if path.suffix == ".onnx":
-        manifest = path.with_suffix(".json")
-        manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
-        if is_length_adaptive(manifest):
-            return BucketRunner(path, manifest, manifest["buckets"], lambda bucket: OrtRunner(bucket, providers, threads, arena=arena, spin=spin))
-        return OrtRunner(path, providers, threads, arena=arena, spin=spin)
-    if path.suffix in (".engine", ".plan"):
-        sidecar = sidecar_path(path)
-        buckets = json.loads(sidecar.read_text()).get("buckets") if sidecar.is_file() else None
-        if buckets:
-            return BucketRunner(path, json.loads(sidecar.read_text())["export_manifest"], buckets, lambda bucket: TrtRunner(bucket, plugins))
-        return TrtRunner(path, plugins)
-    raise UsageError(f"{path}: give an .onnx (ONNX Runtime) or an .engine (TensorRT)")
+    backend = backend_for(path)
+    options = dict(providers=providers, plugins=plugins, threads=threads, spin=spin, arena=arena)
+    try:
+        contents = backend.contents(path)
+    except UsageError:  # e.g. an engine without its sidecar: opening it says what to do
+        contents = None
+    if contents is not None and contents.buckets:
+        return BucketRunner(path, contents.manifest, contents.buckets, lambda part: backend.open(part, **options))
+    return backend.open(path, **options)

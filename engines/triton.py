@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from ..exporter.errors import UsageError
-from .build import sidecar_path
+from .runtime import backend_for
 from .dtypes import triton_type
 
 
@@ -51,35 +51,14 @@ def config_text(name: str, platform: str, max_batch: int, inputs: list[dict], ou
 def _models(model: Path, name: str) -> tuple[dict, dict | None, list[dict]]:
     """(export manifest, engine sidecar, one entry per Triton model): a length-adaptive export or its
     engines give one model per bucket, named NAME-lenL (NAME-natural for the unmerged bucket)."""
-    if model.suffix == ".onnx":
-        manifest_file = model.with_suffix(".json")
-        if not manifest_file.is_file():
-            raise UsageError(f"{model}: no manifest beside it; triton-repo needs the .json that tokenfuse export writes")
-        manifest = json.loads(manifest_file.read_text())
-        buckets = manifest.get("buckets") or [{"file": model.name, **manifest}]
-        return manifest, None, [
-            {"name": _bucket_name(name, bucket, buckets), "file": model.with_name(bucket["file"]), "platform": "onnxruntime_onnx",
-             "file_name": "model.onnx", "inputs": bucket["inputs"], "outputs": bucket["outputs"], "bucket": bucket}
-            for bucket in buckets]
-    if model.suffix in (".engine", ".plan"):
-        top = _sidecar(model)
-        buckets = top.get("buckets") or [{"file": model.name}]
-        entries = []
-        for bucket in buckets:
-            sidecar = top if bucket["file"] == model.name else _sidecar(model.with_name(bucket["file"]))
-            entries.append({"name": _bucket_name(name, bucket, buckets), "file": model.with_name(bucket["file"]), "platform": "tensorrt_plan",
-                            "file_name": "model.plan", "sidecar": sidecar, "bucket": bucket,
-                            "inputs": [b for b in sidecar["bindings"] if b["io"] == "input"],
-                            "outputs": [b for b in sidecar["bindings"] if b["io"] == "output"]})
-        return top.get("export_manifest") or {}, top, entries
-    raise UsageError(f"{model}: give an .onnx or an .engine")
-
-
-def _sidecar(engine: Path) -> dict:
-    sidecar_file = sidecar_path(engine)
-    if not sidecar_file.is_file():
-        raise UsageError(f"{engine}: no sidecar {sidecar_file.name}; build the engine with tokenfuse build")
-    return json.loads(sidecar_file.read_text())
+    backend = backend_for(model)
+    contents = backend.contents(model)
+    if not contents.parts:
+        raise UsageError(f"{model}: no manifest beside it; triton-repo needs the .json that tokenfuse export writes")
+    buckets = [part["bucket"] for part in contents.parts]
+    return contents.manifest or {}, contents.sidecar, [
+        {**part, "name": _bucket_name(name, part["bucket"], buckets), "platform": backend.triton_platform, "file_name": backend.triton_file}
+        for part in contents.parts]
 
 
 def _bucket_name(name: str, bucket: dict, buckets: list[dict]) -> str:

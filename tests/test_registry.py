@@ -144,3 +144,22 @@ def test_a_family_is_its_adapter_alone(monkeypatch, tmp_path):
         plain = model(images)
         merged = patch(model, method="tome", r=2)(images)
     assert merged.shape == plain.shape and type(model).__name__ == "TokenMergedSmallViT"
+
+
+# ---- runtime backends --------------------------------------------------------------------------
+
+def test_backends_are_chosen_by_suffix_and_name_their_triton_platform(tmp_path, capsys):
+    from pathlib import Path
+
+    from tokenfuse.engines.runtime import BACKENDS, OrtRunner, TrtRunner, backend_for, load
+    from tokenfuse.exporter.errors import UsageError
+
+    assert backend_for(Path("m.onnx")) is OrtRunner and backend_for(Path("m.plan")) is TrtRunner is backend_for(Path("m.engine"))
+    assert {b.triton_platform for b in BACKENDS} == {"onnxruntime_onnx", "tensorrt_plan"}
+    assert len({b.flag for b in BACKENDS}) == len(BACKENDS)
+    odd = tmp_path / "m.tflite"
+    odd.write_bytes(b"")
+    with pytest.raises(UsageError, match=r"\.onnx \(onnxruntime\) or \.engine/\.plan \(tensorrt\)"):
+        load(odd)
+    assert main(["bench", str(tmp_path / "m.onnx"), "--backend", "trt"]) == 2
+    assert "--backend trt does not run a .onnx file; ort runs .onnx; trt runs .engine/.plan" in capsys.readouterr().err
