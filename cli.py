@@ -172,6 +172,8 @@ def _add_bench(sub):
     p.add_argument("--seconds", type=float, default=60.0, help="time limit per batch size (default 60)")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--plot", help="write a PNG plot of latency and speedup")
+    p.add_argument("--profile", action="store_true", help="instead of timing: ONNX Runtime's per-operator CPU profile of the model "
+                   "and its baseline at the first --batch, by op type (what the merge itself costs); --json keeps it")
     p.set_defaults(run=_run_bench)
 
 
@@ -186,12 +188,20 @@ def _run_bench(args) -> int:
     if args.backend and backend_for(Path(args.model)).flag != args.backend:
         runs = "; ".join(f"{b.flag} runs {'/'.join(b.suffixes)}" for b in BACKENDS)
         raise UsageError(f"--backend {args.backend} does not run a {Path(args.model).suffix} file; {runs}")
+    unused = [flag for flag, value in (("--data", args.data), ("--plot", args.plot), ("--providers", args.providers), ("--plugins", args.plugins)) if value]
+    if args.profile and unused:
+        raise UsageError(f"{', '.join(unused)}: not used by bench --profile (ONNX Runtime on the CPU, random full-size inputs)")
     report = bench.bench(
         args.model, baseline=args.baseline, batches=args.batch,
         providers=args.providers.split(",") if args.providers else None, threads=args.threads, plugins=args.plugins,
-        min_rounds=args.min_rounds, max_seconds=args.seconds, data=args.data,
+        min_rounds=args.min_rounds, max_seconds=args.seconds, data=args.data, profile=args.profile,
     )
-    print(bench.markdown(report))
+    if args.profile:
+        from .engines.profile import markdown
+
+        print(markdown(report))
+    else:
+        print(bench.markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
@@ -413,7 +423,8 @@ def _add_show(sub):
 def _run_show(args) -> int:
     from pathlib import Path
 
-    from .engines.show import read_manifest, show
+    from .engines.show import show
+    from .exporter.manifest import Manifest
     from .exporter.errors import UsageError
 
     if bool(args.manifest) == bool(args.model):
@@ -421,7 +432,7 @@ def _run_show(args) -> int:
     source = Path(args.image) if args.image else args.text
     if args.manifest:
         result = show(None, source, args.output, layers=list(args.layers) if args.layers else None,
-                      manifest=read_manifest(args.manifest))
+                      manifest=Manifest.read(args.manifest))
     else:
         result = show(args.model, source, args.output, layers=list(args.layers) if args.layers else None,
                       weights=args.weights, random_init=args.random_init, seq_len=args.seq_len, tower=args.tower, method=args.method, r=args.r,

@@ -7,7 +7,6 @@ speedup is reported beside the ideal from the FLOPs ratio in the manifest.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..exporter.errors import UsageError
-from ..exporter.buckets import is_length_adaptive
+from ..exporter.manifest import Manifest
 from .runtime import Runner, fit_width, load
 from .data import model_inputs, read_data
 
@@ -38,7 +37,7 @@ def random_feeds(runner: Runner, batch: int, rng: np.random.Generator) -> dict[s
     """Inputs shaped as the model takes them: normal pixels, or full-length random token ids (the
     longest a length-adaptive model takes)."""
     feeds = {}
-    longest = ((runner.manifest or {}).get("preprocess") or {}).get("seq_len")
+    longest = _preprocess(runner.manifest).get("seq_len")
     for spec in runner.inputs:
         shape = [batch] + [longest if d == -1 else d for d in spec["shape"][1:]]
         if spec["dtype"].startswith("int"):
@@ -165,20 +164,20 @@ def measure_pair(runners: dict[str, Runner], probes: dict, batch: int, *, warmup
     } | {"stable": stable, "passes": min(len(s) for s in samples[first])}
 
 
-def data_feeds(runners: dict[str, Runner], manifest: dict, data, batch: int) -> tuple[list[dict], dict]:
+def data_feeds(runners: dict[str, Runner], manifest: Manifest | None, data, batch: int) -> tuple[list[dict], dict]:
     """The items of `data` (read_data) in batches of `batch`, in file order, as each runner takes
     them: texts padded to the longest in their batch (a fixed-length model gets its length), images
     preprocessed as the manifest says. Also what the inputs were (count, token lengths)."""
     from .preprocess import Preprocessor
 
-    preprocess = manifest.get("preprocess") or {}
+    preprocess = _preprocess(manifest)
     if preprocess.get("kind") != data.kind:
         raise UsageError(f"the model takes {preprocess.get('kind')} input and --data holds {data.kind}s")
     if data.kind == "image":
         inputs, _ = model_inputs(data, preprocess)
         batches = [{k: v[i : i + batch] for k, v in inputs.items()} for i in range(0, len(data.items), batch)]
         return [{name: batch_ for name in runners} for batch_ in batches], {"items": len(data.items)}
-    tokenizer = Preprocessor({"preprocess": preprocess}).tokenizer
+    tokenizer = Preprocessor(preprocess).tokenizer
     longest = preprocess["seq_len"]
     feeds, lengths = [], []
     for i in range(0, len(data.items), batch):
@@ -198,22 +197,21 @@ def ensure_baseline(model: Path, baseline: str | None, workdir: Path, log) -> Pa
         return Path(baseline)
     if model.suffix != ".onnx":
         raise UsageError("an engine's baseline must be given with --baseline (build one from a --method none export)")
-    manifest_file = model.with_suffix(".json")
-    if not manifest_file.is_file():
+    manifest = Manifest.beside(model)
+    if manifest is None:
         raise UsageError(f"{model}: no manifest beside it, so the baseline cannot be exported; pass --baseline")
-    manifest = json.loads(manifest_file.read_text())
     from ..exporter import export
 
-    settings = manifest["settings"]
-    if manifest.get("pooling") and (manifest.get("preprocess") or {}).get("kind") == "text":  # a length-adaptive family
+    settings = manifest.settings
+    if manifest.pooling and _preprocess(manifest).get("kind") == "text":  # a length-adaptive family
         target, lengths = workdir / "baseline-natural-length.onnx", {"max_seq_len": settings.get("max_seq_len") or settings.get("seq_len")}
-        log(f"exporting the unmerged baseline of {manifest['model']} at natural lengths (dynamic sequence axis) to {target}")
+        log(f"exporting the unmerged baseline of {manifest.model} at natural lengths (dynamic sequence axis) to {target}")
     else:
         target, lengths = workdir / "baseline-none.onnx", {"seq_len": settings.get("seq_len")}
-        log(f"exporting the unmerged baseline of {manifest['model']} (--method none) to {target}")
+        log(f"exporting the unmerged baseline of {manifest.model} (--method none) to {target}")
     export(
-        manifest["model"], target, method="none", weights=settings.get("weights"), random_init=settings.get("random_init", False),
-        tower=settings.get("tower", "vision"), dtype=manifest.get("dtype", "fp32"), validate=False, log=lambda *_: None, **lengths,
+        manifest.model, target, method="none", weights=settings.get("weights"), random_init=settings.get("random_init", False),
+        tower=settings.get("tower", "vision"), dtype=manifest.dtype, validate=False, log=lambda *_: None, **lengths,
     )
     return target
 
@@ -231,10 +229,12 @@ def bench(
     max_seconds: float = 60.0,
     tolerance: float = 0.01,
     data: str | None = None,
+    profile: bool = False,
     log=print,
 ) -> dict:
     """Benchmark `model` against its baseline at each batch size, on random full-size inputs or
-    on the items of `data` (as tune reads it) at their real lengths; returns the report (see README)."""
+    on the items of `data` (as tune reads it) at their real lengths; returns the report (see README).
+    `profile`: instead, ONNX Runtime's per-operator profile of both at the first batch size (profile.py)."""
     from tqdm import tqdm
 
     model = Path(model)
@@ -243,6 +243,10 @@ def bench(
     dataset = read_data(data) if data else None  # a bad --data fails before any baseline is exported
     with tempfile.TemporaryDirectory(prefix="tokenfuse-bench-") as work:
         baseline_path = ensure_baseline(model, baseline, Path(work), log)
+        if profile:
+            from .profile import profile_pair
+
+            return profile_pair(model, baseline_path, batches[0], threads=threads, log=log)
         rss = {"start": _status_mib("VmRSS")}
         runners = {"merged": load(model, providers=providers, threads=threads, plugins=plugins)}
         rss["merged"] = _status_mib("VmRSS")
@@ -250,10 +254,9 @@ def bench(
         rss["baseline"] = _status_mib("VmRSS")
         paths = {"merged": model, "baseline": baseline_path}
         probes = {name: runner.memory_probe(paths[name], threads) for name, runner in runners.items()}
-        merged_manifest = runners["merged"].manifest or {}
-        base_manifest = runners["baseline"].manifest or {}
-        ratio = merged_manifest.get("budget", {}).get("flops_ratio")
-        base_ratio = base_manifest.get("budget", {}).get("flops_ratio", 1.0)
+        merged_manifest, base_manifest = runners["merged"].manifest, runners["baseline"].manifest
+        ratio = _flops_ratio(merged_manifest)
+        base_ratio = _flops_ratio(base_manifest) or 1.0
         ideal = (base_ratio / ratio) if ratio and dataset is None else None  # the manifest's ratio holds at its full length only
         results, inputs = [], {"kind": "random", "note": "full-length random inputs; pass --data for your own items' lengths"}
         for batch in batches:
@@ -273,10 +276,10 @@ def bench(
             })
         return {
             "model": str(model),
-            "baseline": str(baseline) if baseline else f"{merged_manifest.get('model')} unmerged, {_baseline_kind(base_manifest)} (exported by bench)",
+            "baseline": str(baseline) if baseline else f"{merged_manifest.model if merged_manifest else None} unmerged, {_baseline_kind(base_manifest)} (exported by bench)",
             "inputs": inputs,
-            "length_adaptive": is_length_adaptive(merged_manifest),
-            "method": merged_manifest.get("method"),
+            "length_adaptive": bool(merged_manifest and merged_manifest.length_adaptive),
+            "method": merged_manifest.method if merged_manifest else None,
             "flops_ratio": ratio,
             "backend": runners["merged"].backend,
             "providers": getattr(runners["merged"], "providers", None),
@@ -288,8 +291,17 @@ def bench(
         }
 
 
-def _baseline_kind(manifest: dict) -> str:
-    return "at natural lengths (dynamic sequence axis, each batch padded to its longest)" if manifest.get("natural_length") else "--method none"
+def _baseline_kind(manifest: Manifest | None) -> str:
+    natural = manifest is not None and manifest.natural_length
+    return "at natural lengths (dynamic sequence axis, each batch padded to its longest)" if natural else "--method none"
+
+
+def _preprocess(manifest: Manifest | None) -> dict:
+    return (manifest.preprocess if manifest else None) or {}
+
+
+def _flops_ratio(manifest: Manifest | None) -> float | None:
+    return ((manifest.budget if manifest else None) or {}).get("flops_ratio")
 
 
 def markdown(report: dict) -> str:

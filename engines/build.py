@@ -17,18 +17,13 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..exporter.buckets import bucket_file, is_length_adaptive, refuse_length_adaptive
+from ..exporter.buckets import bucket_file, refuse_length_adaptive
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
+from ..exporter.manifest import Manifest
 from ..exporter.plugin_lowering import OP_TYPE
 from .dtypes import numpy_name
 from .tensorrt import load_tensorrt
-
-
-def read_manifest(onnx_path: Path) -> dict | None:
-    """The export manifest beside `onnx_path`, if any."""
-    manifest = onnx_path.with_suffix(".json")
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -150,7 +145,7 @@ def compile_engine(
     lengths: tuple[int, int, int] | None = None,
     plugins: str | None = "auto",
     timing_cache: str | Path | None = None,
-    export_manifest: dict | None = None,
+    export_manifest: Manifest | None = None,
     log=print,
 ) -> tuple[bytes, dict]:
     """Parse and build one graph with one profile over the batch axis (and, for a graph with a
@@ -160,7 +155,7 @@ def compile_engine(
     if not onnx_path.is_file():
         raise UsageError(f"{onnx_path}: no such file; export one with tokenfuse export")
     if export_manifest is None:
-        export_manifest = read_manifest(onnx_path)
+        export_manifest = Manifest.beside(onnx_path)
         refuse_length_adaptive(export_manifest, onnx_path, "compile_engine (use build_engine)")
     trt, flavour = load_tensorrt()
     log(f"[1/3] parsing {onnx_path} with {flavour} {trt.__version__}")
@@ -213,7 +208,7 @@ def compile_engine(
         "timing_cache": str(cache_path) if cache_path else None,
         "bindings": _bindings(network),
         "onnx": {"path": str(onnx_path.resolve()), "sha256": file_sha256(onnx_path)},
-        "export_manifest": export_manifest,
+        "export_manifest": export_manifest.to_json() if export_manifest else None,
         "built_on": {"machine": platform.machine(), "python": platform.python_version()},
     }
     if cache_path:
@@ -228,8 +223,8 @@ def build_engine(onnx_path: str | Path, output: str | Path, *, log=print, **opti
 
     `options` are compile_engine's: batch, plugins, timing_cache."""
     onnx_path, output = Path(onnx_path), Path(output)
-    manifest = read_manifest(onnx_path) if onnx_path.is_file() else None
-    if is_length_adaptive(manifest):
+    manifest = Manifest.beside(onnx_path) if onnx_path.is_file() else None
+    if manifest is not None and manifest.length_adaptive:
         return build_bucket_engines(onnx_path, manifest, output, log=log, **options)
     engine, sidecar = compile_engine(onnx_path, log=log, **options)
     log(f"[3/3] writing {output} and {output.name}.json")
@@ -239,29 +234,29 @@ def build_engine(onnx_path: str | Path, output: str | Path, *, log=print, **opti
     return sidecar
 
 
-def build_bucket_engines(onnx_path: Path, manifest: dict, output: Path, *, log=print, **options) -> dict:
+def build_bucket_engines(onnx_path: Path, manifest: Manifest, output: Path, *, log=print, **options) -> dict:
     """One engine per bucket of a length-adaptive export, named as its graphs are (`NAME.engine`
     the longest, `NAME.lenL.engine`, `NAME.natural.engine`, each with its sidecar): the merged
     buckets at their static length, the natural-length graph with a profile over 1..its limit.
     The top sidecar lists the buckets, so the runtime picks an engine per text as it picks a graph.
     Nothing is written unless every bucket builds."""
-    buckets, longest = manifest["buckets"], manifest["buckets"][-1]["seq_len"]
+    buckets, longest = manifest.buckets, manifest.buckets[-1]["seq_len"]
     engines = [bucket_file(output.with_suffix(".onnx"), None if b["natural_length"] else b["seq_len"], longest).with_suffix(".engine")
                for b in buckets]
     if len(buckets) == 1:  # an unmerged export: its one graph is the model
         engines = [output]
-    shared = {key: value for key, value in manifest.items() if key != "buckets"}
+    shared = {key: value for key, value in manifest.to_json().items() if key != "buckets"}
     sidecars, started = [], time.time()
     with atomic_outputs(*engines, *map(sidecar_path, engines)) as temps:
         for step, (bucket, engine, tmp) in enumerate(zip(buckets, engines, temps), 1):
             limit = bucket["seq_len"]
             log(f"engine {step}/{len(buckets)}: texts of up to {limit} tokens" + (" at their natural length" if bucket["natural_length"] else ""))
             lengths = (1, -(-limit // 2), limit) if bucket["natural_length"] else None
-            blob, sidecar = compile_engine(onnx_path.with_name(bucket["file"]), lengths=lengths, export_manifest={**shared, **bucket},
+            blob, sidecar = compile_engine(onnx_path.with_name(bucket["file"]), lengths=lengths, export_manifest=Manifest.from_json({**shared, **bucket}),
                                            log=log, **options)
             tmp.write_bytes(blob)
             sidecars.append(sidecar)
-        top = sidecars[-1] | {"export_manifest": manifest,
+        top = sidecars[-1] | {"export_manifest": manifest.to_json(),
                               "buckets": [{**bucket, "file": engine.name} for bucket, engine in zip(buckets, engines)]}
         for sidecar, tmp in zip(sidecars[:-1] + [top], temps[len(engines):]):
             tmp.write_text(json.dumps(sidecar, indent=2) + "\n")

@@ -97,7 +97,7 @@ def model_inputs(data: Dataset, preprocess: dict) -> tuple[dict[str, np.ndarray]
     many texts were cut at the model's sequence length."""
     if preprocess.get("kind") != data.kind:
         raise UsageError(f"the model takes {preprocess.get('kind')} input and --data holds {data.kind}s")
-    prep = Preprocessor({"preprocess": preprocess})
+    prep = Preprocessor(preprocess)
     rows = []
     for name, item in zip(data.names, data.items):
         try:

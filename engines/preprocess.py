@@ -42,10 +42,10 @@ def crop_box(width: int, height: int, crop: tuple[int, int], offset: str) -> tup
 
 
 class Preprocessor:
-    """Raw images or texts to model inputs, as the export manifest says."""
+    """Raw images or texts to model inputs, as the export manifest's `preprocess` says."""
 
-    def __init__(self, manifest: dict):
-        self.spec = manifest.get("preprocess") or {}
+    def __init__(self, spec: dict | None):
+        self.spec = spec or {}
         self.kind = self.spec.get("kind")
         self.tokenizer = None
         if self.kind == "image" and self.spec.get("unsupported"):

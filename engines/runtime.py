@@ -14,6 +14,7 @@ import numpy as np
 
 from ..exporter.buckets import bucket_indices
 from ..exporter.errors import UsageError
+from ..exporter.manifest import Manifest
 from .build import file_sha256, sidecar_path
 from .dtypes import numpy_name
 from .tensorrt import load_tensorrt
@@ -41,7 +42,7 @@ class Runner:
     triton_file = ""  # the file's name in a Triton model repository
     inputs: list[dict]
     outputs: list[dict]
-    manifest: dict | None
+    manifest: Manifest | None  # the export manifest, where the file has one
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -83,7 +84,7 @@ class Contents:
     """What a model file holds, from its manifest or sidecars: one part per graph or engine (its
     file, bindings, bucket entry and engine sidecar) and, for a length-adaptive model, its buckets."""
 
-    manifest: dict | None  # the export manifest
+    manifest: Manifest | None
     sidecar: dict | None  # the engine's sidecar (the top one of a length-adaptive model)
     parts: list[dict]
     buckets: list[dict] | None
@@ -125,8 +126,7 @@ class OrtRunner(Runner):
         if providers and providers[0] not in self.providers:
             raise UsageError(f"{providers[0]} did not load (ONNX Runtime fell back to {self.providers[0]}); "
                              "check that its CUDA and cuDNN libraries are installed and match this onnxruntime")
-        manifest = path.with_suffix(".json")
-        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+        self.manifest = Manifest.beside(path)
         self.inputs = [_ort_binding(i) for i in self.session.get_inputs()]
         self.outputs = [_ort_binding(o) for o in self.session.get_outputs()]
 
@@ -141,14 +141,12 @@ class OrtRunner(Runner):
 
     @classmethod
     def contents(cls, path):
-        file = path.with_suffix(".json")
-        manifest = json.loads(file.read_text()) if file.is_file() else None
+        manifest = Manifest.beside(path)
         if manifest is None:
             return Contents(None, None, [], None)
-        buckets = manifest.get("buckets")
         parts = [{"file": path.with_name(bucket["file"]), "inputs": bucket["inputs"], "outputs": bucket["outputs"], "bucket": bucket,
-                  "sidecar": None} for bucket in buckets or [{"file": path.name, **manifest}]]
-        return Contents(manifest, None, parts, buckets)
+                  "sidecar": None} for bucket in manifest.buckets or [{"file": path.name, **manifest.to_json()}]]
+        return Contents(manifest, None, parts, manifest.buckets)
 
     def memory_probe(self, path, threads):
         if self.providers[0] != "CPUExecutionProvider":
@@ -203,7 +201,7 @@ class TrtRunner(Runner):
             raise UsageError(f"{path}: TensorRT cannot deserialise it (corrupt, or built for another GPU: {sidecar['target']}); rebuild it")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
-        self.manifest = sidecar.get("export_manifest")
+        self.manifest = exported(sidecar, path)
         bindings = [{**b, "dtype": numpy_name(b["dtype"])} for b in sidecar["bindings"]]
         self.inputs = [b for b in bindings if b["io"] == "input"]
         self.outputs = [b for b in bindings if b["io"] == "output"]
@@ -246,7 +244,7 @@ class TrtRunner(Runner):
             parts.append({"file": path.with_name(bucket["file"]), "bucket": bucket, "sidecar": sidecar,
                           "inputs": [b for b in sidecar["bindings"] if b["io"] == "input"],
                           "outputs": [b for b in sidecar["bindings"] if b["io"] == "output"]})
-        return Contents(top.get("export_manifest"), top, parts, buckets)
+        return Contents(exported(top, path), top, parts, buckets)
 
     def activation_mib(self):
         return self.engine.device_memory_size / 2**20
@@ -258,6 +256,12 @@ def read_sidecar(engine: Path) -> dict:
     if not file.is_file():
         raise UsageError(f"{engine}: no sidecar {file.name}; build the engine with tokenfuse build")
     return json.loads(file.read_text())
+
+
+def exported(sidecar: dict, engine: Path) -> Manifest | None:
+    """The export manifest an engine's sidecar keeps."""
+    data = sidecar.get("export_manifest")
+    return None if data is None else Manifest.from_json(data, f"{sidecar_path(engine)} (its export manifest)")
 
 
 BACKENDS: tuple[type[Runner], ...] = (OrtRunner, TrtRunner)
@@ -278,7 +282,7 @@ class BucketRunner(Runner):
     tokenizers pad) and returns rows in input order, per-token outputs zero-padded to the widest.
     `buckets` name each bucket's file (the graphs of the export, or the engines built from them)."""
 
-    def __init__(self, path: Path, manifest: dict, buckets: list[dict], open_bucket):
+    def __init__(self, path: Path, manifest: Manifest, buckets: list[dict], open_bucket):
         self.manifest = manifest
         self.buckets = buckets
         self.runners = {bucket["file"]: open_bucket(path.with_name(bucket["file"])) for bucket in self.buckets}

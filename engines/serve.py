@@ -59,8 +59,8 @@ class ServedModel:
 
     def __init__(self, name: str, runner: Runner, batcher: Batcher, max_image_pixels: int):
         self.name, self.runner, self.batcher, self.max_image_pixels = name, runner, batcher, max_image_pixels
-        self.manifest = runner.manifest or {}
-        self.preprocess = Preprocessor(self.manifest)
+        self.method = runner.manifest.method if runner.manifest else None
+        self.preprocess = Preprocessor(runner.manifest.preprocess if runner.manifest else None)
         if self.preprocess.kind is None:
             raise UsageError(f"{name}: no export manifest with preprocessing beside it; serve a model written by tokenfuse export")
         self.kind = self.preprocess.kind
@@ -340,7 +340,7 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
 
     app = FastAPI(
         title="tokenfuse",
-        description="; ".join(f"{m.name}: {m.manifest.get('method')} merged, pooled outputs {', '.join(m.pooled)}" for m in served.values()),
+        description="; ".join(f"{m.name}: {m.method} merged, pooled outputs {', '.join(m.pooled)}" for m in served.values()),
         lifespan=lifespan,
     )
     app.state.models = served
@@ -365,7 +365,7 @@ def create_app(models, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_
     async def answer(model: ServedModel, count: int, examples):
         results = await model.batcher.submit(count, examples)
         data = [{"index": i, **{name: result[name][0].tolist() for name in model.pooled}} for i, result in enumerate(results)]
-        return JSONResponse({"model": model.name, "method": model.manifest.get("method"), "data": data})
+        return JSONResponse({"model": model.name, "method": model.method, "data": data})
 
     @app.post("/v1/embed/images", name="images", summary="pooled outputs for PNG/JPEG images: multipart files, or JSON base64/data URLs",
               openapi_extra=IMAGES_BODY)

@@ -8,7 +8,6 @@ and composing them layer by layer maps every input token to the token that holds
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
+from ..exporter.manifest import Manifest
 from ..exporter.registry import all_knobs
 from ..exporter.settings import MergeOptions
 from .preprocess import Preprocessor
@@ -23,25 +23,17 @@ from .preprocess import Preprocessor
 MANIFEST_OPTIONS = ("min_tokens", "metric")  # and every method knob (the registry's)
 
 
-def options_from_manifest(manifest: dict) -> tuple[dict, dict]:
-    """(how to load the model, MergeOptions fields) as an export manifest records them."""
-    settings = manifest["settings"]
+def options_from_manifest(manifest: Manifest | dict) -> tuple[dict, dict]:
+    """(how to load the model, MergeOptions fields) as an export manifest (or export's result) records them."""
+    manifest = manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)
+    settings = manifest.settings
     load = {"weights": settings.get("weights"), "random_init": settings.get("random_init", False), "seq_len": settings.get("seq_len") or settings.get("max_seq_len"), "tower": settings.get("tower", "vision")}
     options = {key: settings[key] for key in (*MANIFEST_OPTIONS, *all_knobs()) if key in settings}
-    options.update(method=manifest["method"], r=settings.get("r"), prop_attn=settings.get("proportional_attention"))
+    options.update(method=manifest.method, r=settings.get("r"), prop_attn=settings.get("proportional_attention"))
     if settings.get("requested_schedule"):
         options["schedule"] = tuple(settings["requested_schedule"])
     return load, options
 
-
-def read_manifest(path: str | Path) -> dict:
-    """An export manifest, given as the .json or the .onnx beside it."""
-    path = Path(path)
-    path = path.with_suffix(".json") if path.suffix == ".onnx" else path
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"--manifest {path}: not a readable export manifest; give the .json that tokenfuse export wrote")
 
 
 def layer_maps(slots: list[torch.Tensor], schedule: tuple[int, ...], tokens: int) -> list[torch.Tensor]:
@@ -93,9 +85,10 @@ def show(model, source, output: str | Path, *, layers: list[int] | None = None, 
 
     output = Path(output)
     if manifest is not None:
+        manifest = manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)
         load, options = options_from_manifest(manifest)
         weights, random_init, seq_len, tower = load["weights"], load["random_init"], load["seq_len"], load["tower"]
-        model = manifest["model"] if model is None else model
+        model = manifest.model if model is None else model
     if model is None:
         raise UsageError("give --model or --manifest")
     if output.suffix not in (".png", ".html"):
@@ -103,10 +96,10 @@ def show(model, source, output: str | Path, *, layers: list[int] | None = None, 
     image = _read_image(source) if isinstance(source, Path) else None
     adapter = load_model(model, weights=weights, random_init=random_init, seq_len=seq_len, tower=tower) if isinstance(model, str) else model
     settings, _ = MergeOptions(**options).resolve(adapter)
-    if manifest is not None and list(settings.schedule) != list(manifest["schedule"]):
+    if manifest is not None and list(settings.schedule) != list(manifest.schedule):
         raise UsageError("the manifest's schedule differs from what its settings give this model; export it again with this tokenfuse")
     preprocess = adapter.preprocess()
-    prep = Preprocessor({"preprocess": preprocess})
+    prep = Preprocessor(preprocess)
     if (image is None) != (preprocess["kind"] == "text"):
         raise UsageError(f"{adapter.name} takes {preprocess['kind']} input; give --{'image' if image is None else 'text'}")
     if image is not None:

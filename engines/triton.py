@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from ..exporter.errors import UsageError
+from ..exporter.manifest import Manifest
 from .runtime import backend_for
 from .dtypes import triton_type
 
@@ -48,7 +49,7 @@ def config_text(name: str, platform: str, max_batch: int, inputs: list[dict], ou
     )
 
 
-def _models(model: Path, name: str) -> tuple[dict, dict | None, list[dict]]:
+def _models(model: Path, name: str) -> tuple[Manifest | None, dict | None, list[dict]]:
     """(export manifest, engine sidecar, one entry per Triton model): a length-adaptive export or its
     engines give one model per bucket, named NAME-lenL (NAME-natural for the unmerged bucket)."""
     backend = backend_for(model)
@@ -56,7 +57,7 @@ def _models(model: Path, name: str) -> tuple[dict, dict | None, list[dict]]:
     if not contents.parts:
         raise UsageError(f"{model}: no manifest beside it; triton-repo needs the .json that tokenfuse export writes")
     buckets = [part["bucket"] for part in contents.parts]
-    return contents.manifest or {}, contents.sidecar, [
+    return contents.manifest, contents.sidecar, [
         {**part, "name": _bucket_name(name, part["bucket"], buckets), "platform": backend.triton_platform, "file_name": backend.triton_file}
         for part in contents.parts]
 
@@ -96,7 +97,7 @@ def write_repository(
         raise UsageError("--max-batch and --instances must be >= 1")
     name = name or model.stem
     manifest, sidecar, entries = _models(model, name)
-    weights = (manifest.get("weights") or {}).get("file") if sidecar is None else None
+    weights = (manifest.weights or {}).get("file") if sidecar is None else None
 
     staging = Path(tempfile.mkdtemp(prefix=".triton-", dir=output.parent if output.parent.exists() else None))
     try:
@@ -110,7 +111,7 @@ def write_repository(
             (folder / "config.pbtxt").write_text(
                 config_text(entry["name"], entry["platform"], batch, entry["inputs"], entry["outputs"], instances, kind, delay_us))
             (folder / "tokenfuse.json").write_text(
-                json.dumps({"export_manifest": manifest, "engine_sidecar": entry.get("sidecar"), "bucket": entry["bucket"] if len(entries) > 1 else None}, indent=2) + "\n")
+                json.dumps({"export_manifest": manifest.to_json() if manifest else None, "engine_sidecar": entry.get("sidecar"), "bucket": entry["bucket"] if len(entries) > 1 else None}, indent=2) + "\n")
         library, preload = (sidecar or {}).get("plugin_library"), ""
         if library:  # inside a model folder: Triton takes every top-level folder for a model
             home = entries[-1]["name"]
@@ -126,8 +127,8 @@ def write_repository(
     return [output / entry["name"] for entry in entries]
 
 
-def _readme(manifest: dict, name: str, entries: list[dict], output: Path, preload: str, sidecar: dict | None) -> str:
-    text = (f"# Triton model repository for {manifest.get('model', name)} ({manifest.get('method', '?')})\n\n"
+def _readme(manifest: Manifest | None, name: str, entries: list[dict], output: Path, preload: str, sidecar: dict | None) -> str:
+    text = (f"# Triton model repository for {manifest.model if manifest else name} ({manifest.method if manifest else '?'})\n\n"
             f"    {preload}tritonserver --model-repository=$PWD/{output.name}\n\n")
     if preload:
         text += "The TensorRT plugin library is preloaded with LD_PRELOAD so the plans can deserialise.\n"

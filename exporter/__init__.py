@@ -15,6 +15,7 @@ import torch
 from .adapters import Adapter, adapter_for, load_model
 from .buckets import UNMERGED_UP_TO, export_length_adaptive
 from .errors import UsageError
+from .manifest import Manifest
 from .methods import METHODS, MethodConfig, TokenMerge, match
 from .registry import Knob, MergeMethod, get_method, method_names, register
 from .onnx_export import DEFAULT_OPSET, export_onnx
@@ -23,7 +24,7 @@ from .settings import MergeOptions
 LOWERINGS = ("onnx", "plugin")
 
 __all__ = ["patch", "export", "load_model", "match", "MethodConfig", "MergeOptions", "TokenMerge", "METHODS", "UsageError",
-           "Knob", "MergeMethod", "register"]
+           "Knob", "MergeMethod", "register", "Manifest"]
 
 
 def patch(model: torch.nn.Module, method: str = "pitome", r: float | int | None = 0.9, **options) -> torch.nn.Module:

@@ -29,6 +29,7 @@ from onnx import numpy_helper
 
 from .adapters import TextAdapter
 from .errors import UsageError
+from .manifest import Manifest
 from .files import atomic_outputs
 from .settings import MergeOptions
 from . import onnx_export
@@ -160,12 +161,8 @@ def manifest(buckets: list[dict], storage: dict, longest: int, unmerged_up_to: i
     return top
 
 
-def is_length_adaptive(manifest: dict | None) -> bool:
-    return bool(manifest and manifest.get("buckets"))
-
-
-def refuse_length_adaptive(manifest: dict | None, path: Path, command: str):
+def refuse_length_adaptive(manifest: Manifest | None, path: Path, command: str):
     """The commands that take one graph refuse a length-adaptive export with what to do instead."""
-    if is_length_adaptive(manifest):
-        raise UsageError(f"{path} is a length-adaptive export ({len(manifest['buckets'])} graphs); {command} takes one graph "
+    if manifest is not None and manifest.length_adaptive:
+        raise UsageError(f"{path} is a length-adaptive export ({len(manifest.buckets)} graphs); {command} takes one graph "
                          "so far: export with --seq-len N for it")

@@ -27,6 +27,7 @@ from .budgets import BudgetReport
 from .encoder import MergeSettings
 from .errors import UsageError
 from .files import atomic_outputs
+from .manifest import SCHEMA_VERSION
 from . import agreement, plugin_lowering
 
 DEFAULT_OPSET = 18
@@ -236,6 +237,7 @@ def io_spec(model: onnx.ModelProto) -> dict:
 def manifest(adapter: Adapter, settings: MergeSettings, report: BudgetReport, model: onnx.ModelProto, opset: int, dtype: str, validation, extra: dict) -> dict:
     method = settings.method
     return {
+        "schema_version": SCHEMA_VERSION,
         "tokenfuse_version": __version__,
         "model": adapter.name,
         "family": adapter.family,
@@ -380,7 +382,7 @@ def natural_length_graph(adapter: Adapter, work: Path, *, opset: int, dtype: str
             if dim.dim_param not in ("batch", "sequence"):
                 dim.dim_value = size
     return model, {
-        "tokenfuse_version": __version__, "model": adapter.name, "family": adapter.family, "method": "none",
+        "schema_version": SCHEMA_VERSION, "tokenfuse_version": __version__, "model": adapter.name, "family": adapter.family, "method": "none",
         "natural_length": True, "budget": {"flops_ratio": 1.0}, "preprocess": {**adapter.preprocess(), "seq_len": adapter.max_seq_len},
         "pooling": adapter.pooling.to_json(), "opset": opset, "dtype": dtype, **io_spec(model),
         "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "python": platform.python_version()},

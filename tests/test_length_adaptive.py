@@ -165,7 +165,7 @@ def test_served_texts_are_padded_per_bucket(adaptive):
     """serve's preprocessing does not pad a length-adaptive model's texts; a batch of them stacks
     (zero-padded to the widest) and gives each text's own result."""
     runner = load(adaptive[0])
-    pre = Preprocessor(runner.manifest)
+    pre = Preprocessor(runner.manifest.preprocess)
     examples = [pre.text(t) for t in TEXTS]
     assert len({e["input_ids"].shape[1] for e in examples}) == len(TEXTS)
     batch = runner.run({name: stack([e[name] for e in examples]) for name in ("input_ids", "attention_mask")})

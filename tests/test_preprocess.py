@@ -32,7 +32,7 @@ IMAGES = _images()
 
 
 def _ours(spec: dict, picture) -> np.ndarray:
-    return Preprocessor({"preprocess": spec}).pixels(picture)
+    return Preprocessor(spec).pixels(picture)
 
 
 @pytest.mark.parametrize("overlay", [

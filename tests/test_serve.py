@@ -87,7 +87,7 @@ def _png(seed: int, size=(64, 48)) -> bytes:
 
 def test_images_match_a_direct_run_and_service_endpoints(vision_model):
     runner = load(vision_model)
-    pre = Preprocessor(runner.manifest)
+    pre = Preprocessor(runner.manifest.preprocess)
     with Server(create_app(vision_model, max_batch=4)) as url, httpx.Client(base_url=url, timeout=60) as client:
         files = [("files", (f"{i}.png", _png(i), "image/png")) for i in range(3)]
         reply = client.post("/v1/embed/images", files=files)
@@ -106,7 +106,7 @@ def test_images_match_a_direct_run_and_service_endpoints(vision_model):
 
 def test_texts_match_a_direct_run(text_model):
     runner = load(text_model)
-    pre = Preprocessor(runner.manifest)
+    pre = Preprocessor(runner.manifest.preprocess)
     texts = ["a cat sits on the mat", "token merging makes transformers faster"]
     with Server(create_app(text_model)) as url, httpx.Client(base_url=url, timeout=60) as client:
         reply = client.post("/v1/embed/texts", json={"texts": texts})
@@ -137,7 +137,7 @@ def test_bounded_load_loses_nothing_it_accepted(vision_model):
     """16 concurrent clients for 3 seconds; every accepted request is answered correctly,
     the rest get 429, and no request gets a 5xx."""
     runner = load(vision_model)
-    pre = Preprocessor(runner.manifest)
+    pre = Preprocessor(runner.manifest.preprocess)
     expected = {i: runner.run(pre.image(_png(i)))["logits"][0] for i in range(8)}
     statuses, wrong = [], []
     with Server(create_app(vision_model, max_batch=8, queue_size=6, max_queue_delay_ms=None)) as url:
@@ -202,8 +202,8 @@ def test_openai_client_gets_the_direct_embeddings(text_model, two_models):
     from transformers import AutoTokenizer
 
     runner = load(text_model)
-    pre = Preprocessor(runner.manifest)
-    tokenizer = AutoTokenizer.from_pretrained(runner.manifest["preprocess"]["tokenizer"])
+    pre = Preprocessor(runner.manifest.preprocess)
+    tokenizer = AutoTokenizer.from_pretrained(runner.manifest.preprocess["tokenizer"])
     texts = ["a cat sits on the mat", "token merging makes transformers faster", "hello"]
     direct = [runner.run(pre.text(t))["embedding"][0] for t in texts]
     client = openai.OpenAI(base_url=f"{two_models}/v1", api_key="not-needed", max_retries=0)
@@ -276,7 +276,7 @@ def test_images_as_base64_and_data_urls(vision_model, two_models):
     import base64
 
     runner = load(vision_model)
-    pre = Preprocessor(runner.manifest)
+    pre = Preprocessor(runner.manifest.preprocess)
     encoded = [base64.b64encode(_png(i)).decode() for i in range(2)]
     with httpx.Client(base_url=two_models, timeout=60) as client:
         reply = client.post("/v1/embed/images", json={"model": "tiny", "images": [encoded[0], "data:image/png;base64," + encoded[1]]})

@@ -318,7 +318,7 @@ def test_show_text_words_per_token(tmp_path, tiny_bert):
     runner = load(tmp_path / "t.onnx")
     from tokenfuse.engines.preprocess import Preprocessor
 
-    feeds = Preprocessor(runner.manifest).text(text)
+    feeds = Preprocessor(runner.manifest.preprocess).text(text)
     out = runner.run(feeds)
     real = feeds["attention_mask"][0].astype(bool)
     # real words per token from the drawn map == the exported model's sizes of its real tokens
@@ -350,7 +350,7 @@ def test_grayscale_model_gets_one_channel():
 
     from tokenfuse.engines.preprocess import Preprocessor
 
-    prep = Preprocessor({"preprocess": {"kind": "image", "size": [8, 8], "mean": [0.5], "std": [0.25], "interpolation": "bilinear", "crop_pct": 1.0}})
+    prep = Preprocessor({"kind": "image", "size": [8, 8], "mean": [0.5], "std": [0.25], "interpolation": "bilinear", "crop_pct": 1.0})
     for mode in ("L", "RGB"):
         buffer = io.BytesIO()
         Image.new(mode, (8, 8), 255 if mode == "L" else (255, 255, 255)).save(buffer, format="PNG")
