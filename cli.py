@@ -285,9 +285,10 @@ def _run_triton(args) -> int:
 def _add_plugin(sub):
     p = sub.add_parser(
         "plugin",
-        help="build the TensorRT plugin library or print where it is",
+        help="build the TensorRT plugin library, print where it is, or check its kernels on a GPU",
         description="The SimilarityEnergyMerge TensorRT plugin (plugins/README.md): `build` compiles it with CMake and "
-        "nvcc; `path` prints the library for --plugins, trtexec --dynamicPlugins or load_library.",
+        "nvcc; `path` prints the library for --plugins, trtexec --dynamicPlugins or load_library; `check` runs its "
+        "kernels on this machine's GPU against the exporter's merge.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = actions.add_parser("build", help="compile the plugin library (CMake, nvcc, TensorRT headers)")
@@ -298,6 +299,16 @@ def _add_plugin(sub):
     build.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (default: all cores)")
     path = actions.add_parser("path", help="print the built library's path (exit 2 when it is not built)")
     path.add_argument("--build-dir", help="where the library was built (default as for build)")
+    check = actions.add_parser("check", help="run the kernels on this machine's GPU against the exporter's PyTorch merge, and time them",
+                               description="Builds the kernels for this GPU (no TensorRT needed), checks every method's slots and "
+                               "merged tokens against the exporter's PyTorch merge (exact ties, random and non-finite inputs, fp32 "
+                               "and fp16), and times each against the same merge in PyTorch ops and ViT-B/16's own block. Exit 1 "
+                               "when a check fails.")
+    check.add_argument("--quick", action="store_true", help="small correctness inputs only, no timing")
+    check.add_argument("--sanitize", action="store_true", help="also run --quick under compute-sanitizer's memcheck, racecheck, synccheck and initcheck")
+    check.add_argument("--library", help="a library with the kernels' C entry points (default: build them into --build-dir)")
+    check.add_argument("--build-dir", help="where the kernels are built (default as for build)")
+    check.add_argument("--report", help="write every figure as Markdown to this file")
     p.set_defaults(run=_run_plugin)
 
 
@@ -308,6 +319,13 @@ def _run_plugin(args) -> int:
     from .exporter.errors import UsageError
 
     build_dir = Path(args.build_dir) if args.build_dir else None
+    if args.action == "check":
+        from .plugins import gpu_check
+
+        if args.library and not Path(args.library).is_file():
+            raise UsageError(f"--library {args.library}: no such file; build it with tokenfuse plugin build, or leave --library out")
+        failed = gpu_check.check(Path(args.library) if args.library else None, build_dir=build_dir, quick=args.quick, sanitize=args.sanitize, report=Path(args.report) if args.report else None)
+        return 1 if failed else 0
     if args.action == "build":
         plugins.build(build_dir, architectures=args.cuda_archs or plugins.DEFAULT_ARCHITECTURES,
                       tensorrt_root=args.tensorrt_root, jobs=args.jobs)

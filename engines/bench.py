@@ -121,16 +121,41 @@ def where(report: dict) -> str:
     return cpu
 
 
-def _percentiles(samples: list[float]) -> dict:
+def percentiles(samples: list[float]) -> dict:
+    """p50/p90/p99 in ms of call times in seconds."""
     ms = np.array(samples) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)), "runs": len(ms)}
+
+
+def interleave(calls: dict, feeds: int, *, min_rounds: int, max_seconds: float, tolerance: float, progress=None):
+    """Call each of `calls` (name -> fn(feed index), which returns once its work is done) in turn,
+    round by round, cycling over `feeds` feed indices, until each one's time for one pass over the
+    feeds (the sum of each feed's median) moves less than `tolerance` over the last max(10, feeds)
+    rounds, or `max_seconds` pass. Returns (seconds per call [name][feed], pass seconds, stable)."""
+    samples = {name: [[] for _ in range(feeds)] for name in calls}
+    window = max(10, feeds)
+    history, started, stable = [], time.perf_counter(), False
+    while True:
+        index = len(history) % feeds
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call(index)
+            samples[name][index].append(time.perf_counter() - t0)
+        if progress is not None:
+            progress.update(1)
+        seen = min(len(history) + 1, feeds)
+        history.append({name: sum(statistics.median(s) for s in per_feed[:seen]) for name, per_feed in samples.items()})
+        rounds = len(history)
+        if rounds >= max(min_rounds, window + 1, 2 * feeds):
+            stable = all(abs(history[-1][n] - history[-1 - window][n]) <= tolerance * history[-1][n] for n in calls)
+        if stable or time.perf_counter() - started > max_seconds:
+            return samples, history[-1], stable
 
 
 def measure_pair(runners: dict[str, Runner], probes: dict, batch: int, *, warmup: int, min_rounds: int, max_seconds: float, tolerance: float,
                  progress, feeds: list[dict] | None = None) -> dict:
     """Alternate the runners call by call over `feeds` (a list of {runner name: inputs}; default one
-    random batch of `batch`), cycling, until each runner's time for one pass over the feeds (the sum
-    of each feed's median) moves less than `tolerance` over the last max(10, feeds) rounds."""
+    random batch of `batch`) until their times are stable (interleave)."""
     if feeds is None:
         rng = np.random.default_rng(batch)
         feeds = [{name: random_feeds(r, batch, rng) for name, r in runners.items()}]
@@ -138,28 +163,13 @@ def measure_pair(runners: dict[str, Runner], probes: dict, batch: int, *, warmup
         for name, runner in runners.items():
             runner.run(feeds[i % len(feeds)][name])
     peaks = {name: peak_call_mib(runner, probes[name], feeds[0][name]) for name, runner in runners.items()}
-    samples = {name: [[] for _ in feeds] for name in runners}
-    window = max(10, len(feeds))
-    history, started, stable = [], time.perf_counter(), False
-    while True:
-        index = len(history) % len(feeds)
-        for name, runner in runners.items():
-            t0 = time.perf_counter()
-            runner.run(feeds[index][name])
-            samples[name][index].append(time.perf_counter() - t0)
-        progress.update(1)
-        seen = min(len(history) + 1, len(feeds))
-        history.append({name: sum(statistics.median(s) for s in per_feed[:seen]) for name, per_feed in samples.items()})
-        rounds = len(history)
-        if rounds >= max(min_rounds, window + 1, 2 * len(feeds)):
-            stable = all(abs(history[-1][n] - history[-1 - window][n]) <= tolerance * history[-1][n] for n in runners)
-        if stable or time.perf_counter() - started > max_seconds:
-            break
+    calls = {name: (lambda index, runner=runner, name=name: runner.run(feeds[index][name])) for name, runner in runners.items()}
+    samples, passes, stable = interleave(calls, len(feeds), min_rounds=min_rounds, max_seconds=max_seconds, tolerance=tolerance, progress=progress)
     first = next(iter(runners))
     items = sum(len(next(iter(feed[first].values()))) for feed in feeds)  # per pass
     return {
-        name: {**_percentiles([t for s in per_feed for t in s]), "pass_ms": history[-1][name] * 1e3,
-               "throughput_per_s": items / history[-1][name], "peak_call_mib": peaks[name]}
+        name: {**percentiles([t for s in per_feed for t in s]), "pass_ms": passes[name] * 1e3,
+               "throughput_per_s": items / passes[name], "peak_call_mib": peaks[name]}
         for name, per_feed in samples.items()
     } | {"stable": stable, "passes": min(len(s) for s in samples[first])}
 

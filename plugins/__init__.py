@@ -51,7 +51,7 @@ def _pypi_nvcc() -> Path | None:
     return None
 
 
-def _nvcc() -> Path:
+def nvcc_path() -> Path:
     for candidate in (
         os.environ.get("CUDACXX"),
         os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc"),
@@ -107,7 +107,7 @@ def build(build_dir: Path | None = None, *, architectures: str = DEFAULT_ARCHITE
     if cmake is None:
         raise UsageError("cmake not found: install CMake >= 3.18 (apt-get install cmake, or scripts/setup.sh, "
                          "which installs the cmake wheel into .venv)")
-    nvcc = _nvcc()
+    nvcc = nvcc_path()
     build_dir = Path(build_dir or default_build_dir())
     configure = [cmake, "-S", str(SOURCE_DIR), f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={architectures}"]
     # The PyPI runtime wheel ships libcudart.so.13 but no unversioned libcudart.so, which is what

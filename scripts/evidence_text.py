@@ -33,13 +33,14 @@ def lee50():
     return docs, human[upper], upper
 
 
-def embed(onnx_path: Path, tokenizer, docs: list[str], seq_len: int) -> np.ndarray:
+def embed(onnx_path: Path, docs: list[str]) -> np.ndarray:
+    """Unit embeddings of `docs`, preprocessed as the export's manifest says (tokenfuse's own readers)."""
     from tokenfuse.engines import load
+    from tokenfuse.engines.data import Dataset, model_inputs, run_batched
 
     runner = load(onnx_path, providers=["CPUExecutionProvider"])
-    encoded = tokenizer(docs, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
-    out = runner.run({"input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64)})
-    vectors = out["embedding"]
+    feeds, _ = model_inputs(Dataset("text", docs, [f"document {i + 1}" for i in range(len(docs))]), runner.manifest.preprocess)
+    vectors = run_batched(runner, feeds, 50)["embedding"]
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
@@ -63,7 +64,7 @@ def main(argv=None):
             started = time.time()
             path = Path(work) / f"{method}-{r}.onnx"
             manifest = export(f"hf:{model_dir}", path, method=method, r=r, seq_len=args.seq_len, turbo_threshold=0, log=lambda *_: None)
-            vectors = embed(path, tokenizer, docs, args.seq_len)
+            vectors = embed(path, docs)
             if reference is None:
                 reference = vectors
             predicted = (vectors @ vectors.T)[upper]

@@ -38,7 +38,7 @@ case $step in
     join_wheels onnx_graphsurgeon
     $python -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
     # MiniLM's shape with random weights (speed does not depend on them; nothing downloads)
-    $python -c "import sys, torch, transformers as tf; sys.path.insert(0, 'scripts'); from torch_gpu_bench import MINILM
+    $python -c "import torch, transformers as tf; from tokenfuse.engines.torch_bench import MINILM
 torch.manual_seed(0); tf.BertModel(tf.BertConfig(**MINILM)).save_pretrained('/tmp/minilm')"
     for dtype in ${DTYPES:-fp32 fp16}; do  # one dtype a call keeps each under the 10-minute limit
       for model in vit-b16 minilm; do

@@ -34,13 +34,12 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+import torch
 
-import torch  # noqa: E402
-
-import plugin_gpu_check as plugin  # noqa: E402
-import torch_gpu_bench as models  # noqa: E402
+from tokenfuse.engines import torch_bench
+from tokenfuse.exporter.errors import UsageError
+from tokenfuse.plugins import nvcc_path
+from tokenfuse.plugins import gpu_check as plugin
 
 # Seconds each step may take at most (the deadline may cut a step shorter); their sum fits the
 # default 8-minute deadline with room for the machine's first CUDA initialisation.
@@ -114,8 +113,8 @@ def versions(stop, partial, budget) -> dict:
     if smi:
         found["nvidia_smi"] = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                                              capture_output=True, text=True, timeout=15).stdout.strip()
-    with contextlib.suppress(SystemExit, OSError, subprocess.SubprocessError):
-        found["nvcc"] = subprocess.run([plugin.nvcc(), "--version"], capture_output=True, text=True, timeout=15).stdout.strip().splitlines()[-1]
+    with contextlib.suppress(UsageError, OSError, subprocess.SubprocessError):
+        found["nvcc"] = subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True, timeout=15).stdout.strip().splitlines()[-1]
     return found
 
 
@@ -135,28 +134,27 @@ def plugin_correctness(stop, partial, budget) -> dict:
     if not torch.cuda.is_available():
         return no_cuda()
     kernels = Kernels.get()
-    methods, agreement = plugin.load_exporter("methods"), plugin.load_exporter("agreement")
     with torch.no_grad():
-        rows = plugin.correctness(kernels, methods, agreement, quick=False, stop=stop)
+        rows = plugin.correctness(kernels, quick=False, stop=stop)
     return {"rows": rows, "passed": all(row["passed"] for row in rows), "complete": not stop()}
 
 
 def plugin_timing(stop, partial, budget) -> dict:
     if not torch.cuda.is_available():
         return no_cuda()
-    rows = plugin.timings(Kernels.get(), plugin.load_exporter("methods"), deadline=stop, on_row=lambda rows: partial({"rows": rows}))
+    rows = plugin.timings(Kernels.get(), deadline=stop, on_row=lambda rows: partial({"rows": rows}))
     return {"rows": rows}
 
 
 def patched_models(dry: bool, names, modes, batches, stop, on_row=None, input_sets: int = 4) -> dict:
-    """torch_gpu_bench.bench: fp16 with inductor on the GPU; in a dry run, its tiny models in fp32
+    """torch_bench.bench: fp16 with inductor on the GPU; in a dry run, its tiny models in fp32
     on the CPU (the eager backend)."""
     if not dry and not torch.cuda.is_available():
         return no_cuda()
-    args = argparse.Namespace(backend="eager" if dry else "inductor", rounds=3 if dry else 30, warmup=1 if dry else 3,
-                              input_sets=2 if dry else input_sets, tiny=dry)
+    options = (torch_bench.Options(backend="eager", rounds=3, max_seconds=1.0, warmup=1, input_sets=2, tiny=True) if dry
+               else torch_bench.Options(rounds=30, max_seconds=6.0, input_sets=input_sets))
     device, dtype = (torch.device("cpu"), "fp32") if dry else (torch.device("cuda"), "fp16")
-    return {"report": models.bench(names, modes, batches, dtype, device, args, on_row=on_row, deadline=stop)}
+    return {"report": torch_bench.bench(names, modes, batches, dtype, device, options, on_row=on_row, deadline=stop)}
 
 
 def torch_models(stop, partial, budget, dry: bool) -> dict:
@@ -198,7 +196,7 @@ def markdown(report: dict) -> str:
     for name in ("torch-models", "torch-compile"):
         bench = steps.get(name, {}).get("report")
         if bench and bench.get("models"):
-            lines += ["", f"## {name}", "", models.markdown(bench)]
+            lines += ["", f"## {name}", "", torch_bench.markdown(bench)]
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@
 * torch.compile(fullgraph=True): one graph, no breaks, no recompiles for new inputs of the same
   shape (other values, another padding pattern), and the eager patched model's outputs. Dynamo's
   tracing decides graph breaks and recompiles, so the "eager" backend checks both without a C++
-  compiler; the GPU benchmark (scripts/torch_gpu_bench.py) compiles with inductor.
+  compiler; the GPU benchmark (tokenfuse.engines.torch_bench) compiles with inductor.
 """
 
 from __future__ import annotations
@@ -146,27 +146,20 @@ def test_exports_write_explicit_attention_whatever_is_asked(hf_dirs, tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_benchmark_script_runs_end_to_end_on_small_models(tmp_path):
-    """scripts/torch_gpu_bench.py (made for a GPU) on a CPU, small models, the trace-only backend:
+def test_gpu_benchmark_runs_end_to_end_on_small_models():
+    """tokenfuse.engines.torch_bench (made for a GPU) on a CPU, small models, the trace-only backend:
     every variant is timed, compiled outputs equal eager ones, none equals the original model."""
-    import importlib.util
-    from pathlib import Path
+    from tokenfuse.engines import torch_bench
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "torch_gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("torch_gpu_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "bench.json"
-    bench.main(["--tiny", "--device", "cpu", "--backend", "eager", "--dtype", "fp32", "--modes", "eager,compile",
-                "--batch", "2", "--rounds", "3", "--warmup", "1", "--input-sets", "2", "--out", str(out)])
-    report = json.loads(out.read_text())
+    options = torch_bench.Options(backend="eager", rounds=3, max_seconds=5.0, warmup=1, input_sets=2, tiny=True)
+    report = torch_bench.bench(["vit-b", "minilm"], ["eager", "compile"], [2], "fp32", torch.device("cpu"), options)
     assert [m["name"] for m in report["models"]] == ["vit-b", "minilm"]
     for model in report["models"]:
         assert {row["mode"] for row in model["rows"]} == {"eager", "compile"}
         for row in model["rows"]:
             assert set(row["timings"]) == {"original", "explicit", "none", "pitome", "tome"}
-            assert all(t["p50_ms"] > 0 and t["runs"] == 3 for t in row["timings"].values())
+            assert all(t["p50_ms"] > 0 and t["runs"] >= 3 for t in row["timings"].values())
             assert all(check["error_vs_eager"] == 0 for check in row["checks"].values())
             assert row["output_error_none_vs_original"] < 1e-5 and row["recompiled_while_timing"] is None
         assert model["budgets"]["pitome"]["flops_ratio"] < 1
-    assert "| compile | 2 |" in out.with_suffix(".md").read_text()
+    assert "| compile | 2 |" in torch_bench.markdown(report)

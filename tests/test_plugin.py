@@ -56,7 +56,7 @@ def build_library(build_dir: Path, **options) -> Path:
     if plugins.cmake_path() is None:
         skip_or_fail("no cmake (scripts/setup.sh installs the cmake wheel into .venv)")
     try:
-        plugins._nvcc()
+        plugins.nvcc_path()
     except UsageError as error:
         skip_or_fail(str(error))
     return plugins.build(build_dir, log=lambda *_: None, **options)
@@ -155,7 +155,7 @@ def test_build_interface_answers_correctly(library, tmp_path):
         skip_or_fail("no g++ to compile tests/cpp/plugin_check.cpp")
     program = tmp_path / "plugin_check"
     # cuda_runtime_api.h, for the headers: CUDA_HOME's, the toolkit's or the PyPI wheel's beside its nvcc
-    roots = [os.environ.get("CUDA_HOME") or "/usr/local/cuda", plugins._nvcc().resolve().parents[1]]
+    roots = [os.environ.get("CUDA_HOME") or "/usr/local/cuda", plugins.nvcc_path().resolve().parents[1]]
     cuda_include = next((Path(root, "include") for root in roots if Path(root, "include", "cuda_runtime_api.h").is_file()), None)
     if cuda_include is None:
         skip_or_fail(f"cuda_runtime_api.h not found under {roots}")

@@ -1,71 +1,55 @@
-"""The SimilarityEnergyMerge CUDA kernels on a GPU, without TensorRT, in one command:
+"""`tokenfuse plugin check`: the SimilarityEnergyMerge CUDA kernels on a GPU, without TensorRT.
 
-    python scripts/plugin_gpu_check.py                 # build, check, time, write docs/plugin-gpu.md
-    python scripts/plugin_gpu_check.py --sanitize      # also every compute-sanitizer tool (quick inputs)
-    python scripts/plugin_gpu_check.py --quick         # correctness only, few inputs
+    tokenfuse plugin check                 # build for this GPU, check, time, write plugin-gpu.md
+    tokenfuse plugin check --sanitize      # also every compute-sanitizer tool (quick inputs)
+    tokenfuse plugin check --quick         # correctness only, few inputs
 
-Needs torch with CUDA and nvcc (CUDACXX, CUDA_HOME/bin, PATH or /usr/local/cuda); no TensorRT and
-none of tokenfuse's other dependencies (exporter/methods.py and exporter/agreement.py are loaded
-from the checkout when tokenfuse is not installed). The kernels are compiled into build/plugin-gpu/ (created) for this GPU, unless --library
-names a library with the kernels' C entry points (the plugin library, say).
+Needs torch with CUDA and nvcc; no TensorRT. The kernels are compiled for this GPU into the build
+folder, unless --library names a library with the kernels' C entry points (the plugin library).
 
 Correctness, per method and PiToMe variant, fp32 and fp16, N 197/577/1024, D 64/768, C up to 1280:
 * exact ties (metric rows of four ones among sixteen zeros; cosines are multiples of 1/4): the
   kernel's slots must equal the exporter's PyTorch merge everywhere;
 * random inputs: every slot must be right up to near-ties (tokenfuse.exporter.agreement, the
   export validation's rule): the kernel may order two tokens against PyTorch, or pick another
-  partner, only where PyTorch's own keys differ by at most --near-tie; such tokens are counted;
+  partner, only where PyTorch's own keys differ by at most NEAR_TIE; such tokens are counted;
 * non-finite metrics (NaN, Inf): the same rule (both give such rows the lowest similarity);
 * merged tokens: PyTorch's merge applied with the kernel's own slots, within 1e-4 (fp32) or 2e-2
   (fp16) relative everywhere, sizes equal; outputs are poisoned first, so an unwritten element fails.
 Timing: each method at B 1/8/32/64, N 197, D 64 (C = 768, fp16): the kernel and the same merge in
 PyTorch's standard ops, against ViT-B/16's own fp16 block, GPU time from CUDA graph replays with the
-inputs rotated past L2 (graph_ms). scripts/gpu_check.py runs all of this in one bounded call.
+inputs rotated past L2 (graph_ms). scripts/gpu_check.sh runs all of this in one bounded call.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import importlib.util
 import json
-import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ROOT / "plugins" / "similarityEnergyMergePlugin" / "similarityEnergyMergeKernels.cu"
-BUILD_DIR = ROOT / "build" / "plugin-gpu"
-REPORT = ROOT / "docs" / "plugin-gpu.md"
+from ..exporter import agreement, methods, plugin_lowering
+from ..exporter.errors import UsageError
+from . import SOURCE_DIR, nvcc_path, default_build_dir
+
+KERNELS = SOURCE_DIR / "similarityEnergyMergePlugin" / "similarityEnergyMergeKernels.cu"
 CASES = [("tome", "plain"), ("crossget", "plain"), ("turbo", "plain"), ("pitome", "plain"), ("pitome", "bsm"), ("pitome", "text")]
 NEAR_TIE = 1e-4  # keys closer than this may order either way (the fp32 export validation's tolerance)
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 TRAILING_ZEROS = 6  # entry points may gain trailing arguments (text encoders); zeros there mean "none"
 
 
-def load_exporter(name: str):
-    """tokenfuse.exporter.<name>, also where tokenfuse is not installed (the package's __init__
-    files, with their heavier imports, are skipped)."""
-    if importlib.util.find_spec("tokenfuse") is None:
-        for package, path in (("tokenfuse", ROOT), ("tokenfuse.exporter", ROOT / "exporter")):
-            module = types.ModuleType(package)
-            module.__path__ = [str(path)]
-            sys.modules.setdefault(package, module)
-    return importlib.import_module(f"tokenfuse.exporter.{name}")
-
-
 # ---- the slot gate (pure; unit-tested on the CPU) -------------------------------------------------
 
-def slot_gate(agreement, decision, got: torch.Tensor, exact: bool, near_tie: float = NEAR_TIE) -> dict:
+def slot_gate(decision, got: torch.Tensor, exact: bool, near_tie: float = NEAR_TIE) -> dict:
     """The kernel's slots [B, N] against PyTorch's `decision`: identical where `exact` (exact-tie
     inputs test the tie-breaking itself), otherwise right up to near-ties."""
     judged = agreement.judge(decision, got, near_tie)
@@ -79,7 +63,7 @@ def slot_gate(agreement, decision, got: torch.Tensor, exact: bool, near_tie: flo
 def markdown_report(environment: dict, correctness: list[dict], timings: list[dict], sanitizers: dict, command: str) -> str:
     """docs/plugin-gpu.md: what ran, where, and every figure."""
     lines = ["# SimilarityEnergyMerge kernels on a GPU", "",
-             f"Written by `{command}` (scripts/plugin_gpu_check.py); every figure below comes from that run.", "",
+             f"Written by `{command}`; every figure below comes from that run.", "",
              "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in environment.items()]
     lines += ["", "## Correctness against the exporter's PyTorch merge", "",
@@ -111,20 +95,14 @@ def markdown_report(environment: dict, correctness: list[dict], timings: list[di
 
 # ---- the GPU side ---------------------------------------------------------------------------------
 
-def nvcc() -> str:
-    for candidate in (os.environ.get("CUDACXX"), os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc"),
-                      shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if candidate and Path(candidate).is_file():
-            return str(candidate)
-    raise SystemExit("nvcc not found: set CUDACXX or CUDA_HOME, or put nvcc on PATH")
-
-
-def build_kernels(build_dir: Path = BUILD_DIR) -> Path:
-    """The kernels as a shared library for this machine's GPU (build_dir is created)."""
+def build_kernels(build_dir: Path | None = None) -> Path:
+    """The kernels alone as a shared library for this machine's GPU, in `build_dir` (default: the
+    plugin's build folder, created)."""
+    build_dir = Path(build_dir or default_build_dir())
     build_dir.mkdir(parents=True, exist_ok=True)
     library = build_dir / "libtokenfuse_kernels.so"
     major, minor = torch.cuda.get_device_capability()
-    command = [nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo",
+    command = [str(nvcc_path()), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo",
                f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}", "-I", str(KERNELS.parent),
                str(KERNELS), "-o", str(library)]
     print(" ".join(command), flush=True)
@@ -145,8 +123,7 @@ class Kernels:
         """x [B, N, C], metric [B, N, D] (CUDA, fp32 or fp16), size [B, N] fp32, cls_attn [B, N] or None."""
         batch, n, channels = x.shape
         words = torch.zeros(11 + 16, dtype=torch.int32)  # MergeParams, then zeros for fields added later
-        lowering = load_exporter("plugin_lowering")
-        words[:11] = torch.from_numpy(lowering.kernel_params(rule, batch, n, out_tokens, channels, metric.shape[-1], protected))
+        words[:11] = torch.from_numpy(plugin_lowering.kernel_params(rule, batch, n, out_tokens, channels, metric.shape[-1], protected))
         # poisoned: an element the kernel leaves unwritten shows (NaN, slot -7)
         out_x = torch.full((batch, out_tokens, channels), float("nan"), dtype=x.dtype, device=x.device)
         out_size = torch.full((batch, out_tokens), float("nan"), device=x.device)
@@ -191,7 +168,7 @@ def draw(kind: str, batch: int, n: int, channels: int, dim: int, dtype, seed: in
     return Inputs(torch.from_numpy(x).to(dtype), torch.from_numpy(metric).to(dtype), torch.from_numpy(size), torch.from_numpy(cls_attn))
 
 
-def rule_for(methods, name: str, variant: str, ties: bool):
+def rule_for(name: str, variant: str, ties: bool):
     # On ties the energies must be exact sums: ELU at margin 0 (cosines >= 0), Gaussian at 0.99 (0 or 1)
     margin = {"plain": 0.0, "bsm": 0.0, "text": 0.99}[variant] if ties else {"plain": 0.675, "bsm": 0.45, "text": 0.6}[variant]
     if name == "pitome":
@@ -199,8 +176,8 @@ def rule_for(methods, name: str, variant: str, ties: bool):
     return methods.LayerRule(name, turbo_weight=2.0 if ties else 12.5) if name == "turbo" else methods.LayerRule(name)
 
 
-def check_one(kernels, methods, agreement, kind, name, variant, dtype, n, d, channels, seed, batch) -> dict:
-    rule = rule_for(methods, name, variant, kind == "ties")
+def check_one(kernels, kind, name, variant, dtype, n, d, channels, seed, batch) -> dict:
+    rule = rule_for(name, variant, kind == "ties")
     protected = 1 + seed % 2
     r = methods.max_removable(name, n, protected) * 2 // 3
     inputs = draw(kind, batch, n, channels, d, dtype, seed)
@@ -211,7 +188,7 @@ def check_one(kernels, methods, agreement, kind, name, variant, dtype, n, d, cha
                                                inputs.cls_attn.cuda() if name == "turbo" else None)
     got_slots = got_slots.cpu().to(torch.int64)
     row = {"inputs": kind, "method": name, "variant": variant, "dtype": str(dtype).split(".")[-1], "n": n, "d": d,
-           **slot_gate(agreement, decision, got_slots, exact=kind == "ties")}
+           **slot_gate(decision, got_slots, exact=kind == "ties")}
     in_range = bool(((got_slots >= 0) & (got_slots < n - r)).all())
     error = float("inf")
     if in_range:  # the merge itself, with the kernel's own decisions
@@ -223,7 +200,7 @@ def check_one(kernels, methods, agreement, kind, name, variant, dtype, n, d, cha
     return row
 
 
-def correctness(kernels, methods, agreement, quick: bool, stop=None) -> list[dict]:
+def correctness(kernels, quick: bool, stop=None) -> list[dict]:
     """Every method, variant, dtype and input kind at each shape in turn, smallest shape first (so a
     `stop` that cuts the run short leaves every method checked at N = 197)."""
     rows = []
@@ -235,7 +212,7 @@ def correctness(kernels, methods, agreement, quick: bool, stop=None) -> list[dic
                 for kind in ("ties", "random", "non-finite"):
                     if stop is not None and stop():
                         return rows
-                    rows.append(check_one(kernels, methods, agreement, kind, name, variant, dtype, n, d, channels, seed,
+                    rows.append(check_one(kernels, kind, name, variant, dtype, n, d, channels, seed,
                                           batch=2 if quick else 8))
                     print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -287,7 +264,7 @@ def model_block():
     return timm.create_model("vit_base_patch16_224", pretrained=False).blocks[0].half().eval()
 
 
-def timings(kernels, methods, shapes=((197, 1), (197, 8), (197, 32), (197, 64)), deadline=None, on_row=None, device="cuda") -> list[dict]:
+def timings(kernels, shapes=((197, 1), (197, 8), (197, 32), (197, 64)), deadline=None, on_row=None, device="cuda") -> list[dict]:
     """Per (N, B): the model's block, and for each method the kernel and the PyTorch merge (the
     pure-op formulation the ONNX lowering exports), fp16, C = 768, D = 64 (keys averaged over heads)."""
     rows, block, channels, d = [], model_block().to(device), 768, 64
@@ -299,7 +276,7 @@ def timings(kernels, methods, shapes=((197, 1), (197, 8), (197, 32), (197, 64)),
                                                      batch * n * channels * 2))
         inputs = feeds_past_l2(lambda i: draw("random", batch, n, channels, d, torch.float16, seed=i).to(device), batch * n * (channels + d) * 2)
         for name, variant in CASES:
-            rule = rule_for(methods, name, variant, ties=False)
+            rule = rule_for(name, variant, ties=False)
             r = methods.max_removable(name, n, 1) // 4
             turbo = name == "turbo"
 
@@ -338,16 +315,17 @@ def environment() -> dict:
     driver = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip() if smi else ""
     return {"device": torch.cuda.get_device_name(), "compute capability": "sm_%d%d" % torch.cuda.get_device_capability(),
             "driver": f"{driver or 'unknown'} ({driver_version()})", "CUDA (torch)": torch.version.cuda,
-            "nvcc": subprocess.run([nvcc(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1],
+            "nvcc": subprocess.run([str(nvcc_path()), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1],
             "torch": torch.__version__, "host": platform.node()}
 
 
 def run_sanitizers(library: Path, tools=SANITIZER_TOOLS, timeout: float = 600.0) -> dict:
-    """This script with --quick under each compute-sanitizer tool, each bounded by `timeout` seconds."""
-    tool = shutil.which("compute-sanitizer") or str(Path(nvcc()).parent / "compute-sanitizer")
+    """`tokenfuse plugin check --quick` under each compute-sanitizer tool, each bounded by `timeout` seconds."""
+    tool = shutil.which("compute-sanitizer") or str(nvcc_path().parent / "compute-sanitizer")
     results = {}
     for name in tools:
-        command = [tool, "--tool", name, "--error-exitcode", "3", sys.executable, __file__, "--quick", "--library", str(library), "--no-report"]
+        command = [tool, "--tool", name, "--error-exitcode", "3", sys.executable, "-m", "tokenfuse.cli", "plugin", "check", "--quick",
+                   "--library", str(library)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
             summary = next((line.strip() for line in reversed(done.stdout.splitlines()) if "ERROR SUMMARY" in line), "no summary")
@@ -358,31 +336,23 @@ def run_sanitizers(library: Path, tools=SANITIZER_TOOLS, timeout: float = 600.0)
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--library", type=Path, help="a library with the kernels' C entry points (default: build them)")
-    parser.add_argument("--quick", action="store_true", help="small correctness inputs and no timings")
-    parser.add_argument("--sanitize", action="store_true", help="also run --quick under memcheck, racecheck, synccheck, initcheck")
-    parser.add_argument("--report", type=Path, default=REPORT)
-    parser.add_argument("--no-report", action="store_true")
-    args = parser.parse_args()
+def check(library: Path | None = None, *, build_dir: Path | None = None, quick: bool = False, sanitize: bool = False,
+          report: Path | None = None, log=print) -> list:
+    """Build into `build_dir` (unless `library`), check, time (unless `quick`), optionally sanitize; write `report`
+    (Markdown) when given. Returns what failed: correctness rows and sanitizer tools."""
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this check runs the kernels on a GPU")
-    library = args.library or build_kernels()
-    kernels, methods, agreement = Kernels(library), load_exporter("methods"), load_exporter("agreement")
+        raise UsageError("no CUDA device: tokenfuse plugin check runs the kernels on a GPU (the CPU emulation is in the test suite)")
+    library = library or build_kernels(build_dir)
+    kernels = Kernels(library)
     with torch.no_grad():
-        rows = correctness(kernels, methods, agreement, args.quick)
-        times = [] if args.quick else timings(kernels, methods)
-    sanitizers = run_sanitizers(library) if args.sanitize else {}
+        rows = correctness(kernels, quick)
+        times = [] if quick else timings(kernels)
+    sanitizers = run_sanitizers(library) if sanitize else {}
     failed = [row for row in rows if not row["passed"]] + [t for t, r in sanitizers.items() if r["returncode"] != 0]
-    if not args.no_report:
-        command = "python scripts/plugin_gpu_check.py" + (" --sanitize" if args.sanitize else "") + (" --quick" if args.quick else "")
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(markdown_report(environment(), rows, times, sanitizers, command))
-        print(f"wrote {args.report}")
-    print(f"{len(failed)} failed of {len(rows)} correctness rows and {len(sanitizers)} sanitizer runs")
-    sys.exit(1 if failed else 0)
-
-
-if __name__ == "__main__":
-    main()
+    if report:
+        command = "tokenfuse plugin check" + (" --sanitize" if sanitize else "") + (" --quick" if quick else "")
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(markdown_report(environment(), rows, times, sanitizers, command))
+        log(f"wrote {report}")
+    log(f"{len(failed)} failed of {len(rows)} correctness rows and {len(sanitizers)} sanitizer runs")
+    return failed

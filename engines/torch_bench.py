@@ -1,10 +1,7 @@
 """Whole models in PyTorch through tokenfuse's patched model: merged against unmerged, one run.
+The GPU check (scripts/gpu_check.sh) runs it on a GPU; tests run it on the CPU with tiny models.
 
-    python scripts/torch_gpu_bench.py                  # ViT-B/16 and MiniLM, fp16, B 1/8/32/64, every mode
-    python scripts/torch_gpu_bench.py --models vit-b --modes eager,compile
-    python scripts/torch_gpu_bench.py --tiny --device cpu --backend eager   # a smoke run on a CPU
-
-Variants, timed call by call in turn (each sees the same noise), medians over --rounds:
+Variants, timed call by call in turn (each sees the same noise, bench.interleave), medians:
 * original: the library's own model (timm's fused attention, Hugging Face's SDPA);
 * none: the same model patched with --method none (tokenfuse's encoder, no merge; attention
   "auto", which is PyTorch's fused SDPA on a GPU);
@@ -17,30 +14,22 @@ must trace to one graph (a graph break raises) and must not recompile while they
 (torch.compiler.set_stance("fail_on_recompile")); each variant's output is compared with its eager
 output. Weights are random (nothing downloads): speed does not depend on them, and the schedule,
 hence the work, is fixed by the budget. MiniLM is all-MiniLM-L6-v2's configuration at seq 128.
-
-Writes --out (JSON, every number, the device and versions) and the same stem with .md (tables).
-Needs tokenfuse importable: installed, or this checkout on PYTHONPATH (scripts/gpu_call.sh does that).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import platform
-import statistics
-import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from tokenfuse.engines.bench import gpu
-from tokenfuse.exporter import MergeOptions, UsageError, patch
-from tokenfuse.exporter.adapters import adapter_for
-from tokenfuse.exporter.onnx_export import DTYPES
+from ..exporter import MergeOptions, UsageError, patch
+from ..exporter.adapters import adapter_for
+from ..exporter.onnx_export import DTYPES
+from .bench import gpu, interleave, percentiles
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = ("eager", "graphs", "compile")
 MODELS = ("vit-b", "minilm")
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522,
@@ -166,31 +155,24 @@ def example_device(example: dict) -> torch.device:
     return next(iter(example.values())).device
 
 
-def measure(callables: dict, input_sets: list[dict], device, rounds: int, warmup: int) -> dict:
-    """Medians (ms) of each callable, called in turn, rotating over the input sets, the order
-    rotating each round."""
-    names = list(callables)
-    for _ in range(warmup):
-        for name in names:
+def measure(callables: dict, input_sets: list[dict], device, options: "Options") -> tuple[dict, bool]:
+    """Each callable's call times (ms) and whether they settled, interleaved call by call over the input sets (bench.interleave),
+    each call timed to the device's end of its work."""
+    for _ in range(options.warmup):
+        for fn in callables.values():
             for feeds in input_sets:
-                callables[name](**feeds)
+                fn(**feeds)
     sync(device)
-    samples = {name: [] for name in names}
-    for i in range(rounds):
-        feeds = input_sets[i % len(input_sets)]
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            sync(device)
-            start = time.perf_counter()
-            callables[name](**feeds)
-            sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: {"p50_ms": statistics.median(s) * 1e3, "p10_ms": _quantile(s, 0.1) * 1e3, "p90_ms": _quantile(s, 0.9) * 1e3, "runs": len(s)}
-            for name, s in samples.items()}
 
+    def timed(fn):
+        def call(index):
+            fn(**input_sets[index])
+            sync(device)
+        return call
 
-def _quantile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    samples, _, stable = interleave({name: timed(fn) for name, fn in callables.items()}, len(input_sets), min_rounds=options.rounds,
+                                    max_seconds=options.max_seconds, tolerance=options.tolerance)
+    return {name: percentiles([t for s in per_feed for t in s]) for name, per_feed in samples.items()}, stable
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -198,7 +180,22 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
-def run_config(models: dict, mode: str, batch: int, make_inputs, device, dtype, args, compiled: dict) -> dict:
+@dataclass
+class Options:
+    """How to measure: the torch.compile backend (eager: trace only, for a CPU smoke run), the fewest
+    interleaved rounds and the time limit per configuration, warm-up calls, input sets rotated
+    between calls (so no call reads what the last one left in cache), tiny models of the same families."""
+
+    backend: str = "inductor"
+    rounds: int = 30
+    max_seconds: float = 20.0
+    tolerance: float = 0.02
+    warmup: int = 3
+    input_sets: int = 4
+    tiny: bool = False
+
+
+def run_config(models: dict, mode: str, batch: int, make_inputs, device, dtype, args: Options, compiled: dict) -> dict:
     """One (model, mode, batch): prepare every variant, check it, then time them interleaved."""
     gen = torch.Generator().manual_seed(batch)
     input_sets = [{k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in make_inputs(batch, gen).items()}
@@ -217,12 +214,12 @@ def run_config(models: dict, mode: str, batch: int, make_inputs, device, dtype, 
         recompiled = None
         try:
             with torch.compiler.set_stance("fail_on_recompile") if mode == "compile" else contextlib.nullcontext():
-                timings = measure(callables, input_sets, device, args.rounds, args.warmup)
+                timings, stable = measure(callables, input_sets, device, args)
         except RuntimeError as error:  # a recompile while timing: record it, time again without the stance
             recompiled = str(error).splitlines()[0]
             print(f"recompiled while timing: {recompiled}", flush=True)
-            timings = measure(callables, input_sets, device, args.rounds, args.warmup)
-    return {"timings": timings, "checks": checks, "recompiled_while_timing": recompiled,
+            timings, stable = measure(callables, input_sets, device, args)
+    return {"timings": timings, "stable": stable, "checks": checks, "recompiled_while_timing": recompiled,
             "output_error_none_vs_original": relative_error(eager_out["none"], eager_out["original"])}
 
 
@@ -246,7 +243,7 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     where = env.get("gpu") or env.get("cpu")
     lines = [f"PyTorch {env['torch']} on {where} (driver {env.get('driver', 'n/a')}, CUDA {env.get('cuda_runtime', 'n/a')}), "
-             f"{report['dtype']}, backend {report['backend']}; medians of {report['rounds']} interleaved calls.", ""]
+             f"{report['dtype']}, backend {report['backend']}; medians of at least {report['rounds']} interleaved calls.", ""]
     for model in report["models"]:
         budgets = model["budgets"]
         lines += [f"### {model['name']}", "",
@@ -275,7 +272,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bench(names, modes, batches, dtype_name: str, device, args, on_row=None, deadline=None) -> dict:
+def bench(names, modes, batches, dtype_name: str, device, args: Options, on_row=None, deadline=None) -> dict:
     """Every (model, mode, batch) in turn, in `dtype_name` (fp32, fp16); a configuration that fails
     records its error and the next one runs. Each compiled batch size starts from a fresh dynamo
     cache (one static graph per variant and batch: several batch sizes in one cache ran into the
@@ -306,47 +303,3 @@ def bench(names, modes, batches, dtype_name: str, device, args, on_row=None, dea
                 if on_row:
                     on_row(report)
     return report
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="vit-b,minilm", help="comma-separated: vit-b, minilm")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
-    parser.add_argument("--batch", default="1,8,32,64", help="comma-separated batch sizes")
-    parser.add_argument("--dtype", default="fp16", choices=list(DTYPES))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: trace only, for a smoke run)")
-    parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--input-sets", type=int, default=4, help="inputs rotated between calls, so no call reads what the last one cached")
-    parser.add_argument("--tiny", action="store_true", help="small models of the same families (a smoke run)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "torch-gpu.json"))
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run on a GPU machine, or pass --device cpu --tiny --backend eager for a smoke run")
-    modes = args.modes.split(",")
-    if unknown := set(modes) - set(MODES):
-        raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
-    if "graphs" in modes and device.type != "cuda":
-        raise SystemExit("--modes graphs needs a CUDA device")
-    if unknown := set(args.models.split(",")) - set(MODELS):
-        raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
-    batches = [int(b) for b in args.batch.split(",")]
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(report):  # after every row: a crash or a timeout keeps what was measured
-        out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(markdown(report))
-
-    report = bench(args.models.split(","), modes, batches, args.dtype, device, args, on_row=write)
-    write(report)
-    print(markdown(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
