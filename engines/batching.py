@@ -5,8 +5,8 @@ are reserved places, otherwise it is refused (429) before anything is done for i
 included. An admitted request that cannot start within `max_queue_delay_ms` of its arrival
 (preprocessing counts) is withdrawn and answered 503, so answered requests wait at most about
 that long; once any of its examples has started, all of them are computed. A request that would
-find more work ahead of it than it may wait for (batches ahead x recent batch time) is refused
-(429) on arrival instead of being admitted to expire.
+find more work ahead of it than it may wait for (its last input's call expected to end past the
+bound) is refused (429) on arrival instead of being admitted to expire.
 
 Texts of a length-adaptive model are batched by length bucket: a model call takes the oldest
 waiting example and up to `max_batch - 1` more of its bucket, so a call runs one bucket full
@@ -67,7 +67,9 @@ class Batcher:
         self.reserved = 0  # places of admitted requests still being preprocessed
         self.closing = False
         self.running = False
-        self.batch_seconds: float | None = None  # moving average of a model call
+        # moving average of a full call's time, each call scaled up to max_batch examples: calls
+        # of a few examples (light load) must not make the wait behind full calls look short
+        self.call_seconds: float | None = None
         self.on_batch = on_batch or (lambda size, seconds: None)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenfuse-model")
         self._wake: asyncio.Event | None = None
@@ -81,23 +83,27 @@ class Batcher:
     def depth(self) -> int:
         return len(self.pending) + self.reserved
 
-    def expected_wait(self) -> float:
-        """Seconds before a request arriving now would start: the batches ahead of it at the recent pace."""
-        return (self.depth // self.max_batch + self.running) * (self.batch_seconds or 0.0)
+    def expected_wait(self, count: int = 1) -> float:
+        """Seconds before the last of `count` examples arriving now would start: the calls ahead of it
+        (the running one, and the full batches the queue and its own earlier examples make) at the recent pace."""
+        return ((self.depth + count - 1) // self.max_batch + self.running) * (self.call_seconds or 0.0)
 
     def _late(self) -> Refusal:
         return Refusal(503, f"the request could not start within {self.max_wait * 1000:.0f} ms (--max-queue-delay-ms); retry later",
                        self.retry_after)
 
     def refusal(self, count: int) -> Refusal | None:
-        """Why a request of `count` examples arriving now would be refused (None: it would be admitted)."""
+        """Why a request of `count` examples arriving now would be refused (None: it would be admitted).
+        Admission expects the call that holds the request's last input to end within the bound (the
+        calls ahead, then that call, each at a full call's recent time), so an answered request
+        takes about the bound at most, and the model still has calls queued to run back to back."""
         if self.closing:
             return Refusal(503, "the service is shutting down; retry on another instance", self.retry_after)
         if self.depth + count > self.queue_size:
             return Refusal(429, f"the queue is full ({self.depth} of {self.queue_size} examples waiting); retry later", self.retry_after)
-        if self.max_wait and self.batch_seconds and self.expected_wait() > self.max_wait:
-            return Refusal(429, f"about {self.expected_wait():.1f} s of work is queued, more than --max-queue-delay-ms allows; "
-                           "retry later", self.retry_after)
+        wait = self.expected_wait(count) if self.max_wait and self.call_seconds else 0.0
+        if wait and wait + self.call_seconds > self.max_wait:
+            return Refusal(429, f"about {wait:.1f} s of work is queued, more than --max-queue-delay-ms allows; retry later", self.retry_after)
         return None
 
     async def submit(self, count: int, examples) -> list[dict[str, np.ndarray]]:
@@ -180,7 +186,8 @@ class Batcher:
             finally:
                 self.running = False
             elapsed = time.perf_counter() - started
-            self.batch_seconds = elapsed if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * elapsed
+            full = elapsed * self.max_batch / len(batch)
+            self.call_seconds = full if self.call_seconds is None else 0.8 * self.call_seconds + 0.2 * full
             self.on_batch(len(batch), elapsed)
             for i, item in enumerate(batch):
                 if not item.future.done():

@@ -13,7 +13,7 @@ POST /v1/embeddings with 1 to 3 texts of 3 to 60 words; clients that ignore Retr
   from /metrics, before and after the phase; interpolated within its buckets);
 - refusals by status (wrk's Lua tally), and wrk's socket errors (a read error is a connection
   dropped mid-response);
-- /health, probed from this process every 0.2 s on the service's --health-port (a thread of its own)
+- /health, probed from this process every 0.05 s on the service's --health-port (a thread of its own)
   and on the main port (behind the event loop): p50/p99/max each.
 SIGTERM phase: the service must exit 0; connect errors after it stopped listening are expected,
 read errors are dropped connections.
@@ -93,7 +93,7 @@ def quantile(before: dict, after: dict, q: float) -> float | None:
 
 
 class HealthProbe(threading.Thread):
-    def __init__(self, port: int, period: float = 0.2):
+    def __init__(self, port: int, period: float = 0.05):
         super().__init__(daemon=True)
         self.port, self.period, self.samples, self.failures = port, period, [], 0
         self.stopped = threading.Event()

@@ -301,7 +301,7 @@ MALFORMED = [
     ("post", "/v1/embed/texts", dict(json={"texts": ["a"], "model": "nothing"}), 404, "not served"),
     ("post", "/v1/embed/texts", dict(json={"texts": ["a"] * 9, "model": "minilm-merged"}), 413, "--max-inputs"),
     ("post", "/v1/embed/texts", dict(json={"texts": ["word " * 20000], "model": "minilm-merged"}), 413, "--max-body-mb"),
-    ("post", "/v1/embed/texts", dict(content=b'{"texts": ["' + b"a" * 60000 + b'"]}', headers={"content-type": "application/json", "transfer-encoding": "chunked"}), 413, "--max-body-mb"),
+    ("post", "/v1/embed/texts", dict(content=iter([b'{"texts": ["', b"a" * 60000, b'"]}']), headers={"content-type": "application/json"}), 413, "--max-body-mb"),  # streamed: chunked, no length
     ("post", "/v1/embed/texts", dict(json={"texts": [], "model": "minilm-merged"}), 422, None),
     ("post", "/v1/embeddings", dict(json={"model": "minilm-merged", "input": []}), 400, "empty"),
     ("post", "/v1/embeddings", dict(json={"model": "minilm-merged", "input": [[]]}), 400, "empty"),
@@ -399,7 +399,7 @@ def test_admission_is_all_or_nothing_and_waiting_is_bounded():
         assert expired.value.status == 503 and expired.value.retry_after >= 1
         results = await first  # its third example runs after 150 ms: once started, a request is finished
         assert [r["y"][0, 0] for r in results] == [2, 4, 6]
-        assert batcher.batch_seconds >= 0.3
+        assert batcher.call_seconds >= 0.3
         running = asyncio.ensure_future(batcher.submit(1, _examples(9)))
         await asyncio.sleep(0.05)  # it runs; one more would wait a whole call, over 150 ms: refused on arrival
         started = time.perf_counter()
@@ -414,6 +414,30 @@ def test_admission_is_all_or_nothing_and_waiting_is_bounded():
         return runner.seen
 
     assert asyncio.run(scenario()) == [1, 2, 3, 9]  # nothing refused or expired was computed
+
+
+def test_admission_expects_full_calls_and_counts_the_requests_own_inputs():
+    """The wait estimate behind admission: a call of one example (light load) stands for a full
+    call of max_batch (scaled up), and a request's own inputs count toward the calls ahead of its
+    last one, so a request is admitted only when the call holding its last input ends within the bound."""
+    from tokenfuse.engines.batching import Batcher
+
+    async def scenario():
+        batcher = Batcher(SlowRunner(0.1), max_batch=4, max_delay_ms=0, queue_size=64, max_queue_delay_ms=1000)
+        batcher.start()
+        await batcher.submit(1, _examples(1))  # one example in 0.1 s: a full call of 4 is taken as 0.4 s
+        full = batcher.call_seconds
+        assert 0.38 <= full < 0.6
+        batcher.pending.extend([None] * 3)  # three examples waiting (a stand-in queue: nothing runs)
+        assert batcher.expected_wait(1) == 0 and batcher.refusal(1) is None  # joins the first call, ends at 1 x 0.4 s
+        assert batcher.expected_wait(2) == full  # its second input goes to the second call
+        assert batcher.refusal(2) is None  # that call ends at 2 x full <= 1 s
+        batcher.pending.extend([None] * 4)  # 7 waiting: a request of 2 puts its last input in the third call
+        assert batcher.expected_wait(2) == 2 * full and batcher.refusal(2).status == 429  # ends at 3 x full > 1 s
+        batcher.pending.clear()
+        await batcher.drain()
+
+    asyncio.run(scenario())
 
 
 class ServeProcess:
@@ -563,7 +587,12 @@ class _Stub:
         self.batcher = type("B", (), {"refusal": staticmethod(lambda count: refusal)})()
 
 
-def _fast_path(refusal, hold_s=0.0):
+class _Served(dict):
+    closing = last_responses = False
+
+
+def _fast_path(refusal, hold_s=0.0, closing=False):
+    """FastPath over one stub model; the app behind it notes the path and answers 200."""
     from prometheus_client import CollectorRegistry, Counter
 
     from tokenfuse.engines.serve import FastPath
@@ -572,9 +601,13 @@ def _fast_path(refusal, hold_s=0.0):
 
     async def app(scope, receive, send):
         inner.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
 
+    served = _Served(m=_Stub(refusal))
+    served.closing = served.last_responses = closing
     counter = Counter("requests", "", ["endpoint", "status"], registry=CollectorRegistry())
-    return FastPath(app, {"m": _Stub(refusal)}, lambda: ({"status": "ok"}, 200), counter, hold_s), inner
+    return FastPath(app, served, lambda: ({"status": "ok"}, 200), counter, hold_s), inner
 
 
 def _call(middleware, method, path):
@@ -606,20 +639,24 @@ def test_a_request_no_model_could_admit_is_refused_before_its_body_is_read():
     assert json.loads(body["body"])["error"]["message"] == "the queue is full"  # the OpenAI error shape
     for path in ("/v1/embed/texts", "/v1/embed/images", "/v2/models/m/infer", "/v2/models/m/versions/1/infer"):
         assert _call(middleware, "POST", path)[0][0]["status"] == 429
-    assert _call(middleware, "GET", "/v1/models")[0] == [] and inner == ["/v1/models"]  # not a model call: routed as usual
+    assert _call(middleware, "GET", "/v1/models")[0][0]["status"] == 200 and inner == ["/v1/models"]  # not a model call: routed as usual
 
 
-def test_shutting_down_refusals_close_the_connection_and_health_skips_routing():
+def test_at_the_end_of_shutdown_every_response_closes_the_connection_and_health_skips_routing():
+    """Once the service has stopped listening, refusals and answers alike say Connection: close (a
+    client reusing the connection would be cut off when the server closes it); before, they keep it."""
     from tokenfuse.engines.batching import Refusal
 
-    middleware, inner = _fast_path(Refusal(503, "shutting down"))
+    middleware, inner = _fast_path(Refusal(503, "shutting down"), closing=True)
     start = _call(middleware, "POST", "/v1/embed/texts")[0][0]
     assert start["status"] == 503 and dict(start["headers"])[b"connection"] == b"close"
     sent = _call(middleware, "GET", "/health")[0]
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"status": "ok"} and not inner
-    admitted, inner = _fast_path(None)
-    _call(admitted, "POST", "/v1/embeddings")
-    assert inner == ["/v1/embeddings"]  # a request some model can admit goes on to the routes
+    for closing in (True, False):
+        admitted, inner = _fast_path(None, closing=closing)
+        start = _call(admitted, "POST", "/v1/embeddings")[0][0]
+        assert inner == ["/v1/embeddings"]  # a request some model can admit goes on to the routes
+        assert start["status"] == 200 and (dict(start["headers"]).get(b"connection") == b"close") == closing
 
 
 def test_health_port_answers_from_its_own_thread():
