@@ -9,6 +9,7 @@ import ctypes
 import functools
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -119,6 +120,47 @@ def test_library_holds_code_for_every_target(tmp_path):
     """sm_75 .. sm_90 machine code (sm_87 = Jetson Orin) plus PTX, as the CMake project asks."""
     entries = fatbin_entries(build_library(tmp_path).read_bytes())
     assert sorted(set(entries)) == [("cubin", sm) for sm in (75, 80, 86, 87, 89, 90)] + [("ptx", 90)]
+
+
+KERNELS_SOURCE = REPO / "plugins" / "similarityEnergyMergePlugin" / "similarityEnergyMergeKernels.cu"
+STATIC_SHARED_LIMIT = 48 * 1024  # what a launch gets without opting in to more; the kernels launch with no dynamic shared memory
+
+
+def kernel_resources(ptxas_output: str) -> dict[str, dict[str, int]]:
+    """Per kernel, from `nvcc --resource-usage`: stack frame (local memory), spill stores and loads,
+    registers and static shared memory, in bytes."""
+    kernels, name = {}, None
+    for line in ptxas_output.splitlines():
+        if (match := re.search(r"Compiling entry function '(\w+)'", line)):
+            name = match.group(1)
+            kernels[name] = {}
+        elif name and (match := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            kernels[name].update(stack=int(match.group(1)), spill_stores=int(match.group(2)), spill_loads=int(match.group(3)))
+        elif name and (match := re.search(r"Used (\d+) registers", line)):
+            smem = re.search(r"(\d+) bytes smem", line)
+            kernels[name].update(registers=int(match.group(1)), smem=int(smem.group(1)) if smem else 0)
+    return kernels
+
+
+@pytest.mark.parametrize("sm", [75, 80, 86, 87, 89, 90])
+def test_kernels_use_no_local_memory_and_fit_their_launch(sm, tmp_path):
+    """ptxas on each target the library ships: every kernel without a stack frame (local memory)
+    or spills, its registers within the launch bounds (at most 255) and its static shared memory
+    within what a launch gets without opting in."""
+    try:
+        nvcc = plugins.nvcc_path()
+    except UsageError as error:
+        skip_or_fail(str(error))
+    done = subprocess.run([str(nvcc), "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-cubin", f"-arch=sm_{sm}", "--resource-usage",
+                           "-I", str(KERNELS_SOURCE.parent), str(KERNELS_SOURCE), "-o", str(tmp_path / "kernels.cubin")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kernels = kernel_resources(done.stdout + done.stderr)
+    assert {re.search(r"(similarity|match|merge)Kernel", name).group(0) for name in kernels} == {"similarityKernel", "matchKernel", "mergeKernel"}
+    assert len(kernels) == 5  # similarity and merge for fp32 and fp16, one match
+    for name, used in kernels.items():
+        assert used["stack"] == used["spill_stores"] == used["spill_loads"] == 0, (name, used)
+        assert 0 < used["registers"] <= 255 and used["smem"] <= STATIC_SHARED_LIMIT, (name, used)
 
 
 def test_loads_into_tensorrt_rtx_and_creates_every_method(library):

@@ -621,31 +621,38 @@ __device__ void tomeSlots(MatchShared& s, Rows const& rows, MergeParams const& p
 }
 
 //! Warp-wide sum of value(j) over j < N in the exporter's row_sum order: zero-padded to a power
-//! of two, neighbouring pairs added level by level. Lane l adds its contiguous block as a subtree
-//! (a binary counter of partial sums), then the xor butterfly with rising offsets adds the blocks.
+//! of two, neighbouring pairs added level by level. Lane l adds its contiguous block (a power of two
+//! of at most kMaxTokens / kWarpSize = 2^5 elements) as a subtree, then the xor butterfly with rising
+//! offsets adds the blocks. The subtree is a binary counter: after element e, level h holds a
+//! pending partial sum exactly when bit h of e + 1 is set, so adding element e carries through the
+//! levels of e's trailing one bits. Levels are indexed by unrolled constants, so the pending sums
+//! stay in registers (a stack indexed at run time would live in local memory).
 template <typename Value>
 __device__ __forceinline__ float treeRowSum(Rows const& rows, Value value)
 {
+    constexpr int32_t kLevels = 6; // a block of 2^5 elements completes at level 5
     int32_t const block = sortSize(rows.tokens) > kWarpSize ? sortSize(rows.tokens) / kWarpSize : 1;
-    float partial[8]; // one per level; a block has at most kMaxTokens / kWarpSize = 2^5 elements
-    int32_t level[8];
-    int32_t top = 0;
+    float pending[kLevels];
+    float sum = 0.f;
     for (int32_t e = 0; e < block; ++e)
     {
         int32_t const j = rows.lane * block + e;
         float v = j < rows.tokens ? value(j) : 0.f;
-        int32_t height = 0;
-        while (top > 0 && level[top - 1] == height)
+        int32_t const carries = __ffs(~e) - 1; // e's trailing one bits
+#pragma unroll
+        for (int32_t h = 0; h < kLevels; ++h)
         {
-            v = partial[top - 1] + v;
-            --top;
-            ++height;
+            if (h < carries)
+            {
+                v = pending[h] + v; // the older (left) partial first, as the exporter adds pairs
+            }
+            else if (h == carries)
+            {
+                pending[h] = v;
+            }
         }
-        partial[top] = v;
-        level[top] = height;
-        ++top;
+        sum = v; // after the block's last element, the whole subtree
     }
-    float sum = partial[0];
     for (int32_t offset = 1; offset < kWarpSize; offset <<= 1)
     {
         sum += __shfl_xor_sync(kFullMask, sum, offset);

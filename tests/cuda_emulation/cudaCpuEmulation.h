@@ -214,6 +214,11 @@ inline float __fsub_rn(float a, float b)
 {
     return a - b;
 }
+inline int __ffs(int x) // CUDA's: the 1-based position of the lowest set bit, 0 for none
+{
+    return __builtin_ffs(x);
+}
+
 inline float __fmul_rn(float a, float b)
 {
     return a * b;
