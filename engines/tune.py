@@ -20,6 +20,7 @@ import numpy as np
 
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
+from ..exporter.manifest import Manifest
 from ..exporter.registry import method_names
 from .bench import machine, measure_pair
 from .runtime import load
@@ -310,7 +311,7 @@ def tune(
                 path = Path(work, f"{index}.onnx")
                 config_started = time.monotonic()
                 try:
-                    manifest = export(adapter, path, method=method, log=quiet, **budget.export_kwargs())
+                    manifest = Manifest.from_json(export(adapter, path, method=method, log=quiet, **budget.export_kwargs()))
                 except UsageError as exc:  # a budget this method cannot take on this model
                     skipped.append({"method": method, "budget": budget.label, "reason": str(exc)})
                     continue
@@ -322,7 +323,7 @@ def tune(
                                         warmup=3, min_rounds=min_rounds, max_seconds=left, tolerance=0.01, progress=rounds)
                 rows.append({
                     "method": method, "budget": budget.label, "flags": budget.flags(),
-                    "export_kwargs": {"method": method, **budget.export_kwargs()}, "schedule": manifest["schedule"], "flops_ratio": manifest["budget"]["flops_ratio"],
+                    "export_kwargs": {"method": method, **budget.export_kwargs()}, "schedule": manifest.schedule, "flops_ratio": manifest.budget["flops_ratio"],
                     "speedup": pair["baseline"]["p50_ms"] / pair["merged"]["p50_ms"],
                     "merged_p50_ms": pair["merged"]["p50_ms"], "baseline_p50_ms": pair["baseline"]["p50_ms"],
                     "speed_stable": pair["stable"], **measures, "drop": drop(measures, measure),

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..exporter.buckets import LENGTHS
 from ..exporter.errors import UsageError
+from ..exporter.manifest import Manifest
 from .bench import machine, measure_pair
 from .data import Dataset, read_data, run_batched
 from .runtime import fit_tokens, load
@@ -117,7 +118,7 @@ def tune_lengths(
                 width = max(previous + round((length - previous) * batch / (batch + 1)), len(tokenizer("")["input_ids"]) + 1)
                 progress.set_postfix_str(f"{length} tokens (texts of ~{width})")
                 path = Path(work, f"{length}.onnx")
-                manifest = export(adapter.with_seq_len(length), path, method=method, r=r, validate=False, log=quiet)
+                manifest = Manifest.from_json(export(adapter.with_seq_len(length), path, method=method, r=r, validate=False, log=quiet))
                 merged = load(path, providers=["CPUExecutionProvider"], threads=threads)
                 rows_of_text = token_rows(tokenizer, dataset.items, width, max(batch, FIDELITY_ROWS))
                 padded_rows = {name: fit_tokens(array, length) for name, array in rows_of_text.items()}
@@ -128,7 +129,7 @@ def tune_lengths(
                                         feeds=[{"merged": padded, "plain": texts}])
                 cosine = fidelity(run_batched(plain, rows_of_text, batch), run_batched(merged, padded_rows, batch), None)["cosine"]
                 speedup = pair["plain"]["p50_ms"] / pair["merged"]["p50_ms"]
-                rows.append({"seq_len": length, "share": float(share), "text_tokens": width, "tokens_out": manifest["schedule"][-1], "speedup": speedup,
+                rows.append({"seq_len": length, "share": float(share), "text_tokens": width, "tokens_out": manifest.schedule[-1], "speedup": speedup,
                              "merged_p50_ms": pair["merged"]["p50_ms"], "plain_p50_ms": pair["plain"]["p50_ms"],
                              "speed_stable": pair["stable"], "cosine": cosine})
                 previous = length
