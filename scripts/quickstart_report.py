@@ -24,22 +24,24 @@ def main(argv=None):
 
     from transformers import AutoTokenizer
 
-    manifest = json.loads(args.merged.with_suffix(".json").read_text())
-    longest = manifest["preprocess"]["seq_len"]
-    tokenizer = AutoTokenizer.from_pretrained(manifest["preprocess"]["tokenizer"], local_files_only=True)
+    from tokenfuse.exporter import Manifest
+
+    manifest = Manifest.read(args.merged)
+    longest = manifest.preprocess["seq_len"]
+    tokenizer = AutoTokenizer.from_pretrained(manifest.preprocess["tokenizer"], local_files_only=True)
     docs, human, upper = lee50()
     lengths = [len(ids) for ids in tokenizer(docs)["input_ids"]]
-    merged, unmerged = (embed(path, tokenizer, docs, longest) for path in (args.merged, args.baseline))
+    merged, unmerged = (embed(path, docs) for path in (args.merged, args.baseline))
     cosine = (merged * unmerged).sum(1)
     pearson = {name: float(np.corrcoef((v @ v.T)[upper], human)[0, 1]) for name, v in (("merged", merged), ("unmerged", unmerged))}
 
     print()
-    print(manifest["model"])
-    buckets = manifest.get("buckets") or []
-    print(f"{manifest['method']} r={manifest['settings']['r']}, " + (
+    print(manifest.model)
+    buckets = manifest.buckets or []
+    print(f"{manifest.method} r={manifest.settings['r']}, " + (
         "length-adaptive: " + ", ".join(f"up to {b['seq_len']} tokens unmerged" if b["natural_length"] else
                                         f"{b['seq_len']} (FLOPs ratio {b['budget']['flops_ratio']:.3f})" for b in buckets)
-        if buckets else f"seq-len {longest}, FLOPs ratio {manifest['budget']['flops_ratio']:.3f}"))
+        if buckets else f"seq-len {longest}, FLOPs ratio {manifest.budget['flops_ratio']:.3f}"))
     for path in args.bench:
         bench = json.loads(path.read_text())
         inputs, machine = bench["inputs"], bench["machine"]
