@@ -322,6 +322,8 @@ def _run_plugin(args) -> int:
     if args.action == "check":
         from .plugins import gpu_check
 
+        if args.library and args.build_dir:
+            raise UsageError("give --library (kernels already built) or --build-dir (where to build them), not both")
         if args.library and not Path(args.library).is_file():
             raise UsageError(f"--library {args.library}: no such file; build it with tokenfuse plugin build, or leave --library out")
         failed = gpu_check.check(Path(args.library) if args.library else None, build_dir=build_dir, quick=args.quick, sanitize=args.sanitize, report=Path(args.report) if args.report else None)

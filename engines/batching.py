@@ -5,8 +5,9 @@ are reserved places, otherwise it is refused (429) before anything is done for i
 included. An admitted request that cannot start within `max_queue_delay_ms` of its arrival
 (preprocessing counts) is withdrawn and answered 503, so answered requests wait at most about
 that long; once any of its examples has started, all of them are computed. A request that would
-find more work ahead of it than it may wait for (its last input's call expected to end past the
-bound) is refused (429) on arrival instead of being admitted to expire.
+find more work ahead of it than it may wait for (the call holding its last input expected to end
+past the bound, each call costed at the recent time of calls its size) is refused (429) on arrival
+instead of being admitted to expire.
 
 Texts of a length-adaptive model are batched by length bucket: a model call takes the oldest
 waiting example and up to `max_batch - 1` more of its bucket, so a call runs one bucket full
@@ -34,6 +35,35 @@ class Refusal(Exception):
     def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
+
+
+class CallTimes:
+    """Recent model-call seconds by call size: a moving average per size class (1, 2, 4, ... up to
+    max_batch). A size with no class at or above it observed yet is extrapolated linearly from the
+    largest observed, so after light load the wait behind full calls is overestimated (until one
+    runs), never underestimated; a small call is costed at its own size, not at a full call's."""
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+
+    @staticmethod
+    def _size_class(size: int) -> int:
+        return 1 << max(size - 1, 0).bit_length()
+
+    def observe(self, size: int, seconds: float):
+        size_class = self._size_class(size)
+        previous = self.seconds.get(size_class)
+        self.seconds[size_class] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def estimate(self, size: int) -> float | None:
+        """Seconds for a call of `size` examples (None before any call)."""
+        if not self.seconds:
+            return None
+        above = [c for c in self.seconds if c >= self._size_class(size)]
+        if above:
+            return self.seconds[min(above)]
+        largest = max(self.seconds)
+        return self.seconds[largest] * size / largest
 
 
 @dataclass(eq=False)
@@ -66,10 +96,8 @@ class Batcher:
         self.group_of = getattr(runner, "group_of", lambda example: None)  # a call takes examples of one group
         self.reserved = 0  # places of admitted requests still being preprocessed
         self.closing = False
-        self.running = False
-        # moving average of a full call's time, each call scaled up to max_batch examples: calls
-        # of a few examples (light load) must not make the wait behind full calls look short
-        self.call_seconds: float | None = None
+        self.running = 0  # the size of the call running now (0: none)
+        self.calls = CallTimes()
         self.on_batch = on_batch or (lambda size, seconds: None)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenfuse-model")
         self._wake: asyncio.Event | None = None
@@ -83,10 +111,16 @@ class Batcher:
     def depth(self) -> int:
         return len(self.pending) + self.reserved
 
-    def expected_wait(self, count: int = 1) -> float:
-        """Seconds before the last of `count` examples arriving now would start: the calls ahead of it
-        (the running one, and the full batches the queue and its own earlier examples make) at the recent pace."""
-        return ((self.depth + count - 1) // self.max_batch + self.running) * (self.call_seconds or 0.0)
+    def expected_finish(self, count: int = 1) -> float | None:
+        """Seconds until the call holding the last of `count` examples arriving now would end: the
+        running call (taken whole), then the queued examples and these in calls of max_batch, each at
+        the recent time of a call its size (None before any call). Length buckets are not told
+        apart: a length-adaptive model's calls are counted as if one bucket's."""
+        if self.calls.estimate(1) is None:
+            return None
+        full, rest = divmod(self.depth + count, self.max_batch)
+        calls = [self.running] * bool(self.running) + [self.max_batch] * full + [rest] * bool(rest)
+        return sum(self.calls.estimate(size) for size in calls)
 
     def _late(self) -> Refusal:
         return Refusal(503, f"the request could not start within {self.max_wait * 1000:.0f} ms (--max-queue-delay-ms); retry later",
@@ -94,16 +128,17 @@ class Batcher:
 
     def refusal(self, count: int) -> Refusal | None:
         """Why a request of `count` examples arriving now would be refused (None: it would be admitted).
-        Admission expects the call that holds the request's last input to end within the bound (the
-        calls ahead, then that call, each at a full call's recent time), so an answered request
-        takes about the bound at most, and the model still has calls queued to run back to back."""
+        Admission expects the call that holds the request's last input to end within the bound
+        (expected_finish), so an answered request takes about the bound at most, while the model
+        still has calls queued to run back to back. A request that would start at once is admitted."""
         if self.closing:
             return Refusal(503, "the service is shutting down; retry on another instance", self.retry_after)
         if self.depth + count > self.queue_size:
             return Refusal(429, f"the queue is full ({self.depth} of {self.queue_size} examples waiting); retry later", self.retry_after)
-        wait = self.expected_wait(count) if self.max_wait and self.call_seconds else 0.0
-        if wait and wait + self.call_seconds > self.max_wait:
-            return Refusal(429, f"about {wait:.1f} s of work is queued, more than --max-queue-delay-ms allows; retry later", self.retry_after)
+        finish = self.expected_finish(count) if self.max_wait and (self.running or self.depth) else None
+        if finish is not None and finish > self.max_wait:
+            return Refusal(429, f"its answer is expected in about {finish:.1f} s, past --max-queue-delay-ms with the work queued; "
+                           "retry later", self.retry_after)
         return None
 
     async def submit(self, count: int, examples) -> list[dict[str, np.ndarray]]:
@@ -175,7 +210,7 @@ class Batcher:
                 item.request.started = True
             feeds = {name: stack([item.example[name] for item in batch]) for name in batch[0].example}
             started = time.perf_counter()
-            self.running = True
+            self.running = len(batch)
             try:
                 outputs = await loop.run_in_executor(self._executor, self.runner.run, feeds)
             except Exception as exc:  # answer every waiter, keep serving
@@ -184,10 +219,9 @@ class Batcher:
                         item.future.set_exception(exc)
                 continue
             finally:
-                self.running = False
+                self.running = 0
             elapsed = time.perf_counter() - started
-            full = elapsed * self.max_batch / len(batch)
-            self.call_seconds = full if self.call_seconds is None else 0.8 * self.call_seconds + 0.2 * full
+            self.calls.observe(len(batch), elapsed)
             self.on_batch(len(batch), elapsed)
             for i, item in enumerate(batch):
                 if not item.future.done():

@@ -505,7 +505,9 @@ def serve(models, *, host: str = "127.0.0.1", port: int = 8000, max_connections:
             for server in self.servers:
                 server.close()
             served.last_responses = True
-            ends = time.monotonic() + 1.25 * app.state.refusal_hold_s + 1.0  # a held refusal is answered within 1.25 x its hold
+            # a refusal while shutting down is held at most 1.25 x min(hold, 1 s); an idle connection
+            # (no request coming) is closed when the server exits
+            ends = time.monotonic() + 1.25 * min(app.state.refusal_hold_s, 1.0) + 1.0
             while self.server_state.connections and time.monotonic() < ends:
                 await asyncio.sleep(0.05)
             self.should_exit = True

@@ -243,7 +243,7 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     where = env.get("gpu") or env.get("cpu")
     lines = [f"PyTorch {env['torch']} on {where} (driver {env.get('driver', 'n/a')}, CUDA {env.get('cuda_runtime', 'n/a')}), "
-             f"{report['dtype']}, backend {report['backend']}; medians of at least {report['rounds']} interleaved calls.", ""]
+             f"{report['dtype']}, backend {report['backend']}; medians of interleaved calls ({report['rounds']} rounds or more, until stable or {report['max_seconds']:.0f} s).", ""]
     for model in report["models"]:
         budgets = model["budgets"]
         lines += [f"### {model['name']}", "",
@@ -279,7 +279,7 @@ def bench(names, modes, batches, dtype_name: str, device, args: Options, on_row=
     recompile limit)."""
     dtype = DTYPES[dtype_name]
     report = {"environment": environment(device), "dtype": dtype_name, "backend": args.backend,
-              "rounds": args.rounds, "tiny": args.tiny, "models": []}
+              "rounds": args.rounds, "max_seconds": args.max_seconds, "tiny": args.tiny, "models": []}
     for name in names:
         models, make_inputs = variants(name, args.tiny, dtype, device)
         entry = {"name": name, "budgets": {k: budget for k, (_, budget) in models.items()}, "rows": []}

@@ -87,9 +87,16 @@ class Manifest:
 
     @classmethod
     def beside(cls, onnx_path: Path) -> "Manifest | None":
-        """The manifest beside an .onnx, or None where there is none (a graph from elsewhere)."""
+        """The manifest beside an .onnx, or None where there is none (a graph from elsewhere, whose
+        .json, if any, is someone else's: not a JSON object with tokenfuse's version keys)."""
         path = Path(onnx_path).with_suffix(".json")
-        return cls.read(path) if path.is_file() else None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not ({"schema_version", "tokenfuse_version"} & set(data)):
+            return None
+        return cls.from_json(data, str(path))
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")

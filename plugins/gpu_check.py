@@ -1,6 +1,6 @@
 """`tokenfuse plugin check`: the SimilarityEnergyMerge CUDA kernels on a GPU, without TensorRT.
 
-    tokenfuse plugin check                 # build for this GPU, check, time, write plugin-gpu.md
+    tokenfuse plugin check                 # build for this GPU, check, time (--report FILE: the figures as Markdown)
     tokenfuse plugin check --sanitize      # also every compute-sanitizer tool (quick inputs)
     tokenfuse plugin check --quick         # correctness only, few inputs
 
@@ -106,7 +106,10 @@ def build_kernels(build_dir: Path | None = None) -> Path:
                f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}", "-I", str(KERNELS.parent),
                str(KERNELS), "-o", str(library)]
     print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[-300:])
+        raise UsageError(f"nvcc could not compile the kernels for sm_{major}{minor}: {first}")
     return library
 
 

@@ -42,11 +42,17 @@ def test_what_is_not_a_manifest_is_refused(data, message):
 
 
 def test_the_engine_commands_refuse_a_foreign_manifest_in_one_line(tmp_path, capsys):
+    """Given as a manifest, someone else's JSON is refused; beside an .onnx it is not taken for one
+    (a graph from elsewhere may have a .json of its own), and a broken tokenfuse manifest is refused."""
     (tmp_path / "m.onnx").write_bytes(b"")
     (tmp_path / "m.json").write_text(json.dumps({"name": "something else"}))
     assert main(["show", "--manifest", str(tmp_path / "m.json"), "--text", "a cat", "-o", str(tmp_path / "o.html")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a tokenfuse export manifest (no model, family, method, inputs, outputs)" in err[0]
+    assert Manifest.beside(tmp_path / "m.onnx") is None
     assert main(["triton-repo", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "repo")]) == 2
-    assert "not a tokenfuse export manifest" in capsys.readouterr().err
+    assert "no manifest beside it" in capsys.readouterr().err
+    (tmp_path / "m.json").write_text(json.dumps({"tokenfuse_version": "0.1.0", "model": "x"}))
+    assert main(["triton-repo", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "repo")]) == 2
+    assert "not a tokenfuse export manifest (no family, method, inputs, outputs)" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists() and not (tmp_path / "o.html").exists()

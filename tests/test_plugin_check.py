@@ -74,6 +74,8 @@ def test_without_a_gpu_it_says_so(tmp_path, capsys):
     assert len(err) == 1 and "no CUDA device" in err[0] and not (tmp_path / "r.md").exists()
     assert main(["plugin", "check", "--library", str(tmp_path / "none.so")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["plugin", "check", "--library", str(tmp_path / "none.so"), "--build-dir", str(tmp_path)]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_timing_loop_times_every_method_and_records_failures(monkeypatch):

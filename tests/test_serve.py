@@ -399,7 +399,7 @@ def test_admission_is_all_or_nothing_and_waiting_is_bounded():
         assert expired.value.status == 503 and expired.value.retry_after >= 1
         results = await first  # its third example runs after 150 ms: once started, a request is finished
         assert [r["y"][0, 0] for r in results] == [2, 4, 6]
-        assert batcher.call_seconds >= 0.3
+        assert batcher.calls.estimate(2) >= 0.3
         running = asyncio.ensure_future(batcher.submit(1, _examples(9)))
         await asyncio.sleep(0.05)  # it runs; one more would wait a whole call, over 150 ms: refused on arrival
         started = time.perf_counter()
@@ -416,24 +416,31 @@ def test_admission_is_all_or_nothing_and_waiting_is_bounded():
     assert asyncio.run(scenario()) == [1, 2, 3, 9]  # nothing refused or expired was computed
 
 
-def test_admission_expects_full_calls_and_counts_the_requests_own_inputs():
-    """The wait estimate behind admission: a call of one example (light load) stands for a full
-    call of max_batch (scaled up), and a request's own inputs count toward the calls ahead of its
-    last one, so a request is admitted only when the call holding its last input ends within the bound."""
+def test_admission_costs_each_call_at_its_size_and_counts_the_requests_own_inputs():
+    """The estimate behind admission: calls are costed at the recent time of calls their size (a
+    full call extrapolated from smaller ones until one runs), the running call is counted whole,
+    and a request's own inputs fill the calls ahead of its last one. Admitted only when the call
+    holding its last input is expected to end within the bound, or when it would start at once."""
     from tokenfuse.engines.batching import Batcher
 
     async def scenario():
         batcher = Batcher(SlowRunner(0.1), max_batch=4, max_delay_ms=0, queue_size=64, max_queue_delay_ms=1000)
         batcher.start()
-        await batcher.submit(1, _examples(1))  # one example in 0.1 s: a full call of 4 is taken as 0.4 s
-        full = batcher.call_seconds
-        assert 0.38 <= full < 0.6
+        assert batcher.refusal(1) is None and batcher.expected_finish(1) is None  # nothing measured: admitted
+        await batcher.submit(1, _examples(1))
+        one = batcher.calls.estimate(1)
+        assert 0.09 <= one < 0.3 and batcher.calls.estimate(4) == pytest.approx(4 * one)  # a full call: extrapolated
+        batcher.running = 1  # light load: a one-example call runs, nothing waits
+        assert batcher.expected_finish(1) == pytest.approx(2 * one) and batcher.refusal(1) is None
+        batcher.running = 0
         batcher.pending.extend([None] * 3)  # three examples waiting (a stand-in queue: nothing runs)
-        assert batcher.expected_wait(1) == 0 and batcher.refusal(1) is None  # joins the first call, ends at 1 x 0.4 s
-        assert batcher.expected_wait(2) == full  # its second input goes to the second call
-        assert batcher.refusal(2) is None  # that call ends at 2 x full <= 1 s
-        batcher.pending.extend([None] * 4)  # 7 waiting: a request of 2 puts its last input in the third call
-        assert batcher.expected_wait(2) == 2 * full and batcher.refusal(2).status == 429  # ends at 3 x full > 1 s
+        assert batcher.expected_finish(1) == pytest.approx(4 * one)  # joins them in one full call
+        assert batcher.expected_finish(2) == pytest.approx(5 * one)  # its second input in the next call
+        batcher.pending.extend([None] * 4)  # 7 waiting: a request of 2 ends after two full calls and one of 1
+        assert batcher.expected_finish(2) == pytest.approx(9 * one)
+        assert (batcher.refusal(2) is None) == (9 * one <= 1.0)
+        batcher.pending.extend([None] * 4)  # 11 waiting: 3 full calls, then its own
+        assert batcher.refusal(2).status == 429 and "expected in about" in batcher.refusal(2).message
         batcher.pending.clear()
         await batcher.drain()
 
