@@ -114,12 +114,14 @@ class Batcher:
     def expected_finish(self, count: int = 1) -> float | None:
         """Seconds until the call holding the last of `count` examples arriving now would end: the
         running call (taken whole), then the queued examples and these in calls of max_batch, each at
-        the recent time of a call its size (None before any call). Length buckets are not told
-        apart: a length-adaptive model's calls are counted as if one bucket's."""
+        the recent time of a call its size (None before any call). Behind full calls, the last one is
+        costed full too: later arrivals fill it before it runs. Length buckets are not told apart: a
+        length-adaptive model's calls are counted as if one bucket's."""
         if self.calls.estimate(1) is None:
             return None
         full, rest = divmod(self.depth + count, self.max_batch)
-        calls = [self.running] * bool(self.running) + [self.max_batch] * full + [rest] * bool(rest)
+        last = self.max_batch if full else rest
+        calls = [self.running] * bool(self.running) + [self.max_batch] * full + [last] * bool(rest)
         return sum(self.calls.estimate(size) for size in calls)
 
     def _late(self) -> Refusal:

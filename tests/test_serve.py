@@ -433,13 +433,13 @@ def test_admission_costs_each_call_at_its_size_and_counts_the_requests_own_input
         batcher.running = 1  # light load: a one-example call runs, nothing waits
         assert batcher.expected_finish(1) == pytest.approx(2 * one) and batcher.refusal(1) is None
         batcher.running = 0
-        batcher.pending.extend([None] * 3)  # three examples waiting (a stand-in queue: nothing runs)
+        batcher.pending.extend([None] * 2)  # two examples waiting (a stand-in queue: nothing runs)
+        assert batcher.expected_finish(1) == pytest.approx(3 * one)  # joins them in one call of 3
+        batcher.pending.append(None)  # three waiting
         assert batcher.expected_finish(1) == pytest.approx(4 * one)  # joins them in one full call
-        assert batcher.expected_finish(2) == pytest.approx(5 * one)  # its second input in the next call
-        batcher.pending.extend([None] * 4)  # 7 waiting: a request of 2 ends after two full calls and one of 1
-        assert batcher.expected_finish(2) == pytest.approx(9 * one)
-        assert (batcher.refusal(2) is None) == (9 * one <= 1.0)
-        batcher.pending.extend([None] * 4)  # 11 waiting: 3 full calls, then its own
+        assert batcher.expected_finish(2) == pytest.approx(8 * one)  # its second input in the next call, filled by later arrivals
+        assert (batcher.refusal(2) is None) == (8 * one <= 1.0)
+        batcher.pending.extend([None] * 8)  # 11 waiting: 3 full calls, then its own
         assert batcher.refusal(2).status == 429 and "expected in about" in batcher.refusal(2).message
         batcher.pending.clear()
         await batcher.drain()
