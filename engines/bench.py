@@ -311,7 +311,7 @@ def _preprocess(manifest: Manifest | None) -> dict:
 
 
 def _flops_ratio(manifest: Manifest | None) -> float | None:
-    return ((manifest.budget if manifest else None) or {}).get("flops_ratio")
+    return manifest.flops_ratio if manifest else None
 
 
 def markdown(report: dict) -> str:

@@ -66,7 +66,7 @@ def profile_pair(model: Path, baseline: Path, batch: int, *, threads: int | None
         log(f"profiling round {round_}/2: {baseline.name}, then {model.name}, batch {batch}, {runs} runs each")
         base = profile_graph(baseline, feeds, warmup, runs, threads)
         merged = profile_graph(model, feeds, warmup, runs, threads)
-    return {"model": manifest.model, "method": manifest.method, "flops_ratio": (manifest.budget or {}).get("flops_ratio"),
+    return {"model": manifest.model, "method": manifest.method, "flops_ratio": manifest.flops_ratio,
             "batch": batch, "runs": runs, "merged": merged, "baseline": base,
             "machine": {"cpu": platform.processor() or platform.machine(), "onnxruntime": ort.__version__}}
 

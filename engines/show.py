@@ -23,9 +23,8 @@ from .preprocess import Preprocessor
 MANIFEST_OPTIONS = ("min_tokens", "metric")  # and every method knob (the registry's)
 
 
-def options_from_manifest(manifest: Manifest | dict) -> tuple[dict, dict]:
-    """(how to load the model, MergeOptions fields) as an export manifest (or export's result) records them."""
-    manifest = manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)
+def options_from_manifest(manifest: Manifest) -> tuple[dict, dict]:
+    """(how to load the model, MergeOptions fields) as an export manifest records them."""
     settings = manifest.settings
     load = {"weights": settings.get("weights"), "random_init": settings.get("random_init", False), "seq_len": settings.get("seq_len") or settings.get("max_seq_len"), "tower": settings.get("tower", "vision")}
     options = {key: settings[key] for key in (*MANIFEST_OPTIONS, *all_knobs()) if key in settings}

@@ -49,6 +49,11 @@ class Manifest:
     def length_adaptive(self) -> bool:
         return bool(self.buckets)
 
+    @property
+    def flops_ratio(self) -> float | None:
+        """The transformer layers' FLOPs against the unmerged model's (the export's budget)."""
+        return (self.budget or {}).get("flops_ratio")
+
     @classmethod
     def from_json(cls, data: dict, source: str = "the manifest") -> "Manifest":
         if not isinstance(data, dict):
@@ -97,6 +102,3 @@ class Manifest:
         if not isinstance(data, dict) or not ({"schema_version", "tokenfuse_version"} & set(data)):
             return None
         return cls.from_json(data, str(path))
-
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")

@@ -13,7 +13,7 @@ from gates import assert_validated_exactly
 from reference import reference_plan
 from tokenfuse.cli import main, parser
 from tokenfuse.engines.show import options_from_manifest
-from tokenfuse.exporter import methods, registry
+from tokenfuse.exporter import Manifest, methods, registry
 from tokenfuse.exporter.methods import MethodConfig, match
 from tokenfuse.exporter.registry import Knob, MergeMethod
 from tokenfuse.exporter.settings import MergeOptions
@@ -79,7 +79,7 @@ def test_the_cli_offers_it_and_the_export_records_its_knob(toy, tmp_path, capsys
     assert_validated_exactly(manifest)
     assert manifest["schedule"][0] == 197 - 8
     assert "margin" not in manifest["settings"]  # only the method's own knobs
-    assert options_from_manifest(manifest)[1]["phase_parity"] == 1
+    assert options_from_manifest(Manifest.from_json(manifest))[1]["phase_parity"] == 1
 
 
 def test_the_plugin_lowering_refuses_a_method_without_a_kernel(toy, tmp_path, capsys):
