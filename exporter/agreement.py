@@ -21,12 +21,13 @@ from .methods import (
     LayerRule,
     bipartite_priority,
     bipartite_slots,
+    bsm_sets,
+    candidate_bias,
     crossget_key,
     crossget_scores,
     dst_slots,
     pitome_energy,
-    pitome_sets,
-    pitome_slots,
+    pitome_roles,
     place,
     prepare,
     rank_among,
@@ -171,7 +172,7 @@ def _bipartite_row(row: _Row, is_a: Tensor, is_b: Tensor, order: Tensor, penalty
     tokens in B's slots; the top-r choice and each partner are checked."""
     n_kept = int(is_a.sum()) - row.r
     src = is_a & (row.runtime >= row.protected + n_kept)
-    priority = bipartite_priority(row.sim, is_b, penalty)
+    priority = bipartite_priority(row.sim, candidate_bias(is_b), penalty)
     reference = rank_among(priority, is_a, descending=True, tiebreak=order)
     rank = torch.full_like(reference, 2 * row.n)
     n_src = int(src.sum())
@@ -214,12 +215,14 @@ def _pitome_row(row: _Row, rule: LayerRule):
         rank = torch.where(is_b, target, rank)
         _fill(rank, region & ~is_b, list(range(r)) if rule.variant == "text" else list(range(0, 2 * r, 2)), reference)
     wrong = _inverted(energy, rank, reference, free, row.tolerance)
-    mergeable, is_a, is_b = pitome_sets(rank, free, r, rule.variant)
     if rule.variant == "bsm":
-        return _bipartite_row(row, is_a, is_b, rank, None, wrong)
+        return _bipartite_row(row, *bsm_sets(rank, free), rank, None, wrong)
+    rank = torch.where(free, rank, n_free + (~free).cumsum(-1) - 1)  # the others after the free, in position order
+    slot, is_a, b_bias = pitome_roles(rank.clamp(0, row.n - 1), n_free, r, protected, rule.variant)
+    is_b = b_bias == 0
     partner = _group_partner(runtime, is_b)
     wrong |= _partner_wrong(row.sim, is_a, partner, is_b, row.tolerance)
-    return wrong, place(pitome_slots(rank, free, r, protected, mergeable, rule.variant), is_a, partner.clamp(min=0))
+    return wrong, place(slot, is_a, partner.clamp(min=0))
 
 
 def _pitome_destinations(row: _Row, region: Tensor, target: Tensor, energy: Tensor, reference: Tensor) -> Tensor:

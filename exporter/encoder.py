@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .agreement import Decision
-from .methods import BIG, MethodConfig, TokenMerge, match_step, token_count
+from .methods import BIG, MethodConfig, TokenMerge, cast, fp32, match_step, token_count
 from .plugin_lowering import MergeNode, merge_op
 
 Tensor = torch.Tensor
@@ -76,15 +76,15 @@ def attention_bias(state: TokenState, prop_attn: bool) -> Tensor | None:
     ([B,1,1,N]), and -BIG on later keys for causal models ([B,1,N,N])."""
     bias = None
     if prop_attn and state.merged:
-        bias = state.size[..., 0].log()
+        bias = state.size.reshape(-1, token_count(state.size, 1)).log()  # merged: a static count, so no Shape ops
     if state.valid is not None:
-        pad = torch.where(state.valid, 0.0, -BIG).to(state.size.dtype)
+        pad = cast(torch.where(state.valid, 0.0, -BIG), state.size.dtype)
         bias = pad if bias is None else bias + pad
     if bias is not None:
         bias = bias[:, None, None, :]
     if state.positions is not None:
         later = state.positions.unsqueeze(-2) > state.positions.unsqueeze(-1)
-        causal = torch.where(later, -BIG, 0.0).to(state.size.dtype)[:, None]
+        causal = cast(torch.where(later, -BIG, 0.0), state.size.dtype)[:, None]
         bias = causal if bias is None else bias + causal
     return bias
 
@@ -99,18 +99,18 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, pool_row: bool,
     the bias then travels in q's dtype. It does not apply where the pooling row is needed.
     """
     if fused and not pool_row:
-        mask = None if bias is None else bias.to(q.dtype)
+        mask = None if bias is None else cast(bias, q.dtype)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2), None
-    logits = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()  # softmax sums in fp32
+    logits = fp32((q * int(q.shape[-1]) ** -0.5) @ k.transpose(-1, -2))  # softmax sums in fp32; the head size is a constant
     if bias is not None:
         logits = logits + bias
     probs = logits.softmax(-1)
-    out = (probs.to(v.dtype) @ v).transpose(1, 2).flatten(2)
+    out = (cast(probs, v.dtype) @ v).transpose(1, 2).flatten(2)
     if not pool_row:
         return out, None
     if frozen is None:
         return out, probs[:, :, 0].mean(1)
-    row = frozen.to(probs.dtype)[:, None, :, None]  # [B,1,N,1] selects the query row
+    row = cast(frozen, probs.dtype)[:, None, :, None]  # [B,1,N,1] selects the query row
     return out, (probs * row).sum(2).mean(1)
 
 
@@ -189,8 +189,8 @@ def split_heads(t: Tensor, heads: int) -> Tensor:
 def weighted_mean(x: Tensor, size: Tensor, keep: Tensor | None = None) -> Tensor:
     """Mean over tokens weighted by size (and by `keep` [B,N] when given): pooling that a merge
     preserves. Computed in fp32, returned in x's dtype."""
-    w = size if keep is None else size * keep.unsqueeze(-1).to(size.dtype)
-    return ((x.float() * w).sum(1) / w.sum(1)).to(x.dtype)
+    w = size if keep is None else size * cast(keep.unsqueeze(-1), size.dtype)
+    return cast((fp32(x) * w).sum(1) / w.sum(1), x.dtype)
 
 
 def pool_attention(q: Tensor, k: Tensor, v: Tensor, size: Tensor) -> Tensor:

@@ -34,8 +34,8 @@ NON_FINITE_SIMILARITY = -2.0
 # padding/real pairs less similar than any real pair: padding merges with padding first.
 PAD_BONUS = 4.0
 MIXED_PENALTY = 8.0
+ROW_ALIGN = 16  # row_sum pads rows to a multiple of 16 fp32 values (64 bytes, the widest SIMD vector)
 PADDING_WEIGHT = 1e-6  # a padding token's weight inside a slot that holds real tokens
-PAIR_AXES = 5  # row_sum: pair levels per Reshape
 
 
 class MethodConfig:
@@ -106,9 +106,14 @@ def token_count(t: torch.Tensor, axis: int = -1) -> int:
     return int(t.shape[axis])
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, with no Cast node in the graph when it already is (the exporter writes one
+    for a same-type `.to()`, and ONNX Runtime runs it as a copy)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def fp32(t: torch.Tensor) -> torch.Tensor:
-    """`t` in fp32, with no Cast node in the graph when it already is."""
-    return t if t.dtype == torch.float32 else t.float()
+    return cast(t, torch.float32)
 
 
 def positions(t: torch.Tensor, axis: int = -1) -> torch.Tensor:
@@ -140,7 +145,7 @@ class TokenMerge:
             return x, size
         assign = self._assignment(size.dtype)
         new_size = assign @ size
-        return _like(x, (assign @ (fp32(x) * size)) / new_size), new_size
+        return cast((assign @ (fp32(x) * size)) / new_size, x.dtype), new_size
 
     def merge_padded(self, x: torch.Tensor, size: torch.Tensor, valid: torch.Tensor):
         """Merge with an attention mask (`valid` [B, N] bool, False = padding).
@@ -157,7 +162,7 @@ class TokenMerge:
         real_size = assign @ torch.where(real, size, 0.0)
         holds_real = real_size > 0
         new_size = torch.where(holds_real, real_size, assign @ size)
-        return _like(x, (assign @ (fp32(x) * weight)) / (assign @ weight)), new_size, holds_real[..., 0]
+        return cast((assign @ (fp32(x) * weight)) / (assign @ weight), x.dtype), new_size, holds_real.reshape(-1, self.num_out)
 
     def apply(self, x: torch.Tensor, size: torch.Tensor, valid: torch.Tensor | None = None, positions: torch.Tensor | None = None):
         """The token state after the merge: x, sizes, and the padding mask and causal positions
@@ -189,8 +194,6 @@ class TokenMerge:
         return torch.where(member, positions.unsqueeze(-2), -BIG).amax(-1)
 
 
-def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == x.dtype else t.to(x.dtype)
 
 
 def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
@@ -202,33 +205,18 @@ def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(sim), NON_FINITE_SIMILARITY, sim)
 
 
-def row_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the last axis of `t` ([B, N, W] -> [B, N]) in the same order for every row:
-    zero-pad to a power of two, then add neighbouring pairs until one value is left.
-
-    A library reduction may order the additions differently for different rows, so equal rows
-    could get sums an ulp apart and an exact tie would no longer break by position.
-    """
-    rows, n = token_count(t, -2), token_count(t)
-    levels = max(n - 1, 0).bit_length()
-    t = F.pad(t, (0, (1 << levels) - n))
-    while levels:
-        # One Reshape splits off up to 5 pair axes (TensorRT allows 8 dimensions in all), then
-        # one ReduceSum over each two-value axis, innermost first, adds pairs (2k, 2k+1).
-        step = min(levels, PAIR_AXES)
-        levels -= step
-        t = t.reshape(-1, rows, 1 << levels, *(2,) * step)
-        for _ in range(step):
-            t = t.sum(-1)
-    return t.reshape(-1, rows)
-
-
 def separate_padding(sim: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Shift pair scores so padding pairs with padding first and with real tokens last."""
+    """Shift pair scores so padding pairs with padding first and with real tokens last.
+
+    The shift is PAD_BONUS for two padding tokens, -MIXED_PENALTY for a mixed pair and 0 for two
+    real ones: with p_j = 1 for padding, factor_i * p_j + own_i, from [B, N] tables (small
+    integers, exact in fp32), so the [B, N, N] work is a Mul and two Adds instead of a Where."""
     if valid is None:
         return sim
-    row, col = valid.unsqueeze(-1), valid.unsqueeze(-2)
-    return sim + torch.where(row == col, torch.where(row, 0.0, PAD_BONUS), -MIXED_PENALTY)
+    pad = torch.where(valid, 0.0, 1.0)
+    factor = torch.where(valid, -MIXED_PENALTY, PAD_BONUS + MIXED_PENALTY)
+    own = torch.where(valid, 0.0, -MIXED_PENALTY)
+    return sim + (factor.unsqueeze(-1) * pad.unsqueeze(-2) + own.unsqueeze(-1))
 
 
 def rank_among(key: torch.Tensor, members: torch.Tensor, descending: bool, tiebreak=None) -> torch.Tensor:
@@ -247,9 +235,15 @@ def rank_among(key: torch.Tensor, members: torch.Tensor, descending: bool, tiebr
     return ahead.sum(-1)
 
 
-def best_partner(sim, candidates):
-    """Each token's most similar candidate (the lowest index among equal maxima)."""
-    return torch.where(candidates.unsqueeze(-2), sim, -BIG).argmax(-1)
+def candidate_bias(candidates):
+    """0 for the candidates, -BIG for the others ([B, N] or [N]): added to rows of scores, a max
+    or argmax sees only the candidates. (One Add: a [B, N, N] Where costs ONNX Runtime's CPU ~20x as much.)"""
+    return torch.where(candidates, 0.0, -BIG)
+
+
+def best_partner(sim, bias):
+    """Each token's most similar candidate (`bias` from candidate_bias; the lowest index among equal maxima)."""
+    return (sim + bias.unsqueeze(-2)).argmax(-1)
 
 
 def place(slot, sources, partner):
@@ -257,14 +251,14 @@ def place(slot, sources, partner):
     return torch.where(sources, slot.gather(-1, partner), slot)
 
 
-def _absorb(slot, sim, sources, destinations):
+def _absorb(slot, sim, sources, destination_bias):
     """Each source takes the slot of its most similar destination."""
-    return place(slot, sources, best_partner(sim, destinations))
+    return place(slot, sources, best_partner(sim, destination_bias))
 
 
-def bipartite_priority(sim, is_b, penalty=None):
-    """ToMe's key for an A token: its best similarity to B (minus Turbo's `penalty`)."""
-    best = torch.where(is_b.unsqueeze(-2), sim, -BIG).amax(-1)
+def bipartite_priority(sim, b_bias, penalty=None):
+    """ToMe's key for an A token: its best similarity to B (`b_bias` from candidate_bias; minus Turbo's `penalty`)."""
+    best = (sim + b_bias.unsqueeze(-2)).amax(-1)
     return best if penalty is None else best - penalty
 
 
@@ -287,8 +281,9 @@ def bipartite_match(sim, r, protected, is_a, is_b, order, penalty=None):
     The r A tokens whose best match in B is strongest (minus `penalty`) merge into it.
     Output: protected tokens, kept A tokens, then B tokens.
     """
-    src = is_a & (rank_among(bipartite_priority(sim, is_b, penalty), is_a, descending=True, tiebreak=order) < r)
-    return _absorb(bipartite_slots(src, is_a, is_b, protected, order), sim, src, is_b)
+    b_bias = candidate_bias(is_b)
+    src = is_a & (rank_among(bipartite_priority(sim, b_bias, penalty), is_a, descending=True, tiebreak=order) < r)
+    return _absorb(bipartite_slots(src, is_a, is_b, protected, order), sim, src, b_bias)
 
 
 def _tome(sim, r, protected, free, penalty=None):
@@ -298,54 +293,65 @@ def _tome(sim, r, protected, free, penalty=None):
     return bipartite_match(sim, r, protected, is_a, is_b, pos, penalty)
 
 
+def row_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis of `t`, equal for equal rows. Runtimes vectorise a reduction from a
+    row's first aligned element, so rows starting at different alignments add in different orders
+    (an ulp apart, and an exact tie would no longer break by position); zero-padding every row to a
+    multiple of 64 bytes gives them all one alignment. (A MatMul with a weights vector is no
+    better: PyTorch's CPU GEMV differs between equal rows.)"""
+    return F.pad(t, (0, -token_count(t) % ROW_ALIGN)).sum(-1)
+
+
 def pitome_energy(sim, free, rule, valid):
-    """PiToMe's energy of each token over the free (real) tokens; padding gets BIG (it sorts first)."""
+    """PiToMe's energy of each token over the free (real) tokens. The tokens not counted get
+    constants: padding BIG (it sorts first), the tokens that are not free -inf (they rank last)."""
     margin = rule.margin
     if rule.variant == "text":
-        affinity = torch.exp(-(((1.0 - sim) / (1.0 - margin)) ** 2) / 2.0)
+        distance = 1.0 - sim
+        affinity = torch.exp(distance * distance * (-0.5 / (1.0 - margin) ** 2))
     else:
         affinity = F.elu(sim - margin, alpha=rule.alpha)
     counted = free if valid is None else free & valid
-    weights = counted.to(sim.dtype).unsqueeze(-2)
-    energy = row_sum(affinity * weights) / weights.sum(-1)
-    if valid is not None:
-        energy = torch.where(valid, energy, BIG)
-    return energy
+    weights = counted.to(sim.dtype)  # a constant without padding
+    energy = row_sum(affinity * weights.unsqueeze(-2)) / weights.sum(-1, keepdim=True)  # sums first: equal multisets of exact values tie
+    return torch.where(counted, energy, torch.where(free, BIG, -torch.inf))
 
 
-def pitome_sets(rank, free, r, variant):
-    """The mergeable tokens, A (sources) and B (destinations) from the energy rank: the top 2r
-    alternate (every free token for BSM), or A = the top r and B the next r (text). Outside BSM,
-    tokens that are not free must rank 2r or later."""
+def pitome_roles(rank, n_free, r, protected, variant):
+    """Each token's set and slot before the sources move, read from its energy rank.
+
+    Ranks 0 .. n_free-1 are the free tokens'; the others rank after them in position order
+    (protected tokens first). Which rank is a source (A), a destination (B) or kept, and the slot
+    of each rank, depend only on the budget: three constant tables, indexed by the data's ranks.
+    Mergeable ranks alternate A, B (A = the top r and B the next r for text); the output is the
+    protected tokens, the kept ones by rank, then B by rank. Returns the slot, is_a and B's
+    candidate_bias (a table of biases, not of booleans: one Gather instead of a Gather and a Where)."""
+    n = token_count(rank)
+    by_rank = torch.arange(n, device=rank.device)
+    mergeable = by_rank < 2 * r
+    is_b = mergeable & (by_rank >= r if variant == "text" else by_rank % 2 == 1)
+    kept_count = n_free - 2 * r
+    among_b = by_rank - r if variant == "text" else by_rank // 2
+    slot = torch.where(mergeable, protected + kept_count + among_b, protected + by_rank - 2 * r)
+    slot = torch.where(by_rank >= n_free, by_rank - n_free, slot)  # the tokens that are not free
+    return slot[rank], (mergeable & ~is_b)[rank], candidate_bias(is_b)[rank]
+
+
+def bsm_sets(rank, free):
+    """PiToMe-BSM's A and B: every free token, alternately in energy order."""
     odd = rank % 2 == 1
-    if variant == "bsm":
-        return free, free & ~odd, free & odd
-    mergeable = rank < 2 * r
-    if variant == "text":
-        return mergeable, rank < r, mergeable & (rank >= r)
-    return mergeable, mergeable & ~odd, mergeable & odd
-
-
-def pitome_slots(rank, free, r, protected, mergeable, variant):
-    """Slots before the sources move: protected tokens, the kept ones by energy rank, then B by rank.
-    B holds ranks 1, 3, 5, ... (r, r+1, ... for text), so a B token's place among B is its rank
-    halved (less r): no second ranking pass. (The sources' values are overwritten by their partners'.)"""
-    pos = positions(rank)
-    kept_count = free.to(torch.int64).sum(-1, keepdim=True) - 2 * r
-    among_b = rank - r if variant == "text" else torch.div(rank, 2, rounding_mode="trunc")  # ranks are >= 0: one Div
-    slot = torch.where(mergeable, among_b + (protected + kept_count), rank + (protected - 2 * r))
-    return torch.where(pos < protected, pos, slot)
+    return free & ~odd, free & odd
 
 
 def _pitome(sim, r, protected, free, rule, valid):
-    # Tokens that are not free get the lowest energy, so one ranking over all tokens gives the free
+    # Tokens that are not free have the lowest energy, so one ranking over all tokens gives the free
     # ones their rank among the free, and the others ranks of at least 2r (never mergeable).
-    energy = torch.where(free, pitome_energy(sim, free, rule, valid), -torch.inf)
-    rank = rank_among(energy, None, descending=True)
-    mergeable, is_a, is_b = pitome_sets(rank, free, r, rule.variant)
+    rank = rank_among(pitome_energy(sim, free, rule, valid), None, descending=True)
+    n_free = token_count(sim) - protected - (free.dim() > 1)  # a frozen token (one per row) is not free
     if rule.variant == "bsm":
-        return bipartite_match(sim, r, protected, is_a, is_b, rank)
-    return _absorb(pitome_slots(rank, free, r, protected, mergeable, rule.variant), sim, is_a, is_b)
+        return bipartite_match(sim, r, protected, *bsm_sets(rank, free), rank)
+    slot, is_a, b_bias = pitome_roles(rank, n_free, r, protected, rule.variant)
+    return _absorb(slot, sim, is_a, b_bias)
 
 
 def crossget_scores(sim, free):
@@ -372,7 +378,7 @@ def _crossget(sim, r, protected, free):
     ranked_lower = redundancy_rank.unsqueeze(-2) > redundancy_rank.unsqueeze(-1)
     src = free & (rank_among(crossget_key(scores, ranked_lower), free, descending=True) < r)
     dst = free & ~src
-    return _absorb(dst_slots(dst, protected), scores, src, dst)
+    return _absorb(dst_slots(dst, protected), scores, src, candidate_bias(dst))
 
 
 def prepare(metric, protected, valid, frozen):

@@ -26,7 +26,7 @@ import torch
 
 from .encoder import TokenState, weighted_mean
 from .errors import UsageError
-from .methods import TokenMerge
+from .methods import TokenMerge, cast, fp32
 
 MODES = ("mean", "mean_sqrt_len_tokens", "cls", "max", "weightedmean", "lasttoken")
 # sentence-transformers' older config: one boolean per mode
@@ -55,8 +55,8 @@ class Pooling:
         if self.mode == "mean":
             pooled = weighted_mean(x, state.size, valid)
         elif self.mode == "mean_sqrt_len_tokens":
-            w = state.size * valid.unsqueeze(-1).to(state.size.dtype)
-            pooled = ((x.float() * w).sum(1) / w.sum(1).sqrt()).to(x.dtype)
+            w = state.size * cast(valid.unsqueeze(-1), state.size.dtype)
+            pooled = cast((fp32(x) * w).sum(1) / w.sum(1).sqrt(), x.dtype)
         elif self.mode == "cls":
             pooled = x[:, 0]
         elif self.mode == "max":
@@ -69,7 +69,7 @@ class Pooling:
         else:  # lasttoken
             last = mask.shape[1] - 1 - mask.flip(1).to(torch.int32).argmax(1, keepdim=True)
             holder = follow_merges(state, (torch.arange(mask.shape[1], device=mask.device) == last).unsqueeze(-1).to(state.size.dtype))
-            pooled = (x * holder.to(x.dtype)).sum(1)
+            pooled = (x * cast(holder, x.dtype)).sum(1)
         return torch.nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
 
 

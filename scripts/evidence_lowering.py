@@ -6,7 +6,8 @@
 For each model, PiToMe r=0.9 and `--method none`, exported without validation: graph nodes per
 merge step (as written; after onnx-graphsurgeon's constant folding; and the data nodes among
 those, i.e. without Reshape/Unsqueeze/Squeeze, which only relabel a tensor's shape), ONNX Runtime
-session creation (median of 5, one process), the TensorRT-RTX engine build time, and `tokenfuse
+session creation (median of 5, one process), the TensorRT-RTX engine build time (median of 3,
+merged and unmerged interleaved), and `tokenfuse
 bench` of merged against unmerged on ONNX Runtime CPU: the speedup and the share of the FLOPs
 ideal it realises. Writes docs/lowering-cost.json with the machine.
 """
@@ -33,6 +34,7 @@ from tokenfuse.engines.bench import machine
 from tokenfuse.exporter import export
 
 LAYOUT_OPS = {"Reshape", "Unsqueeze", "Squeeze"}  # no arithmetic, at most a copy
+BUILDS = 3
 
 
 def count_nodes(path: Path) -> dict:
@@ -84,10 +86,16 @@ def main(argv=None) -> int:
                 manifest = export(spec["model"], paths[method], method=method, r=0.9 if method != "none" else None, validate=False,
                                   seed=0, log=lambda *_: None, **{k: v for k, v in spec.items() if k != "model"})
                 row[method] = {"nodes": count_nodes(paths[method]), "session_seconds": session_seconds(paths[method])}
-                if not args.no_engines:
-                    row[method]["build_seconds"] = build_seconds(paths[method], Path(work))
                 if method == "pitome":
                     steps = sum(out < layer["tokens_in"] for out, layer in zip(manifest["schedule"], manifest["budget"]["layers"]))
+            if not args.no_engines:  # interleaved, the median of BUILDS each (a shared machine drifts)
+                builds = {method: [] for method in paths}
+                for _ in range(BUILDS):
+                    for method, path in paths.items():
+                        builds[method].append(build_seconds(path, Path(work)))
+                for method, seconds in builds.items():
+                    row[method]["build_seconds"] = statistics.median(seconds)
+                    row[method]["build_seconds_each"] = [round(s, 2) for s in seconds]
             per_step = {kind: (row["pitome"]["nodes"][kind] - row["none"]["nodes"][kind]) / steps for kind in ("written", "folded", "data")}
             result = bench_module.bench(paths["pitome"], baseline=str(paths["none"]), batches=batches, max_seconds=args.seconds,
                                         log=lambda *_: None)

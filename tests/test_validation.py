@@ -104,13 +104,14 @@ def test_float64_reference_agrees_up_to_near_ties(name):
     print(f"\n{name}: {differing} tokens in another slot than fp32's, all excused as near-ties")
 
 
-def _argmin_partner(sim, candidates):
-    return torch.where(candidates.unsqueeze(-2), sim, methods.BIG).argmin(-1)
+def _argmin_partner(sim, bias):
+    """The least similar candidate (bias: 0 for candidates, -BIG for the others)."""
+    return (sim - bias.unsqueeze(-2)).argmin(-1)
 
 
 PLANTS = {
     "argmin partner": ("best_partner", _argmin_partner),
-    "reversed ToMe priority": ("bipartite_priority", lambda sim, is_b, penalty=None: -ORIGINAL["bipartite_priority"](sim, is_b, penalty)),
+    "reversed ToMe priority": ("bipartite_priority", lambda sim, b_bias, penalty=None: -ORIGINAL["bipartite_priority"](sim, b_bias, penalty)),
     "reversed energy": ("pitome_energy", lambda *args: -ORIGINAL["pitome_energy"](*args)),
     "reversed CrossGET key": ("crossget_key", lambda *args: -ORIGINAL["crossget_key"](*args)),
 }
@@ -167,9 +168,9 @@ def test_planted_wrong_rule_in_the_export_fails_validation(tmp_path, mpnet_dir, 
     adapter = load_model(f"hf:{mpnet_dir}", seq_len=SEQ_LEN)
     calls = []
 
-    def second_layer_argmin(sim, candidates):
+    def second_layer_argmin(sim, bias):
         calls.append(1)
-        return (_argmin_partner if len(calls) % 2 == 0 else ORIGINAL["best_partner"])(sim, candidates)
+        return (_argmin_partner if len(calls) % 2 == 0 else ORIGINAL["best_partner"])(sim, bias)
 
     real_trace = onnx_export.trace
 
