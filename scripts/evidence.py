@@ -121,8 +121,8 @@ def attribute_gap(profile: dict, doc: str) -> str:
         + ", ".join(f"{name} {value:+.1f} ms ({value / gap:.0%})" for name, value in excess.items())
         + f". MatMuls shrink to {m['MatMul'] / b['MatMul']:.2f} of unmerged, close to the FLOPs ratio; the merge's many small ops do not "
         f"({nodes[0]} nodes run per inference against {nodes[1]}; op types only the merged graph has take {new_types:.1f} ms). "
-        "The fused SimilarityEnergyMerge plugin replaces that per-node work with two kernels, but only for image encoders so far "
-        "(it takes no padding mask), and its speed is not measured yet (no GPU)."
+        "The SimilarityEnergyMerge plugin (`--lowering plugin`, text encoders included) replaces that per-node work with three "
+        "kernel launches per merge; its speed is not measured yet (no GPU)."
     )
 
 

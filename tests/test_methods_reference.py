@@ -298,6 +298,43 @@ def test_pitome_identical_tokens_tie_by_position(variant):
     check_case("pitome", variant, x, metric, size, r, 1, layer, None, want, margin=0.0)
 
 
+@pytest.mark.parametrize("runtime", ["pytorch", "onnxruntime"])
+def test_pitome_equal_metric_rows_get_equal_energies(runtime, tmp_path):
+    """Random (inexact) metrics with repeated rows at positions of every alignment: a reduction
+    that treats rows differently (ONNX Runtime's ReduceSum over an unpadded row, PyTorch's GEMV)
+    gives equal rows energies an ulp apart, and the tie would no longer break by position."""
+    from tokenfuse.exporter.methods import LayerRule, pitome_energy, prepare
+
+    rule = LayerRule("pitome", margin=0.6)
+    energy = lambda metric: pitome_energy(*prepare(metric, 1, None, None), rule, None)  # noqa: E731
+    if runtime == "onnxruntime":
+        ort = pytest.importorskip("onnxruntime")
+
+        class Energy(torch.nn.Module):
+            def forward(self, metric):
+                return energy(metric)
+    generator = torch.Generator().manual_seed(5)
+    pairs = 0
+    for n in (37, 100, 197):
+        metric = torch.randn(2, n, 64, generator=generator)
+        copies = torch.randint(1, n, (12, 2), generator=generator)
+        for source, target in copies.tolist():
+            metric[:, target] = metric[:, source]
+        if runtime == "pytorch":
+            got = energy(metric)
+        else:
+            path = tmp_path / f"energy{n}.onnx"
+            torch.onnx.export(Energy(), (metric,), str(path), dynamo=False, opset_version=18, input_names=["metric"])
+            got = torch.from_numpy(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"metric": metric.numpy()})[0])
+        for b in range(2):
+            for i in range(1, n):
+                for j in range(i + 1, n):
+                    if torch.equal(metric[b, i], metric[b, j]):
+                        pairs += 1
+                        assert got[b, i] == got[b, j], (n, b, i, j)
+    assert pairs >= 50
+
+
 def test_crossget_mutual_nearest_neighbours_tie_by_position():
     """Two mutual nearest neighbours have the same redundancy (S is symmetric), so the lower
     position ranks first, sees the other as a lower-ranked candidate, and becomes the source.
