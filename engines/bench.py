@@ -131,13 +131,17 @@ def interleave(calls: dict, feeds: int, *, min_rounds: int, max_seconds: float, 
     """Call each of `calls` (name -> fn(feed index), which returns once its work is done) in turn,
     round by round, cycling over `feeds` feed indices, until each one's time for one pass over the
     feeds (the sum of each feed's median) moves less than `tolerance` over the last max(10, feeds)
-    rounds, or `max_seconds` pass. Returns (seconds per call [name][feed], pass seconds, stable)."""
+    rounds, or `max_seconds` pass. Returns (seconds per call [name][feed], pass seconds, stable).
+
+    Every other round runs the calls in reverse order, so that neither is always the one that runs
+    in the caches and thread state the other left."""
     samples = {name: [[] for _ in range(feeds)] for name in calls}
     window = max(10, feeds)
+    order = list(calls.items())
     history, started, stable = [], time.perf_counter(), False
     while True:
         index = len(history) % feeds
-        for name, call in calls.items():
+        for name, call in order if len(history) % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             call(index)
             samples[name][index].append(time.perf_counter() - t0)
