@@ -14,8 +14,9 @@
  *
  * The decisions follow tokenfuse.exporter.methods exactly: stable rankings (ties go to the lower
  * position or order key), argmax picks the lowest index, a non-finite similarity scores -2.
- * PiToMe's energy adds in the exporter's row_sum order (a pairwise tree), with F.elu's expm1, so
- * rows with equal similarities get equal keys and an exact tie breaks by position, as there.
+ * PiToMe's energy adds every row in one fixed order (a pairwise tree), with F.elu's expm1, so
+ * rows with equal similarities get equal keys and an exact tie breaks by position, as in the
+ * exporter (whose row_sum gets the same property from rows padded to one alignment).
  */
 #include "similarityEnergyMergeKernels.h"
 
@@ -620,7 +621,7 @@ __device__ void tomeSlots(MatchShared& s, Rows const& rows, MergeParams const& p
     bipartite(s, rows, p, r, penalty);
 }
 
-//! Warp-wide sum of value(j) over j < N in the exporter's row_sum order: zero-padded to a power
+//! Warp-wide sum of value(j) over j < N in one fixed order for every row: zero-padded to a power
 //! of two, neighbouring pairs added level by level. Lane l adds its contiguous block (a power of two
 //! of at most kMaxTokens / kWarpSize = 2^5 elements) as a subtree, then the xor butterfly with rising
 //! offsets adds the blocks. The subtree is a binary counter: after element e, level h holds a
