@@ -194,8 +194,6 @@ class TokenMerge:
         return torch.where(member, positions.unsqueeze(-2), -BIG).amax(-1)
 
 
-
-
 def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
     """Exactly symmetric (a matmul alone may differ by an ulp between (i, j) and (j, i)); pairs
     with a non-finite metric row get NON_FINITE_SIMILARITY instead of NaN."""
@@ -347,9 +345,9 @@ def _pitome(sim, r, protected, free, rule, valid):
     # Tokens that are not free have the lowest energy, so one ranking over all tokens gives the free
     # ones their rank among the free, and the others ranks of at least 2r (never mergeable).
     rank = rank_among(pitome_energy(sim, free, rule, valid), None, descending=True)
-    n_free = token_count(sim) - protected - (free.dim() > 1)  # a frozen token (one per row) is not free
     if rule.variant == "bsm":
         return bipartite_match(sim, r, protected, *bsm_sets(rank, free), rank)
+    n_free = token_count(sim) - protected - (free.dim() > 1)  # a frozen token (one per row) is not free
     slot, is_a, b_bias = pitome_roles(rank, n_free, r, protected, rule.variant)
     return _absorb(slot, sim, is_a, b_bias)
 
