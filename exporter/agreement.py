@@ -218,8 +218,8 @@ def _pitome_row(row: _Row, rule: LayerRule):
     if rule.variant == "bsm":
         return _bipartite_row(row, *bsm_sets(rank, free), rank, None, wrong)
     rank = torch.where(free, rank, n_free + (~free).cumsum(-1) - 1)  # the others after the free, in position order
-    slot, is_a, b_bias = pitome_roles(rank.clamp(0, row.n - 1), n_free, r, protected, rule.variant)
-    is_b = b_bias == 0
+    rank = rank.clamp(0, row.n - 1)
+    slot, is_a, is_b = (table[rank] for table in pitome_roles(row.n, n_free, r, protected, rule.variant, rank.device))
     partner = _group_partner(runtime, is_b)
     wrong |= _partner_wrong(row.sim, is_a, partner, is_b, row.tolerance)
     return wrong, place(slot, is_a, partner.clamp(min=0))

@@ -315,24 +315,23 @@ def pitome_energy(sim, free, rule, valid):
     return torch.where(counted, energy, torch.where(free, BIG, -torch.inf))
 
 
-def pitome_roles(rank, n_free, r, protected, variant):
-    """Each token's set and slot before the sources move, read from its energy rank.
+def pitome_roles(n, n_free, r, protected, variant, device=None):
+    """Each energy rank's slot before the sources move, and whether it is a source (A) or a
+    destination (B): three [n] tables, indexed by the data's ranks.
 
     Ranks 0 .. n_free-1 are the free tokens'; the others rank after them in position order
-    (protected tokens first). Which rank is a source (A), a destination (B) or kept, and the slot
-    of each rank, depend only on the budget: three constant tables, indexed by the data's ranks.
-    Mergeable ranks alternate A, B (A = the top r and B the next r for text); the output is the
-    protected tokens, the kept ones by rank, then B by rank. Returns the slot, is_a and B's
-    candidate_bias (a table of biases, not of booleans: one Gather instead of a Gather and a Where)."""
-    n = token_count(rank)
-    by_rank = torch.arange(n, device=rank.device)
+    (protected tokens first). Which rank is A, B or kept, and the slot of each rank, depend only on
+    the budget, so in a graph the tables are constants and each lookup one Gather. Mergeable ranks
+    alternate A, B (A = the top r and B the next r for text); the output is the protected tokens,
+    the kept ones by rank, then B by rank."""
+    by_rank = torch.arange(n, device=device)
     mergeable = by_rank < 2 * r
     is_b = mergeable & (by_rank >= r if variant == "text" else by_rank % 2 == 1)
     kept_count = n_free - 2 * r
     among_b = by_rank - r if variant == "text" else by_rank // 2
     slot = torch.where(mergeable, protected + kept_count + among_b, protected + by_rank - 2 * r)
     slot = torch.where(by_rank >= n_free, by_rank - n_free, slot)  # the tokens that are not free
-    return slot[rank], (mergeable & ~is_b)[rank], candidate_bias(is_b)[rank]
+    return slot, mergeable & ~is_b, is_b
 
 
 def bsm_sets(rank, free):
@@ -348,8 +347,9 @@ def _pitome(sim, r, protected, free, rule, valid):
     if rule.variant == "bsm":
         return bipartite_match(sim, r, protected, *bsm_sets(rank, free), rank)
     n_free = token_count(sim) - protected - (free.dim() > 1)  # a frozen token (one per row) is not free
-    slot, is_a, b_bias = pitome_roles(rank, n_free, r, protected, rule.variant)
-    return _absorb(slot, sim, is_a, b_bias)
+    slot, is_a, is_b = pitome_roles(token_count(rank), n_free, r, protected, rule.variant, rank.device)
+    # B's bias looked up from a table of biases: one Gather, where a looked-up is_b would add a Where
+    return _absorb(slot[rank], sim, is_a[rank], candidate_bias(is_b)[rank])
 
 
 def crossget_scores(sim, free):
