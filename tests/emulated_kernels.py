@@ -161,7 +161,27 @@ def load_library(path: Path) -> ctypes.CDLL:
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = [ctypes.c_void_p] * (10 + TRAILING_ZEROS)
     lib.tfemuSetExecute.argtypes = [ctypes.c_int]
+    lib.tokenfuseMergeLaunchPlan.restype = ctypes.c_int
+    lib.tokenfuseMergeLaunchPlan.argtypes = [ctypes.c_int32] * 2 + [ctypes.c_void_p] * 4
     return lib
+
+
+@dataclass
+class LaunchPlan:
+    blocks_per_image: int
+    threads: int
+    shared_bytes: int
+    scores_in_shared: bool
+
+
+def launch_plan(lib: ctypes.CDLL, batch: int, tokens: int) -> LaunchPlan:
+    """How the kernels launch for this batch and token count on the (emulated) device."""
+    split, threads, in_shared = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
+    shared = ctypes.c_size_t()
+    status = lib.tokenfuseMergeLaunchPlan(batch, tokens, ctypes.byref(split), ctypes.byref(threads), ctypes.byref(shared),
+                                          ctypes.byref(in_shared))
+    assert status == 0, f"tokenfuseMergeLaunchPlan({batch}, {tokens}) returned cudaError_t {status}"
+    return LaunchPlan(split.value, threads.value, shared.value, bool(in_shared.value))
 
 
 def _pointer(array: np.ndarray) -> int:

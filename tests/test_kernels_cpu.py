@@ -199,6 +199,23 @@ def test_random_inputs_match_pytorch_up_to_near_ties(cpu_kernels, name):
     print(f"\n{name}: {excused} of {tokens} tokens in another slot than PyTorch's, excused as near-ties (keys within {NEAR_TIE:g})")
 
 
+# (batch, N) that reach the four launch layouts on the emulated device (8 SMs, 99 KiB of shared
+# memory): one block per image or several, the N x N similarities in shared memory or the workspace.
+LAYOUTS = {(1, False): (8, 197), (1, True): (8, 60), ("several", False): (2, 197), ("several", True): (2, 60)}
+
+
+def test_every_launch_layout_matches_pytorch(cpu_kernels):
+    """The fused kernel's four layouts, each for every method on random inputs, fp32 and fp16."""
+    for (blocks, in_shared), (batch, n) in LAYOUTS.items():
+        plan = ek.launch_plan(cpu_kernels, batch, n)
+        assert (plan.blocks_per_image == 1 if blocks == 1 else plan.blocks_per_image > 1), (batch, n, plan)
+        assert plan.scores_in_shared == in_shared, (batch, n, plan)
+        for seed, (name, rule) in enumerate(RANDOM_RULES.items()):
+            dtype = np.float16 if seed % 2 else np.float32
+            case = random_case(rule, n, 40, 24, dtype, seed, batch=batch)
+            check_up_to_near_ties(ek.run_library(cpu_kernels, case), case, what=f"{name} B={batch} N={n} {plan}")
+
+
 def non_finite_case(rule: LayerRule, dtype, seed: int) -> ek.MergeCase:
     rng = np.random.default_rng(seed)
     n = 64
@@ -290,10 +307,13 @@ SYNC = re.compile(r"__syncthreads\(\)\s*;")
 
 
 def race_cases() -> list[ek.MergeCase]:
-    """Small inputs on which every method's code path runs (every __syncthreads is reached)."""
+    """Small inputs on which every method's code path runs (every __syncthreads is reached): one
+    block per image (N = 28, one tile pair), metric rows of three chunks (D = 40), and once an
+    image spread over three blocks (N = 40 at batch 1: three tile pairs on the emulated 8 SMs)."""
     rng = np.random.default_rng(7)
-    return [ek.make_case(rule, max_removable(rule.name, 28, 1) - 1, 1, rng.standard_normal((1, 28, 16)).astype(np.float32), rng=rng)
-            for rule in RANDOM_RULES.values()]
+    cases = [ek.make_case(rule, max_removable(rule.name, 28, 1) - 1, 1, rng.standard_normal((1, 28, 40)).astype(np.float32), rng=rng)
+             for rule in RANDOM_RULES.values()]
+    return cases + [ek.make_case(RULES["tome"], 12, 1, rng.standard_normal((1, 40, 16)).astype(np.float32), rng=rng)]
 
 
 DELETED_SYNC = "TOKENFUSE_DELETED_SYNC"

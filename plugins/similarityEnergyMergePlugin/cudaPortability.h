@@ -9,12 +9,49 @@
  *   tfLaunch(kernel, grid, block, dynamicSharedBytes, stream, args...)
  *                             kernel<<<grid, block, dynamicSharedBytes, stream>>>(args...), then
  *                             returns cudaGetLastError()
+ *   tfDeviceLimits(device)    the current device's multiprocessors and opt-in shared memory per block
+ *   tfAllowDynamicShared(kernel, bytes)
+ *                             lets `kernel` launch with `bytes` of dynamic shared memory (over 48 KiB)
+ *   tfMemsetAsync(pointer, value, bytes, stream)
  */
 #pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+//! What a launch needs to know of the device it runs on.
+struct TfDevice
+{
+    int32_t ordinal;
+    int32_t multiprocessors;
+    size_t sharedPerBlock; // the most dynamic + static shared memory a block may opt in to
+};
 
 #if defined(TOKENFUSE_CPU_EMULATION)
 
 #include "cudaCpuEmulation.h"
+
+#include <cstring>
+
+//! The emulated device: a few multiprocessors (so small batches spread over several blocks) and
+//! the launch limit of the emulation's shared memory.
+inline cudaError_t tfDeviceLimits(TfDevice& device)
+{
+    device = TfDevice{0, tfemu::kMultiprocessors, tfemu::kMaxSharedBytes};
+    return cudaSuccess;
+}
+
+template <typename... Params>
+cudaError_t tfAllowDynamicShared(void (*)(Params...), size_t bytes)
+{
+    return bytes <= tfemu::kMaxSharedBytes ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+inline cudaError_t tfMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t)
+{
+    std::memset(pointer, value, bytes);
+    return cudaSuccess;
+}
 
 #else
 
@@ -34,5 +71,34 @@ cudaError_t tfLaunch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dy
     return cudaGetLastError();
 }
 #endif // __CUDACC__
+
+inline cudaError_t tfDeviceLimits(TfDevice& device)
+{
+    int ordinal = 0;
+    int multiprocessors = 0;
+    int shared = 0;
+    cudaError_t status = cudaGetDevice(&ordinal);
+    if (status == cudaSuccess)
+    {
+        status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, ordinal);
+    }
+    if (status == cudaSuccess)
+    {
+        status = cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, ordinal);
+    }
+    device = TfDevice{ordinal, multiprocessors, size_t(shared)};
+    return status;
+}
+
+template <typename... Params>
+cudaError_t tfAllowDynamicShared(void (*kernel)(Params...), size_t bytes)
+{
+    return cudaFuncSetAttribute(reinterpret_cast<void const*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+inline cudaError_t tfMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t stream)
+{
+    return cudaMemsetAsync(pointer, value, bytes, stream);
+}
 
 #endif // TOKENFUSE_CPU_EMULATION

@@ -1,16 +1,22 @@
 /*
- * SimilarityEnergyMerge kernels: three launches per merge step.
+ * SimilarityEnergyMerge kernel: one launch per merge step.
  *
- * similarityKernel  one block per (batch element, 32x32 tile pair on or above the diagonal):
- *                   stages both tiles' unit metric rows in shared memory (16-byte loads), computes
- *                   each cosine once and writes it to (i, j) and (j, i) of an N x N score matrix in
- *                   the workspace (L2-resident at ViT shapes). Batch 1 spreads over T(T+1)/2 blocks.
- * matchKernel       one block per batch element: the row reductions each method needs (energy,
- *                   best match in B, redundancy, masked max) over that matrix, rankings by a bitonic
- *                   sort of (key, tiebreak, index) in shared memory, slot positions by block scans,
- *                   and the slot membership lists (a second sort on (slot, index)).
- * mergeKernel       one warp per output slot: the size-weighted mean of its members with 16-byte
- *                   loads, sums and sizes in fp32.
+ * mergeStepKernel runs S blocks per batch element: S = 1 once the batch fills the GPU, otherwise
+ * enough blocks to fill it, at most one per similarity tile pair. Every block
+ *   1. computes the norms of its image's metric rows (a warp per row, once per block);
+ *   2. computes its share of the 32 x 32 tile pairs on or above the diagonal of the N x N cosine
+ *      matrix: each 64-thread group one pair at a time, 4 x 4 cosines per thread, fp32 FMAs in
+ *      dimension order (so (i, j) and (j, i) agree), each cosine written to (i, j) and (j, i).
+ *      The matrix lives in shared memory when S = 1 and it fits (N up to ~215 on sm_90, ~180 on
+ *      sm_80, ~140 on sm_86/89, ~100 on sm_75), else in the workspace (L2-resident at ViT shapes).
+ * With S > 1 the block that finishes its tiles last (a ticket per batch element; the tickets are
+ * zeroed by a memset before the launch) goes on alone, after copying the matrix into shared
+ * memory when it fits. That block then
+ *   3. matches: the row reductions each method needs (energy, best match in B, redundancy), the
+ *      rankings by counting (a token's rank is how many members precede it in (key, tiebreak,
+ *      position) order, as the exporter's rank_among), slot positions by counting;
+ *   4. merges: members grouped by slot by counting, then one warp per output slot computes the
+ *      size-weighted mean of its members with 16-byte loads, sums and sizes in fp32.
  *
  * The decisions follow tokenfuse.exporter.methods exactly: stable rankings (ties go to the lower
  * position or order key), argmax picks the lowest index, a non-finite similarity scores -2.
@@ -20,6 +26,7 @@
  */
 #include "similarityEnergyMergeKernels.h"
 
+#include <atomic>
 #include <cstring>
 
 namespace tokenfuse
@@ -39,42 +46,38 @@ constexpr float kPaddingWeight = 1e-6f;
 constexpr int32_t kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-constexpr int32_t kTile = 32;  // rows of a similarity tile
-constexpr int32_t kChunk = 32; // metric dimensions staged at a time
-constexpr int32_t kMicro = 4;                   // a thread computes a 4 x 4 block of a tile
-constexpr int32_t kSimSide = kTile / kMicro;     // 8 x 8 threads
-constexpr int32_t kSimThreads = kSimSide * kSimSide;
-constexpr int32_t kSimWarps = kSimThreads / kWarpSize;
+constexpr int32_t kBlockThreads = 512;
+constexpr int32_t kSmallBlockThreads = 128; // N <= 64: two tile groups, four warps
+constexpr int32_t kSmallTokens = 64;
 
-constexpr int32_t kMatchThreads = 512;
-constexpr int32_t kSmallMatchThreads = 64; // N <= 64
-constexpr int32_t kIndexBits = 10;         // token indices < kMaxTokens = 1024
+constexpr int32_t kTile = 32;                  // rows of a similarity tile
+constexpr int32_t kChunk = 16;                 // metric dimensions staged at a time
+constexpr int32_t kMicro = 4;                  // a thread computes a 4 x 4 block of a tile
+constexpr int32_t kGroupSide = kTile / kMicro; // a tile group is 8 x 8 threads
+constexpr int32_t kGroupThreads = kGroupSide * kGroupSide;
+
+constexpr int32_t kIndexBits = 10; // token indices < kMaxTokens = 1024
 constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
 
-constexpr int32_t kMergeWarps = 8;
-constexpr int32_t kMergeThreads = kMergeWarps * kWarpSize;
-
-static_assert(kMaxTokens <= (1 << kIndexBits), "sort keys hold a token index in kIndexBits bits");
-static_assert(kMaxTokens / 2 <= kMatchThreads, "one bitonic comparator per thread and step (any N)");
+static_assert(kMaxTokens <= (1 << kIndexBits), "rank keys hold a token index in kIndexBits bits");
+static_assert(kBlockThreads % kGroupThreads == 0 && kSmallBlockThreads % kGroupThreads == 0, "whole tile groups");
 
 enum Role : uint8_t
 {
-    kNONE = 0,   // protected, or free but not merging in this step
-    kA = 1,      // source candidate
-    kB = 2,      // destination
-    kSOURCE = 3, // merges into its partner
+    kNONE = 0, // protected, or free but not in a merging set of this step
+    kA = 1,    // source candidate
+    kB = 2,    // destination
 };
 
 struct Workspace
 {
-    float* scores;    // [B, N, N] cosine similarities, NaN ones as kNonFiniteSimilarity
-    int32_t* offsets; // [B, N + 1] first member of each slot
-    int32_t* members; // [B, N] input tokens grouped by slot, in position order
+    float* scores;     // [B, N, N] cosine similarities when they are not in shared memory
+    uint32_t* tickets; // [B] blocks of each batch element that finished their tiles
 };
 
-size_t alignUp(size_t bytes)
+__host__ __device__ constexpr size_t alignUp(size_t bytes, size_t to = 256)
 {
-    return (bytes + 255) & ~size_t(255);
+    return (bytes + to - 1) / to * to;
 }
 
 Workspace carve(void* base, int32_t batch, int32_t tokens)
@@ -82,14 +85,91 @@ Workspace carve(void* base, int32_t batch, int32_t tokens)
     auto* bytes = static_cast<char*>(base);
     Workspace ws;
     ws.scores = reinterpret_cast<float*>(bytes);
-    bytes += alignUp(sizeof(float) * size_t(batch) * tokens * tokens);
-    ws.offsets = reinterpret_cast<int32_t*>(bytes);
-    bytes += alignUp(sizeof(int32_t) * size_t(batch) * (tokens + 1));
-    ws.members = reinterpret_cast<int32_t*>(bytes);
+    ws.tickets = reinterpret_cast<uint32_t*>(bytes + alignUp(sizeof(float) * size_t(batch) * tokens * tokens));
     return ws;
 }
 
-__device__ __forceinline__ int32_t minInt(int32_t a, int32_t b)
+//! A staged chunk: rows 20 floats apart, so the 16-byte reads of the rows a warp needs (4 of one
+//! tile, 8 of the other) fall on distinct banks, one shared-memory wavefront each.
+constexpr int32_t kChunkStride = kChunk + 4;
+using Chunk = float[kTile][kChunkStride];
+
+//! Dynamic shared memory: the N x N scores when they fit, then one region that holds the
+//! similarity's staging (row norms, two chunks per tile group) and afterwards the matching's
+//! per-token arrays (the phases never overlap).
+struct SharedLayout
+{
+    size_t region; // offset of the staging / per-token region
+    size_t bytes;  // the whole
+
+    __host__ __device__ static size_t stagingBytes(int32_t n, int32_t groups)
+    {
+        return alignUp(sizeof(float) * n, 16) + size_t(groups) * 2 * sizeof(Chunk);
+    }
+    __host__ __device__ static size_t tokenBytes(int32_t n)
+    {
+        return alignUp(sizeof(uint64_t) * n, 16) + 8 * alignUp(sizeof(int32_t) * (n + 1), 16) + 4 * alignUp(n, 16);
+    }
+    __host__ __device__ SharedLayout(int32_t n, int32_t groups, bool scoresInShared)
+        : region(scoresInShared ? alignUp(sizeof(float) * n * n, 16) : 0)
+    {
+        size_t const staging = stagingBytes(n, groups);
+        size_t const tokens = tokenBytes(n);
+        bytes = region + (staging > tokens ? staging : tokens);
+    }
+};
+
+//! The matching's per-token arrays, carved from the shared region.
+struct MatchShared
+{
+    uint64_t* rankKey; // (key, tiebreak, index) of the ranking being counted
+    float* key;        // the score being ranked
+    int32_t* rank;     // position in the last ranking
+    int32_t* order;    // order key of the bipartite sets
+    int32_t* slot;     // slot of a token that stays (a source takes its partner's)
+    int32_t* partner;  // where a source merges
+    int32_t* target;   // the final slot of every token
+    int32_t* members;  // tokens grouped by final slot, in position order
+    int32_t* offsets;  // [N + 1] first member of each slot
+    uint8_t* role;
+    uint8_t* merges; // a source: merges into partner
+    uint8_t* free;   // may merge: neither protected nor frozen
+    uint8_t* real;   // not padding
+
+    __device__ MatchShared(unsigned char* region, int32_t n)
+    {
+        auto const take = [&](size_t bytes) {
+            unsigned char* const at = region;
+            region += alignUp(bytes, 16);
+            return at;
+        };
+        rankKey = reinterpret_cast<uint64_t*>(take(sizeof(uint64_t) * n));
+        key = reinterpret_cast<float*>(take(sizeof(float) * (n + 1)));
+        auto const ints = [&] { return reinterpret_cast<int32_t*>(take(sizeof(int32_t) * (n + 1))); };
+        rank = ints();
+        order = ints();
+        slot = ints();
+        partner = ints();
+        target = ints();
+        members = ints();
+        offsets = ints();
+        role = take(n);
+        merges = take(n);
+        free = take(n);
+        real = take(n);
+    }
+};
+
+struct Rows
+{
+    float const* scores; // this batch element's [N, N], in shared or global memory
+    int32_t tokens;
+    int32_t lane;
+    int32_t warp;
+    int32_t warps;
+};
+
+__host__ __device__ __forceinline__ int32_t minInt(int32_t a, int32_t b)
 {
     return a < b ? a : b;
 }
@@ -163,15 +243,6 @@ __device__ __forceinline__ bool aligned16(T const* p)
     return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-__device__ __forceinline__ float warpSum(float v)
-{
-    for (int32_t offset = kWarpSize / 2; offset > 0; offset /= 2)
-    {
-        v += __shfl_xor_sync(kFullMask, v, offset);
-    }
-    return v;
-}
-
 struct ArgMax
 {
     float value;
@@ -196,50 +267,43 @@ __device__ __forceinline__ ArgMax warpArgMax(ArgMax v)
 // ---------------------------------------------------------------------------------------------
 // Similarities
 
-using Chunk = float[kTile][kChunk + 1]; // +1: lane l reads row l without bank conflicts
-using TileNorms = float[2 * kTile];
-
-//! Unit rows first..first+31, dimensions d0..d0+31, into `tile` (zeros outside the matrix).
+//! Metric rows first..first+31, dimensions d0..d0+kChunk-1, divided by their norms (F.normalize),
+//! into `tile` (zeros outside the matrix), by the `member`-th thread of a tile group.
 template <typename T>
 __device__ void stageChunk(T const* metric, int32_t n, int32_t dim, int32_t first, int32_t d0, float const* norms,
-    bool vectorised, Chunk& tile)
+    bool vectorised, int32_t member, Chunk& tile)
 {
     constexpr int32_t V = kVector<T>;
+    static_assert(kChunk % V == 0 && kChunk % 4 == 0, "a chunk holds whole 16-byte vectors");
     if (vectorised)
     {
-        for (int32_t e = threadIdx.x; e < kTile * (kChunk / V); e += blockDim.x)
+        for (int32_t e = member; e < kTile * (kChunk / V); e += kGroupThreads)
         {
             int32_t const r = e / (kChunk / V);
             int32_t const c = (e % (kChunk / V)) * V;
             float v[V];
-            if (first + r < n && d0 + c < dim)
+            bool const inside = first + r < n && d0 + c < dim;
+            if (inside)
             {
                 load16(metric + size_t(first + r) * dim + d0 + c, v);
             }
-            else
-            {
-                for (int32_t k = 0; k < V; ++k)
-                {
-                    v[k] = 0.f;
-                }
-            }
             for (int32_t k = 0; k < V; ++k)
             {
-                tile[r][c + k] = v[k] / norms[r];
+                tile[r][c + k] = inside ? v[k] / norms[first + r] : 0.f;
             }
         }
         return;
     }
-    for (int32_t e = threadIdx.x; e < kTile * kChunk; e += blockDim.x)
+    for (int32_t e = member; e < kTile * kChunk; e += kGroupThreads)
     {
         int32_t const r = e / kChunk;
         int32_t const c = e % kChunk;
         bool const inside = first + r < n && d0 + c < dim;
-        tile[r][c] = inside ? toFloat(metric[size_t(first + r) * dim + d0 + c]) / norms[r] : 0.f;
+        tile[r][c] = inside ? toFloat(metric[size_t(first + r) * dim + d0 + c]) / norms[first + r] : 0.f;
     }
 }
 
-//! The tile pair (ti, tj), ti <= tj, of the `pair`-th block, counting row by row.
+//! The tile pair (ti, tj), ti <= tj, numbered row by row.
 __device__ __forceinline__ void tilePair(int32_t pair, int32_t tiles, int32_t& ti, int32_t& tj)
 {
     ti = 0;
@@ -251,151 +315,129 @@ __device__ __forceinline__ void tilePair(int32_t pair, int32_t tiles, int32_t& t
     tj = ti + pair;
 }
 
+//! This block's share (`part` of `split`) of one batch element's cosine matrix into `scores`:
+//! row norms as F.normalize (v / max(|v|, 1e-12), a thread per row adding its squares in dimension
+//! order, so a row's loads are in flight together), then the tile pairs, one per 64-thread group
+//! at a time.
 template <typename T>
-__global__ void __launch_bounds__(kSimThreads)
-    similarityKernel(MergeParams p, T const* metric, float const* valid, Workspace ws)
+__device__ void similarities(MergeParams const& p, T const* metric, float const* valid, int32_t part, int32_t split,
+    float* norms, Chunk* chunks, float* scores)
 {
-    TF_SHARED(Chunk, rowsI);
-    TF_SHARED(Chunk, rowsJ);
-    TF_SHARED(TileNorms, norms);
     int32_t const n = p.tokens;
     int32_t const dim = p.metricDim;
-    int32_t const tiles = (n + kTile - 1) / kTile;
-    int32_t const pairs = tiles * (tiles + 1) / 2;
-    int32_t const b = blockIdx.x / pairs;
-    int32_t ti;
-    int32_t tj;
-    tilePair(blockIdx.x % pairs, tiles, ti, tj);
-    int32_t const i0 = ti * kTile;
-    int32_t const j0 = tj * kTile;
-    int32_t const lane = threadIdx.x % kWarpSize;
-    int32_t const warp = threadIdx.x / kWarpSize;
-    T const* m = metric + size_t(b) * n * dim;
-
-    // Row norms as F.normalize: v / max(|v|, 1e-12); one warp per row, the same order for every row.
-    for (int32_t r = warp; r < 2 * kTile; r += kSimWarps)
+    bool const vectorised = dim % kVector<T> == 0 && aligned16(metric);
+    for (int32_t row = threadIdx.x; row < n; row += blockDim.x)
     {
-        int32_t const row = r < kTile ? i0 + r : j0 + r - kTile;
+        T const* values = metric + size_t(row) * dim;
         float squares = 0.f;
-        for (int32_t d = lane; row < n && d < dim; d += kWarpSize)
+        for (int32_t d = 0; vectorised && d < dim; d += kVector<T>)
         {
-            float const v = toFloat(m[size_t(row) * dim + d]);
+            float v[kVector<T>];
+            load16(values + d, v);
+            for (int32_t k = 0; k < kVector<T>; ++k)
+            {
+                squares = fmaf(v[k], v[k], squares);
+            }
+        }
+        for (int32_t d = 0; !vectorised && d < dim; ++d)
+        {
+            float const v = toFloat(values[d]);
             squares = fmaf(v, v, squares);
         }
-        squares = warpSum(squares);
-        if (lane == 0)
-        {
-            norms[r] = fmaxf(sqrtf(squares), 1e-12f);
-        }
+        norms[row] = fmaxf(sqrtf(squares), 1e-12f);
     }
     __syncthreads();
 
-    // Thread (ty, tx) owns rows ty + 8a and columns tx + 8c (a, c < 4): per dimension 8 shared
-    // loads (conflict-free: rows are 33 floats apart) feed 16 FMAs.
-    int32_t const tx = threadIdx.x % kSimSide;
-    int32_t const ty = threadIdx.x / kSimSide;
-    bool const vectorised = dim % kVector<T> == 0 && aligned16(metric);
-    float acc[kMicro][kMicro];
-    for (int32_t a = 0; a < kMicro; ++a)
+    // Thread (ty, tx) of a group owns rows ty + 8a and columns tx + 8c (a, c < 4) of its tile pair:
+    // per four dimensions 8 shared 16-byte reads feed 64 FMAs.
+    int32_t const tiles = (n + kTile - 1) / kTile;
+    int32_t const pairs = tiles * (tiles + 1) / 2;
+    int32_t const groups = blockDim.x / kGroupThreads;
+    int32_t const group = threadIdx.x / kGroupThreads;
+    int32_t const member = threadIdx.x % kGroupThreads;
+    int32_t const tx = member % kGroupSide;
+    int32_t const ty = member / kGroupSide;
+    Chunk& rowsI = chunks[2 * group];
+    Chunk& rowsJ = chunks[2 * group + 1];
+    for (int32_t first = part * groups; first < pairs; first += split * groups) // the same trips for the whole block
     {
-        for (int32_t c = 0; c < kMicro; ++c)
+        int32_t const pair = first + group;
+        bool const active = pair < pairs;
+        int32_t ti = 0;
+        int32_t tj = 0;
+        if (active)
         {
-            acc[a][c] = 0.f;
+            tilePair(pair, tiles, ti, tj);
         }
-    }
-    for (int32_t d0 = 0; d0 < dim; d0 += kChunk)
-    {
-        stageChunk(m, n, dim, i0, d0, norms, vectorised, rowsI);
-        stageChunk(m, n, dim, j0, d0, norms + kTile, vectorised, rowsJ);
-        __syncthreads();
-        int32_t const width = minInt(kChunk, dim - d0);
-        for (int32_t d = 0; d < width; ++d)
+        int32_t const i0 = ti * kTile;
+        int32_t const j0 = tj * kTile;
+        float acc[kMicro][kMicro] = {};
+        for (int32_t d0 = 0; d0 < dim; d0 += kChunk)
         {
-            float ai[kMicro];
-            float bj[kMicro];
-#pragma unroll
-            for (int32_t k = 0; k < kMicro; ++k)
+            if (active)
             {
-                ai[k] = rowsI[ty + kSimSide * k][d];
-                bj[k] = rowsJ[tx + kSimSide * k][d];
+                stageChunk(metric, n, dim, i0, d0, norms, vectorised, member, rowsI);
+                stageChunk(metric, n, dim, j0, d0, norms, vectorised, member, rowsJ);
             }
-#pragma unroll
-            for (int32_t a = 0; a < kMicro; ++a)
+            __syncthreads();
+            // Four dimensions per 16-byte read; past the metric's width the chunk holds zeros, and
+            // fmaf(0, 0, acc) is acc, so a partial chunk adds whole quads.
+            int32_t const width = active ? minInt(kChunk, dim - d0) : 0;
+            for (int32_t d = 0; d < width; d += 4)
             {
+                float4 ai[kMicro];
+                float4 bj[kMicro];
 #pragma unroll
-                for (int32_t c = 0; c < kMicro; ++c)
+                for (int32_t k = 0; k < kMicro; ++k)
                 {
-                    acc[a][c] = fmaf(ai[a], bj[c], acc[a][c]); // d order: (i,j) and (j,i) agree
+                    ai[k] = *reinterpret_cast<float4 const*>(&rowsI[ty + kGroupSide * k][d]);
+                    bj[k] = *reinterpret_cast<float4 const*>(&rowsJ[tx + kGroupSide * k][d]);
+                }
+#pragma unroll
+                for (int32_t a = 0; a < kMicro; ++a)
+                {
+#pragma unroll
+                    for (int32_t c = 0; c < kMicro; ++c)
+                    {
+                        // in dimension order, so (i, j) and (j, i) agree
+                        acc[a][c] = fmaf(ai[a].x, bj[c].x, acc[a][c]);
+                        acc[a][c] = fmaf(ai[a].y, bj[c].y, acc[a][c]);
+                        acc[a][c] = fmaf(ai[a].z, bj[c].z, acc[a][c]);
+                        acc[a][c] = fmaf(ai[a].w, bj[c].w, acc[a][c]);
+                    }
                 }
             }
+            __syncthreads();
         }
-        __syncthreads();
-    }
-
-    // Through shared memory, so both the tile and its mirror are written a row at a time.
-    float const* realB = valid ? valid + size_t(b) * n : nullptr;
-    for (int32_t a = 0; a < kMicro; ++a)
-    {
-        for (int32_t c = 0; c < kMicro; ++c)
+        for (int32_t a = 0; active && a < kMicro; ++a)
         {
-            int32_t const i = i0 + ty + kSimSide * a;
-            int32_t const j = j0 + tx + kSimSide * c;
-            float s = acc[a][c];
-            s = isnan(s) ? kNonFiniteSimilarity : s;
-            if (realB && i < n && j < n) // separate_padding: (s + 4 * both padding) - 8 * mixed
+            for (int32_t c = 0; c < kMicro; ++c)
             {
-                bool const padI = !(realB[i] > 0.5f);
-                bool const padJ = !(realB[j] > 0.5f);
-                s = padI && padJ ? s + kPadBonus : (padI != padJ ? s - kMixedPenalty : s);
+                int32_t const i = i0 + ty + kGroupSide * a;
+                int32_t const j = j0 + tx + kGroupSide * c;
+                if (i >= n || j >= n)
+                {
+                    continue;
+                }
+                float s = isnan(acc[a][c]) ? kNonFiniteSimilarity : acc[a][c];
+                if (valid) // separate_padding: (s + 4 * both padding) - 8 * mixed
+                {
+                    bool const padI = !(valid[i] > 0.5f);
+                    bool const padJ = !(valid[j] > 0.5f);
+                    s = padI && padJ ? s + kPadBonus : (padI != padJ ? s - kMixedPenalty : s);
+                }
+                scores[size_t(i) * n + j] = s;
+                if (ti != tj) // a diagonal tile's mirror is its own entry of another thread
+                {
+                    scores[size_t(j) * n + i] = s;
+                }
             }
-            rowsI[ty + kSimSide * a][tx + kSimSide * c] = s;
-        }
-    }
-    __syncthreads();
-    float* scores = ws.scores + size_t(b) * n * n;
-    for (int32_t e = threadIdx.x; e < kTile * kTile; e += blockDim.x)
-    {
-        int32_t const row = e / kTile;
-        int32_t const col = e % kTile;
-        if (i0 + row < n && j0 + col < n)
-        {
-            scores[size_t(i0 + row) * n + j0 + col] = rowsI[row][col];
-        }
-        if (ti != tj && j0 + row < n && i0 + col < n)
-        {
-            scores[size_t(j0 + row) * n + i0 + col] = rowsI[col][row];
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Matching
-
-struct MatchShared
-{
-    uint64_t sortKey[kMaxTokens];
-    float key[kMaxTokens];       // the score being ranked
-    int32_t rank[kMaxTokens];    // position in the last ranking
-    int32_t order[kMaxTokens];   // order key of the bipartite sets
-    int32_t slot[kMaxTokens];    // slots before sources move
-    int32_t partner[kMaxTokens]; // where a source merges
-    int32_t scan[kMaxTokens];
-    int32_t warpTotals[kMatchThreads / kWarpSize];
-    int32_t freeCount; // tokens that may merge
-    int32_t realCount; // ... and are not padding
-    uint8_t role[kMaxTokens];
-    uint8_t free[kMaxTokens]; // may merge: neither protected nor frozen
-    uint8_t real[kMaxTokens]; // not padding
-};
-
-struct Rows
-{
-    float const* scores; // this batch element's [N, N]
-    int32_t tokens;
-    int32_t lane;
-    int32_t warp;
-    int32_t warps;
-};
 
 //! Warp-wide argmax over j of (take(j) ? score(i, j) : -BIG), the lowest j among equal maxima.
 template <typename Take>
@@ -414,15 +456,24 @@ __device__ __forceinline__ ArgMax rowArgMax(Rows const& rows, int32_t i, Take ta
     return warpArgMax(acc);
 }
 
-//! The smallest power of two >= n.
-__device__ __forceinline__ int32_t sortSize(int32_t n)
+//! How many j in [0, n) have pred(j): every thread counts for itself, reading shared memory.
+template <typename Pred>
+__device__ __forceinline__ int32_t countIf(int32_t n, Pred pred)
 {
-    int32_t size = 1;
-    while (size < n)
+    int32_t count = 0;
+    for (int32_t j = 0; j < n; ++j)
     {
-        size <<= 1;
+        count += pred(j) ? 1 : 0;
     }
-    return size;
+    return count;
+}
+
+//! The t-th row a warp loop visits: even positions first, then odd ones, so that ToMe's A tokens
+//! (even positions) spread over all warps instead of landing on the even warps only.
+__device__ __forceinline__ int32_t interleaved(int32_t t, int32_t n)
+{
+    int32_t const half = (n + 1) / 2;
+    return t < half ? 2 * t : 2 * (t - half) + 1;
 }
 
 //! Bits of a float that order descending values ascending as integers (-0 as +0, NaN last).
@@ -435,130 +486,47 @@ __device__ __forceinline__ uint32_t descendingBits(float v)
     return ~ascending;
 }
 
-//! Sorts s.sortKey[0, size) ascending; size a power of two.
-__device__ void bitonicSort(MatchShared& s, int32_t size)
-{
-    for (int32_t k = 2; k <= size; k <<= 1)
-    {
-        for (int32_t j = k >> 1; j > 0; j >>= 1)
-        {
-            for (int32_t t = threadIdx.x; t < size / 2; t += blockDim.x)
-            {
-                int32_t const i = 2 * t - (t & (j - 1));
-                uint64_t const a = s.sortKey[i];
-                uint64_t const c = s.sortKey[i + j];
-                if (((i & k) == 0) == (a > c))
-                {
-                    s.sortKey[i] = c;
-                    s.sortKey[i + j] = a;
-                }
-            }
-            __syncthreads();
-        }
-    }
-}
-
-
-//! s.rank[i] = position of member i when members are ordered by s.key descending, ties by the
-//! lower tiebreak (the position, or s.order when `byOrder`); non-members rank after all members.
+//! s.rank[i] = position of token i when members are ordered by s.key descending, ties by the
+//! lower tiebreak (the position, or s.order when `byOrder`), then position; non-members rank after
+//! all members, by position. Counted: i's rank is how many tokens have a smaller (key, tie, index).
 template <typename Member>
 __device__ void rankDescending(MatchShared& s, int32_t n, Member member, bool byOrder)
 {
-    int32_t const size = sortSize(n);
-    for (int32_t i = threadIdx.x; i < size; i += blockDim.x)
+    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        uint64_t entry = ~uint64_t(0);
-        if (i < n && member(i)) // keys and order keys of non-members may never have been written
+        uint64_t entry = (uint64_t(1) << 63) | uint64_t(i);
+        if (member(i)) // keys and order keys of non-members may never have been written
         {
             uint64_t const tie = uint64_t(byOrder ? s.order[i] : i) & kIndexMask;
             entry = (uint64_t(descendingBits(s.key[i])) << (2 * kIndexBits)) | (tie << kIndexBits) | uint64_t(i);
         }
-        else if (i < n)
-        {
-            entry = (uint64_t(1) << 63) | uint64_t(i);
-        }
-        s.sortKey[i] = entry;
-    }
-    __syncthreads();
-    bitonicSort(s, size);
-    for (int32_t p = threadIdx.x; p < n; p += blockDim.x)
-    {
-        s.rank[s.sortKey[p] & kIndexMask] = p;
-    }
-    __syncthreads();
-}
-
-//! Exclusive prefix sum of s.scan[0, count) in place; returns the total.
-__device__ int32_t exclusiveScan(MatchShared& s, int32_t count)
-{
-    int32_t const lane = threadIdx.x % kWarpSize;
-    int32_t const warp = threadIdx.x / kWarpSize;
-    int32_t const warps = blockDim.x / kWarpSize;
-    int32_t const per = (count + blockDim.x - 1) / blockDim.x;
-    int32_t const begin = minInt(threadIdx.x * per, count);
-    int32_t const end = minInt(begin + per, count);
-    int32_t local = 0;
-    for (int32_t i = begin; i < end; ++i)
-    {
-        local += s.scan[i];
-    }
-    int32_t inclusive = local;
-    for (int32_t offset = 1; offset < kWarpSize; offset <<= 1)
-    {
-        int32_t const up = __shfl_up_sync(kFullMask, inclusive, offset);
-        inclusive += lane >= offset ? up : 0;
-    }
-    if (lane == kWarpSize - 1)
-    {
-        s.warpTotals[warp] = inclusive;
-    }
-    __syncthreads();
-    if (warp == 0)
-    {
-        int32_t total = lane < warps ? s.warpTotals[lane] : 0;
-        for (int32_t offset = 1; offset < kWarpSize; offset <<= 1)
-        {
-            int32_t const up = __shfl_up_sync(kFullMask, total, offset);
-            total += lane >= offset ? up : 0;
-        }
-        __syncwarp();
-        if (lane < warps)
-        {
-            s.warpTotals[lane] = total;
-        }
-    }
-    __syncthreads();
-    int32_t running = (warp > 0 ? s.warpTotals[warp - 1] : 0) + inclusive - local;
-    for (int32_t i = begin; i < end; ++i)
-    {
-        int32_t const value = s.scan[i];
-        s.scan[i] = running;
-        running += value;
-    }
-    int32_t const total = s.warpTotals[warps - 1];
-    __syncthreads();
-    return total;
-}
-
-//! For every token with `flag(i)`: how many flagged tokens have a smaller order key `orderOf(i)`
-//! (keys unique among flagged tokens, in [0, n)), left in s.scan[orderOf(i)]. Returns their count.
-template <typename Flag, typename OrderOf>
-__device__ int32_t placeAmong(MatchShared& s, int32_t n, Flag flag, OrderOf orderOf)
-{
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
-    {
-        s.scan[i] = 0;
+        s.rankKey[i] = entry;
     }
     __syncthreads();
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        if (flag(i))
-        {
-            s.scan[orderOf(i)] = 1;
-        }
+        uint64_t const mine = s.rankKey[i];
+        s.rank[i] = countIf(n, [&](int32_t j) { return s.rankKey[j] < mine; });
     }
     __syncthreads();
-    return exclusiveScan(s, n);
+}
+
+//! Every source's partner: its most similar kB token (the lowest index on ties), a warp per row.
+__device__ void partnerSourcesWithB(MatchShared& s, Rows const& rows)
+{
+    for (int32_t t = rows.warp; t < rows.tokens; t += rows.warps)
+    {
+        int32_t const i = interleaved(t, rows.tokens);
+        if (!s.merges[i])
+        {
+            continue;
+        }
+        ArgMax const best = rowArgMax(rows, i, [&](int32_t j) { return s.role[j] == kB; });
+        if (rows.lane == 0)
+        {
+            s.partner[i] = best.index;
+        }
+    }
 }
 
 //! ToMe's bipartite soft matching between roles kA and kB (set by the caller, s.order ordering
@@ -568,8 +536,9 @@ __device__ void bipartite(MatchShared& s, Rows const& rows, MergeParams const& p
 {
     int32_t const n = rows.tokens;
     int32_t const P = p.protectedTokens;
-    for (int32_t i = rows.warp; i < n; i += rows.warps)
+    for (int32_t t = rows.warp; t < n; t += rows.warps)
     {
+        int32_t const i = interleaved(t, n);
         if (s.role[i] != kA)
         {
             continue;
@@ -583,29 +552,22 @@ __device__ void bipartite(MatchShared& s, Rows const& rows, MergeParams const& p
     }
     __syncthreads();
     rankDescending(s, n, [&](int32_t i) { return s.role[i] == kA; }, /*byOrder=*/true);
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x) // placeAmong's flag(i) runs on this same thread
+    auto const keptA = [&](int32_t j) { return s.role[j] == kA && s.rank[j] >= r; };
+    int32_t const kept = countIf(n, keptA);
+    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
+        int32_t const order = s.order[i];
         if (s.role[i] == kA && s.rank[i] < r)
         {
-            s.role[i] = kSOURCE;
+            s.merges[i] = 1;
         }
-    }
-    auto const orderOf = [&](int32_t i) { return s.order[i]; };
-    int32_t const kept = placeAmong(s, n, [&](int32_t i) { return s.role[i] == kA; }, orderOf);
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
-    {
-        if (s.role[i] == kA)
+        else if (keptA(i))
         {
-            s.slot[i] = P + s.scan[s.order[i]];
+            s.slot[i] = P + countIf(n, [&](int32_t j) { return keptA(j) && s.order[j] < order; });
         }
-    }
-    __syncthreads(); // s.scan is read above and cleared below
-    placeAmong(s, n, [&](int32_t i) { return s.role[i] == kB; }, orderOf);
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
-    {
-        if (s.role[i] == kB)
+        else if (s.role[i] == kB)
         {
-            s.slot[i] = P + kept + s.scan[s.order[i]];
+            s.slot[i] = P + kept + countIf(n, [&](int32_t j) { return s.role[j] == kB && s.order[j] < order; });
         }
     }
 }
@@ -632,7 +594,12 @@ template <typename Value>
 __device__ __forceinline__ float treeRowSum(Rows const& rows, Value value)
 {
     constexpr int32_t kLevels = 6; // a block of 2^5 elements completes at level 5
-    int32_t const block = sortSize(rows.tokens) > kWarpSize ? sortSize(rows.tokens) / kWarpSize : 1;
+    int32_t size = 1;              // the smallest power of two >= N
+    while (size < rows.tokens)
+    {
+        size <<= 1;
+    }
+    int32_t const block = size > kWarpSize ? size / kWarpSize : 1;
     float pending[kLevels];
     float sum = 0.f;
     for (int32_t e = 0; e < block; ++e)
@@ -672,30 +639,13 @@ __device__ __forceinline__ float pitomeAffinity(float sim, MergeParams const& p)
     return x > 0.f ? x : __fmul_rn(expm1f(x), p.alpha); // F.elu: alpha * expm1(x)
 }
 
-//! Every kSOURCE token's partner: its most similar kB token (the lowest index on ties), a warp per row.
-__device__ void partnerSourcesWithB(MatchShared& s, Rows const& rows)
-{
-    for (int32_t i = rows.warp; i < rows.tokens; i += rows.warps)
-    {
-        if (s.role[i] != kSOURCE)
-        {
-            continue;
-        }
-        ArgMax const best = rowArgMax(rows, i, [&](int32_t j) { return s.role[j] == kB; });
-        if (rows.lane == 0)
-        {
-            s.partner[i] = best.index;
-        }
-    }
-}
-
 __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const& p, int32_t r)
 {
     int32_t const n = rows.tokens;
     int32_t const P = p.protectedTokens;
     // Energy: mean affinity of each free token to the free real tokens (itself included); padding
     // gets BIG, so it ranks first and merges with padding.
-    float const counted = float(s.realCount);
+    float const counted = float(countIf(n, [&](int32_t j) { return s.free[j] && s.real[j]; }));
     for (int32_t i = rows.warp; i < n; i += rows.warps)
     {
         if (!s.free[i])
@@ -725,33 +675,30 @@ __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const&
         return;
     }
 
-    // The 2r highest energies merge in pairs; the other free tokens keep their energy order.
+    // The 2r highest energies merge in pairs, every A into its best B; a B token's place among B
+    // follows from its rank (B holds ranks 1, 3, .., 2r-1, or r .. 2r-1 for the text variant); the
+    // other free tokens keep their energy order after them.
+    int32_t const kept = countIf(n, [&](int32_t j) { return s.free[j] != 0; }) - 2 * r;
+    bool const text = p.variant == PitomeVariant::kTEXT;
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
         int32_t const rank = s.rank[i];
-        uint8_t role = kNONE;
-        if (s.free[i] && rank < 2 * r)
+        if (!s.free[i])
         {
-            bool const isA = p.variant == PitomeVariant::kTEXT ? rank < r : rank % 2 == 0;
-            role = isA ? kSOURCE : kB;
+            continue;
         }
-        s.role[i] = role;
+        if (rank >= 2 * r)
+        {
+            s.slot[i] = P + rank - 2 * r;
+            continue;
+        }
+        bool const isA = text ? rank < r : rank % 2 == 0;
+        s.role[i] = isA ? kA : kB;
+        s.merges[i] = isA;
+        s.slot[i] = P + kept + (text ? rank - r : rank / 2);
     }
     __syncthreads();
     partnerSourcesWithB(s, rows);
-    int32_t const kept = s.freeCount - 2 * r;
-    placeAmong(s, n, [&](int32_t i) { return s.role[i] == kB; }, [&](int32_t i) { return s.rank[i]; });
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
-    {
-        if (s.role[i] == kB)
-        {
-            s.slot[i] = P + kept + s.scan[s.rank[i]];
-        }
-        else if (s.free[i] && s.role[i] == kNONE)
-        {
-            s.slot[i] = P + s.rank[i] - 2 * r;
-        }
-    }
 }
 
 __device__ void crossgetSlots(MatchShared& s, Rows const& rows, MergeParams const& p, int32_t r)
@@ -792,132 +739,80 @@ __device__ void crossgetSlots(MatchShared& s, Rows const& rows, MergeParams cons
     rankDescending(s, n, isFree, /*byOrder=*/false);
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        s.role[i] = s.free[i] ? (s.rank[i] < r ? kSOURCE : kB) : kNONE;
+        bool const source = s.free[i] && s.rank[i] < r;
+        s.role[i] = s.free[i] ? (source ? kA : kB) : kNONE;
+        s.merges[i] = source;
     }
     __syncthreads();
     partnerSourcesWithB(s, rows);
-    placeAmong(s, n, [&](int32_t i) { return s.role[i] == kB; }, [](int32_t i) { return i; });
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
         if (s.role[i] == kB)
         {
-            s.slot[i] = P + s.scan[i];
+            s.slot[i] = P + countIf(i, [&](int32_t j) { return s.role[j] == kB; });
         }
     }
 }
 
-__global__ void __launch_bounds__(kMatchThreads)
-    matchKernel(MergeParams p, float const* clsAttn, float const* valid, float const* frozen, Workspace ws, int32_t* slotsOut)
+//! Every token's slot into `slotsOut` and the membership lists into s.members / s.offsets.
+__device__ void match(MergeParams const& p, MatchShared& s, Rows const& rows, float const* clsAttn, float const* valid,
+    float const* frozen, int32_t* slotsOut)
 {
-    TF_SHARED(MatchShared, s);
-    int32_t const b = blockIdx.x;
     int32_t const n = p.tokens;
     int32_t const K = p.outTokens;
     int32_t const r = n - K;
-    Rows const rows{ws.scores + size_t(b) * n * n, n, int32_t(threadIdx.x % kWarpSize),
-        int32_t(threadIdx.x / kWarpSize), int32_t(blockDim.x / kWarpSize)};
-
-    if (threadIdx.x == 0)
-    {
-        s.freeCount = 0;
-        s.realCount = 0;
-    }
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        bool const fixed = frozen && frozen[size_t(b) * n + i] > 0.5f;
+        bool const fixed = frozen && frozen[i] > 0.5f;
         s.free[i] = i >= p.protectedTokens && !fixed;
-        s.real[i] = !valid || valid[size_t(b) * n + i] > 0.5f;
+        s.real[i] = !valid || valid[i] > 0.5f;
         s.slot[i] = fixed && r > 0 ? K - 1 : minInt(i, K - 1); // identity when r = 0; always in [0, K)
         s.role[i] = kNONE;
+        s.merges[i] = 0;
         s.partner[i] = 0;
     }
     __syncthreads();
-    int32_t free = 0;
-    int32_t real = 0;
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
-    {
-        free += s.free[i];
-        real += s.free[i] & s.real[i];
-    }
-    atomicAdd(&s.freeCount, free);
-    atomicAdd(&s.realCount, real);
-    __syncthreads(); // PiToMe reads the counts first thing
-
     if (r > 0)
     {
         switch (p.method)
         {
         case MergeMethod::kTOME: tomeSlots(s, rows, p, r, nullptr); break;
-        case MergeMethod::kTURBO: tomeSlots(s, rows, p, r, clsAttn + size_t(b) * n); break;
+        case MergeMethod::kTURBO: tomeSlots(s, rows, p, r, clsAttn); break;
         case MergeMethod::kPITOME: pitomeSlots(s, rows, p, r); break;
         case MergeMethod::kCROSSGET: crossgetSlots(s, rows, p, r); break;
         }
     }
     __syncthreads();
-
-    // Each source takes its partner's slot; then the membership lists: sort (slot, position).
-    int32_t const size = sortSize(n);
-    for (int32_t i = threadIdx.x; i < size; i += blockDim.x)
+    // Each source takes its partner's slot; then the members of each slot, in position order.
+    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        uint64_t entry = ~uint64_t(0);
-        if (i < n)
-        {
-            int32_t const slot = s.role[i] == kSOURCE ? s.slot[s.partner[i]] : s.slot[i];
-            slotsOut[size_t(b) * n + i] = slot;
-            entry = (uint64_t(slot) << kIndexBits) | uint64_t(i);
-        }
-        s.sortKey[i] = entry;
+        s.target[i] = s.merges[i] ? s.slot[s.partner[i]] : s.slot[i];
+        slotsOut[i] = s.target[i];
     }
     __syncthreads();
-    bitonicSort(s, size);
-    int32_t* members = ws.members + size_t(b) * n;
-    int32_t* offsets = ws.offsets + size_t(b) * (n + 1);
-    for (int32_t q = threadIdx.x; q < n; q += blockDim.x)
+    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        members[q] = int32_t(s.sortKey[q] & kIndexMask);
+        int32_t const mine = s.target[i];
+        s.members[countIf(n, [&](int32_t j) { return s.target[j] < mine || (s.target[j] == mine && j < i); })] = i;
     }
     for (int32_t k = threadIdx.x; k <= K; k += blockDim.x)
     {
-        int32_t lo = 0; // first entry whose slot is >= k
-        int32_t hi = n;
-        while (lo < hi)
-        {
-            int32_t const mid = (lo + hi) / 2;
-            if (int64_t(s.sortKey[mid] >> kIndexBits) < k)
-            {
-                lo = mid + 1;
-            }
-            else
-            {
-                hi = mid;
-            }
-        }
-        offsets[k] = lo;
+        s.offsets[k] = countIf(n, [&](int32_t j) { return s.target[j] < k; });
     }
+    __syncthreads();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Merging
+
+//! One warp per output slot: the size-weighted mean of its members, its size, and for text
+//! encoders whether it holds a real token and its latest position.
 template <typename T>
-__global__ void __launch_bounds__(kMergeThreads)
-    mergeKernel(MergeParams p, T const* x, float const* size, TextTokens text, Workspace ws, T* outX, float* outSize,
-        int64_t outputs)
+__device__ void mergeSlots(MergeParams const& p, MatchShared const& s, T const* x, float const* sizes, float const* valid,
+    float const* positions, TextTokens const& text, T* outX, float* outSize, size_t firstOut)
 {
-    int64_t const g = int64_t(blockIdx.x) * kMergeWarps + threadIdx.x / kWarpSize;
-    if (g >= outputs)
-    {
-        return; // the whole warp
-    }
     int32_t const lane = threadIdx.x % kWarpSize;
-    int32_t const n = p.tokens;
-    int32_t const K = p.outTokens;
     int32_t const C = p.channels;
-    int32_t const b = int32_t(g / K);
-    int32_t const k = int32_t(g % K);
-    int32_t const* offsets = ws.offsets + size_t(b) * (n + 1);
-    int32_t const* members = ws.members + size_t(b) * n;
-    float const* sizes = size + size_t(b) * n;
-    float const* valid = text.valid ? text.valid + size_t(b) * n : nullptr;
-    int32_t const begin = offsets[k];
-    int32_t const end = offsets[k + 1];
     // A member's weight is its size; with a padding mask (merge_padded) padding weighs 1e-6 of it,
     // and a slot's size counts its real members only, unless it has none.
     auto const weight = [&](int32_t i) {
@@ -928,74 +823,146 @@ __global__ void __launch_bounds__(kMergeThreads)
         float const real = valid[i] > 0.5f ? 1.f : 0.f;
         return sizes[i] * (real + kPaddingWeight * (1.f - real));
     };
-    float total = 0.f; // the weights
-    float allSize = 0.f;
-    float realSize = 0.f;
-    float latest = -INFINITY;
-    for (int32_t m = begin; m < end; ++m)
-    {
-        int32_t const i = members[m];
-        total += weight(i);
-        allSize += sizes[i];
-        realSize += valid && valid[i] > 0.5f ? sizes[i] : 0.f;
-        latest = text.positions ? fmaxf(latest, text.positions[size_t(b) * n + i]) : latest;
-    }
-    T const* xb = x + size_t(b) * n * C;
-    T* out = outX + (size_t(b) * K + k) * C;
     constexpr int32_t V = kVector<T>;
-    if (C % V == 0 && aligned16(x) && aligned16(outX))
+    bool const vectorised = C % V == 0 && aligned16(x) && aligned16(outX);
+    for (int32_t k = threadIdx.x / kWarpSize; k < p.outTokens; k += blockDim.x / kWarpSize)
     {
-        for (int32_t c = lane * V; c < C; c += kWarpSize * V)
+        int32_t const begin = s.offsets[k];
+        int32_t const end = s.offsets[k + 1];
+        float total = 0.f; // the weights
+        float allSize = 0.f;
+        float realSize = 0.f;
+        float latest = -INFINITY;
+        for (int32_t m = begin; m < end; ++m)
         {
-            float acc[V];
-            for (int32_t e = 0; e < V; ++e)
+            int32_t const i = s.members[m];
+            total += weight(i);
+            allSize += sizes[i];
+            realSize += valid && valid[i] > 0.5f ? sizes[i] : 0.f;
+            latest = positions ? fmaxf(latest, positions[i]) : latest;
+        }
+        T* out = outX + size_t(k) * C;
+        if (vectorised)
+        {
+            for (int32_t c = lane * V; c < C; c += kWarpSize * V)
             {
-                acc[e] = 0.f;
-            }
-            for (int32_t m = begin; m < end; ++m)
-            {
-                int32_t const i = members[m];
-                float const w = weight(i);
-                float v[V];
-                load16(xb + size_t(i) * C + c, v);
+                float acc[V] = {};
+                for (int32_t m = begin; m < end; ++m)
+                {
+                    int32_t const i = s.members[m];
+                    float const w = weight(i);
+                    float v[V];
+                    load16(x + size_t(i) * C + c, v);
+                    for (int32_t e = 0; e < V; ++e)
+                    {
+                        acc[e] = fmaf(v[e], w, acc[e]);
+                    }
+                }
                 for (int32_t e = 0; e < V; ++e)
                 {
-                    acc[e] = fmaf(v[e], w, acc[e]);
+                    acc[e] = acc[e] / total;
                 }
+                store16(acc, out + c);
             }
-            for (int32_t e = 0; e < V; ++e)
+        }
+        else
+        {
+            for (int32_t c = lane; c < C; c += kWarpSize)
             {
-                acc[e] = acc[e] / total;
+                float acc = 0.f;
+                for (int32_t m = begin; m < end; ++m)
+                {
+                    int32_t const i = s.members[m];
+                    acc = fmaf(toFloat(x[size_t(i) * C + c]), weight(i), acc);
+                }
+                storeOne(acc / total, out + c);
             }
-            store16(acc, out + c);
         }
-    }
-    else
-    {
-        for (int32_t c = lane; c < C; c += kWarpSize)
+        if (lane == 0)
         {
-            float acc = 0.f;
-            for (int32_t m = begin; m < end; ++m)
+            size_t const o = firstOut + k;
+            outSize[o] = !valid ? total : (realSize > 0.f ? realSize : allSize);
+            if (text.outValid)
             {
-                int32_t const i = members[m];
-                acc = fmaf(toFloat(xb[size_t(i) * C + c]), weight(i), acc);
+                text.outValid[o] = realSize > 0.f ? 1.f : 0.f;
             }
-            storeOne(acc / total, out + c);
+            if (text.outPositions)
+            {
+                text.outPositions[o] = latest;
+            }
         }
     }
-    if (lane == 0)
+}
+
+template <typename T>
+struct StepArgs
+{
+    T const* x;
+    T const* metric;
+    float const* size;
+    float const* clsAttn;
+    TextTokens text;
+    T* outX;
+    float* outSize;
+    int32_t* slots;
+    Workspace ws;
+    int32_t split;       // blocks per batch element
+    bool scoresInShared; // the N x N matrix fits in shared memory
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads) mergeStepKernel(MergeParams p, StepArgs<T> a)
+{
+    TF_DYNAMIC_SHARED(shared);
+    TF_SHARED(int32_t, lastBlock);
+    int32_t const n = p.tokens;
+    int32_t const K = p.outTokens;
+    int32_t const b = blockIdx.x / a.split;
+    size_t const tokens = size_t(b) * n;
+    SharedLayout const layout(n, blockDim.x / kGroupThreads, a.scoresInShared);
+    unsigned char* const region = shared + layout.region;
+    float* const global = a.ws.scores + tokens * n;
+    float* const scores = a.scoresInShared ? reinterpret_cast<float*>(shared) : global;
+    float const* valid = a.text.valid ? a.text.valid + tokens : nullptr;
+    if (threadIdx.x == 0)
     {
-        size_t const o = size_t(b) * K + k;
-        outSize[o] = !valid ? total : (realSize > 0.f ? realSize : allSize);
-        if (text.outValid)
+        lastBlock = 0; // ordered before the tickets by the row norms' barrier
+    }
+    similarities(p, a.metric + tokens * p.metricDim, valid, blockIdx.x % a.split, a.split, reinterpret_cast<float*>(region),
+        reinterpret_cast<Chunk*>(region + alignUp(sizeof(float) * n, 16)), a.split > 1 ? global : scores);
+
+    // With S > 1 the block whose warp takes an image's last ticket goes on: each warp's lanes fence
+    // their tiles before the warp's ticket, and that block has loaded none of them (no stale
+    // cache line). With S = 1 the matching's first barrier orders the tiles before any read.
+    if (a.split > 1)
+    {
+        __threadfence();
+        __syncwarp();
+        if (threadIdx.x % kWarpSize == 0
+            && atomicAdd(&a.ws.tickets[b], 1u) == unsigned(a.split * (blockDim.x / kWarpSize) - 1))
         {
-            text.outValid[o] = realSize > 0.f ? 1.f : 0.f;
+            lastBlock = 1;
         }
-        if (text.outPositions)
+        __syncthreads();
+        if (!lastBlock)
         {
-            text.outPositions[o] = latest;
+            return;
+        }
+        __threadfence();
+        for (size_t e = threadIdx.x; a.scoresInShared && e < size_t(n) * n; e += blockDim.x)
+        {
+            scores[e] = global[e];
         }
     }
+
+    MatchShared s(region, n);
+    Rows const rows{scores, n, int32_t(threadIdx.x % kWarpSize), int32_t(threadIdx.x / kWarpSize),
+        int32_t(blockDim.x / kWarpSize)};
+    match(p, s, rows, a.clsAttn ? a.clsAttn + tokens : nullptr, valid, a.text.frozen ? a.text.frozen + tokens : nullptr,
+        a.slots + tokens);
+    mergeSlots(p, s, a.x + tokens * p.channels, a.size + tokens, valid,
+        a.text.positions ? a.text.positions + tokens : nullptr, a.text, a.outX + size_t(b) * K * p.channels, a.outSize,
+        size_t(b) * K);
 }
 
 } // namespace
@@ -1007,10 +974,49 @@ int32_t maxRemovable(MergeMethod method, int32_t tokens, int32_t protectedTokens
     return limit > 0 ? limit : 0;
 }
 
+LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device)
+{
+    LaunchPlan plan;
+    plan.threads = tokens <= kSmallTokens ? kSmallBlockThreads : kBlockThreads;
+    int32_t const groups = plan.threads / kGroupThreads;
+    int32_t const tiles = (tokens + kTile - 1) / kTile;
+    int32_t const pairs = tiles * (tiles + 1) / 2;
+    // Enough blocks to fill the GPU, up to one per tile pair of an image.
+    int32_t const fill = (device.multiprocessors + batch - 1) / batch;
+    plan.split = batch >= device.multiprocessors ? 1 : minInt(pairs, fill);
+    plan.scoresInShared = SharedLayout(tokens, groups, true).bytes <= device.sharedPerBlock;
+    plan.sharedBytes = SharedLayout(tokens, groups, plan.scoresInShared).bytes;
+    return plan;
+}
+
 size_t mergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t /*metricDim*/)
 {
-    return alignUp(sizeof(float) * size_t(batch) * tokens * tokens) + alignUp(sizeof(int32_t) * size_t(batch) * (tokens + 1))
-        + alignUp(sizeof(int32_t) * size_t(batch) * tokens);
+    return alignUp(sizeof(float) * size_t(batch) * tokens * tokens) + alignUp(sizeof(uint32_t) * size_t(batch));
+}
+
+//! Lets mergeStepKernel<T> use `bytes` of dynamic shared memory on `device`. Set once per device and
+//! size (a host call, kept out of the launches that a CUDA graph captures), and only past the 48 KiB
+//! every launch may use.
+template <typename T>
+cudaError_t allowSharedBytes(size_t bytes, TfDevice const& device)
+{
+    constexpr size_t kDefaultShared = 48 * 1024;
+    constexpr int32_t kDevices = 64;
+    static std::atomic<size_t> allowed[kDevices] = {};
+    bool const cached = device.ordinal >= 0 && device.ordinal < kDevices;
+    if (bytes <= kDefaultShared || (cached && bytes <= allowed[device.ordinal].load()))
+    {
+        return cudaSuccess;
+    }
+    cudaError_t const status = tfAllowDynamicShared(mergeStepKernel<T>, bytes);
+    if (status == cudaSuccess && cached)
+    {
+        size_t seen = allowed[device.ordinal].load();
+        while (seen < bytes && !allowed[device.ordinal].compare_exchange_weak(seen, bytes))
+        {
+        }
+    }
+    return status;
 }
 
 template <typename T>
@@ -1032,31 +1038,30 @@ cudaError_t launchSimilarityEnergyMerge(MergeParams const& p, T const* x, T cons
     {
         return cudaSuccess;
     }
-    Workspace const ws = carve(workspace, p.batch, p.tokens);
-    int32_t const tiles = (p.tokens + kTile - 1) / kTile;
-    int64_t const simBlocks = int64_t(p.batch) * tiles * (tiles + 1) / 2;
-    int64_t const outputs = int64_t(p.batch) * p.outTokens;
-    int64_t const mergeBlocks = (outputs + kMergeWarps - 1) / kMergeWarps;
-    if (simBlocks > 0x7fffffff || mergeBlocks > 0x7fffffff)
+    TfDevice device;
+    cudaError_t status = tfDeviceLimits(device);
+    if (status != cudaSuccess)
+    {
+        return status;
+    }
+    LaunchPlan const plan = planLaunch(p.batch, p.tokens, device);
+    if (plan.sharedBytes > device.sharedPerBlock || int64_t(p.batch) * plan.split > 0x7fffffff)
     {
         return cudaErrorInvalidValue;
     }
-    cudaError_t status = tfLaunch(similarityKernel<T>, dim3(uint32_t(simBlocks)), dim3(kSimThreads), 0, stream, p,
-        metric, text.valid, ws);
+    Workspace const ws = carve(workspace, p.batch, p.tokens);
+    status = allowSharedBytes<T>(plan.sharedBytes, device);
+    if (status == cudaSuccess && plan.split > 1)
+    {
+        status = tfMemsetAsync(ws.tickets, 0, sizeof(uint32_t) * p.batch, stream);
+    }
     if (status != cudaSuccess)
     {
         return status;
     }
-    // Rows are independent, so more warps mean more loads in flight: the match of one batch element
-    // is latency-bound.
-    int32_t const matchThreads = p.tokens <= kSmallMatchThreads ? kSmallMatchThreads : kMatchThreads;
-    status = tfLaunch(matchKernel, dim3(p.batch), dim3(matchThreads), 0, stream, p, clsAttn, text.valid, text.frozen, ws, slots);
-    if (status != cudaSuccess)
-    {
-        return status;
-    }
-    return tfLaunch(mergeKernel<T>, dim3(uint32_t(mergeBlocks)), dim3(kMergeThreads), 0, stream, p, x, size, text, ws,
-        outX, outSize, outputs);
+    StepArgs<T> const args{x, metric, size, clsAttn, text, outX, outSize, slots, ws, plan.split, plan.scoresInShared};
+    return tfLaunch(mergeStepKernel<T>, dim3(uint32_t(p.batch * plan.split)), dim3(plan.threads), plan.sharedBytes, stream,
+        p, args);
 }
 
 template cudaError_t launchSimilarityEnergyMerge<float>(MergeParams const&, float const*, float const*, float const*,
@@ -1082,6 +1087,22 @@ extern "C" cudaError_t tokenfuseMergeHalf(tokenfuse::MergeParams const* params, 
 {
     return tokenfuse::launchSimilarityEnergyMerge(*params, x, metric, size, clsAttn, outX, outSize, slots, workspace, stream,
         tokenfuse::TextTokens{valid, frozen, positions, outValid, outPositions});
+}
+
+extern "C" cudaError_t tokenfuseMergeLaunchPlan(int32_t batch, int32_t tokens, int32_t* blocksPerImage, int32_t* threads,
+    size_t* sharedBytes, int32_t* scoresInShared)
+{
+    TfDevice device;
+    cudaError_t const status = batch >= 1 && tokens >= 1 ? tfDeviceLimits(device) : cudaErrorInvalidValue;
+    if (status == cudaSuccess)
+    {
+        tokenfuse::LaunchPlan const plan = tokenfuse::planLaunch(batch, tokens, device);
+        *blocksPerImage = plan.split;
+        *threads = plan.threads;
+        *sharedBytes = plan.sharedBytes;
+        *scoresInShared = plan.scoresInShared;
+    }
+    return status;
 }
 
 extern "C" size_t tokenfuseMergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t metricDim)

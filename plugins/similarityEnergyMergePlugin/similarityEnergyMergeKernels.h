@@ -60,7 +60,21 @@ struct TextTokens
 //! The most tokens `method` can remove from `tokens` in one step (as the exporter's max_removable).
 int32_t maxRemovable(MergeMethod method, int32_t tokens, int32_t protectedTokens);
 
-//! Scratch memory the launch needs: the [B, N, N] fp32 similarities and the slot membership lists.
+//! How one merge step launches on a device: `split` blocks per batch element of `threads` threads,
+//! with `sharedBytes` of dynamic shared memory, which holds the N x N similarities when
+//! `scoresInShared` (else they go through the workspace).
+struct LaunchPlan
+{
+    int32_t split;
+    int32_t threads;
+    size_t sharedBytes;
+    bool scoresInShared;
+};
+
+LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device);
+
+//! Scratch memory the launch needs: the [B, N, N] fp32 similarities (when they do not fit in shared
+//! memory, or an image spreads over several blocks) and a ticket per batch element.
 size_t mergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t metricDim);
 
 //! Match and merge: `slots` [B, N] gets each input token's output slot, `outX` [B, K, C] the
@@ -87,4 +101,7 @@ TOKENFUSE_API cudaError_t tokenfuseMergeHalf(tokenfuse::MergeParams const* param
     cudaStream_t stream, float const* valid, float const* frozen, float const* positions, float* outValid,
     float* outPositions);
 TOKENFUSE_API size_t tokenfuseMergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t metricDim);
+//! The launch `tokenfuseMerge*` makes on the current device for this batch and token count.
+TOKENFUSE_API cudaError_t tokenfuseMergeLaunchPlan(int32_t batch, int32_t tokens, int32_t* blocksPerImage,
+    int32_t* threads, size_t* sharedBytes, int32_t* scoresInShared);
 }

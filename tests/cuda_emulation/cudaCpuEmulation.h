@@ -235,6 +235,8 @@ namespace tfemu
 constexpr unsigned kMaxBlockThreads = 1024;
 constexpr unsigned kMaxGridYZ = 65535;
 constexpr size_t kMaxSharedBytes = 99 * 1024;
+//! Multiprocessors the emulated device reports: few, so that small batches spread over several blocks.
+constexpr int kMultiprocessors = 8;
 // Room past the limit so an oversized kernel still runs its block and the launch reports the error.
 constexpr size_t kArenaBytes = 2 * kMaxSharedBytes;
 
