@@ -93,8 +93,8 @@ def test_library_exports_the_loading_entry_points(library):
                    "tokenfuseMergeLaunchPlan"):
         assert hasattr(loaded, symbol), symbol
     loaded.tokenfuseMergeWorkspaceSize.restype = ctypes.c_size_t
-    # similarities [2,197,197] fp32 + a ticket per batch element, each 256-byte aligned
-    assert loaded.tokenfuseMergeWorkspaceSize(2, 197, 64) == 310528 + 256
+    # similarities [2,197,197] fp32, PiToMe's partial sums [2,197,8] fp32, a ticket per batch element, each 256-byte aligned
+    assert loaded.tokenfuseMergeWorkspaceSize(2, 197, 64) == 310528 + 12800 + 256
 
 
 def fatbin_entries(data: bytes) -> list[tuple[str, int]]:

@@ -72,6 +72,7 @@ enum Role : uint8_t
 struct Workspace
 {
     float* scores;     // [B, N, N] cosine similarities when they are not in shared memory
+    float* partials;   // [B, N, T'] PiToMe: each row's affinity sum over each 32-column tile (T' a power of two)
     uint32_t* tickets; // [B] blocks of each batch element that finished their tiles
 };
 
@@ -80,12 +81,26 @@ __host__ __device__ constexpr size_t alignUp(size_t bytes, size_t to = 256)
     return (bytes + to - 1) / to * to;
 }
 
+//! The smallest power of two >= the 32-token tiles of N: PiToMe's partial sums per row.
+__host__ __device__ constexpr int32_t tileSlots(int32_t tokens)
+{
+    int32_t slots = 1;
+    while (slots * kTile < tokens)
+    {
+        slots <<= 1;
+    }
+    return slots;
+}
+
 Workspace carve(void* base, int32_t batch, int32_t tokens)
 {
     auto* bytes = static_cast<char*>(base);
     Workspace ws;
     ws.scores = reinterpret_cast<float*>(bytes);
-    ws.tickets = reinterpret_cast<uint32_t*>(bytes + alignUp(sizeof(float) * size_t(batch) * tokens * tokens));
+    bytes += alignUp(sizeof(float) * size_t(batch) * tokens * tokens);
+    ws.partials = reinterpret_cast<float*>(bytes);
+    bytes += alignUp(sizeof(float) * size_t(batch) * tokens * tileSlots(tokens));
+    ws.tickets = reinterpret_cast<uint32_t*>(bytes);
     return ws;
 }
 
@@ -267,6 +282,50 @@ __device__ __forceinline__ ArgMax warpArgMax(ArgMax v)
 // ---------------------------------------------------------------------------------------------
 // Similarities
 
+__device__ __forceinline__ float pitomeAffinity(float sim, MergeParams const& p)
+{
+    if (p.variant == PitomeVariant::kTEXT)
+    {
+        float const t = (1.f - sim) / (1.f - p.margin);
+        return expf(-(t * t) / 2.f);
+    }
+    float const x = __fsub_rn(sim, p.margin);
+    return x > 0.f ? x : __fmul_rn(expm1f(x), p.alpha); // F.elu: alpha * expm1(x)
+}
+
+//! value(0) + .. + value(count - 1) as a binary tree over `count` leaves (a power of two, at most
+//! 32): neighbouring pairs added level by level, the left one first. A binary counter: after leaf e,
+//! level h holds a pending partial sum exactly when bit h of e + 1 is set, so leaf e carries through
+//! the levels of its trailing one bits. Levels are indexed by unrolled constants, so the pending
+//! sums stay in registers (a stack indexed at run time would live in local memory).
+template <typename Value>
+__device__ __forceinline__ float treeSum(int32_t count, Value value)
+{
+    constexpr int32_t kLevels = 6; // 32 leaves complete at level 5
+    float pending[kLevels];
+    float sum = 0.f;
+    for (int32_t e = 0; e < count; ++e)
+    {
+        float v = value(e);
+        int32_t const carries = __ffs(~e) - 1; // e's trailing one bits
+#pragma unroll
+        for (int32_t h = 0; h < kLevels; ++h)
+        {
+            if (h < carries)
+            {
+                v = pending[h] + v;
+            }
+            else if (h == carries)
+            {
+                pending[h] = v;
+            }
+        }
+        sum = v; // after the last leaf, the whole tree
+    }
+    return sum;
+}
+
+
 //! Metric rows first..first+31, dimensions d0..d0+kChunk-1, divided by their norms (F.normalize),
 //! into `tile` (zeros outside the matrix), by the `member`-th thread of a tile group.
 template <typename T>
@@ -319,9 +378,25 @@ __device__ __forceinline__ void tilePair(int32_t pair, int32_t tiles, int32_t& t
 //! row norms as F.normalize (v / max(|v|, 1e-12), a thread per row adding its squares in dimension
 //! order, so a row's loads are in flight together), then the tile pairs, one per 64-thread group
 //! at a time.
+//! PiToMe's energy terms, summed where the cosines are computed: for every row, the affinities to
+//! the counted tokens (free and real) of each 32-column tile, as a 32-leaf tree; the matching adds
+//! a row's tiles as a tree on top, so every row adds its N affinities in one fixed order.
+struct EnergyTiles
+{
+    float* partials; // this batch element's [N, tileSlots(N)]; null: not PiToMe
+    float const* frozen;
+    float const* valid;
+    int32_t protectedTokens;
+
+    __device__ bool counted(int32_t j) const
+    {
+        return j >= protectedTokens && !(frozen && frozen[j] > 0.5f) && (!valid || valid[j] > 0.5f);
+    }
+};
+
 template <typename T>
 __device__ void similarities(MergeParams const& p, T const* metric, float const* valid, int32_t part, int32_t split,
-    float* norms, Chunk* chunks, float* scores)
+    float* norms, Chunk* chunks, float* scores, EnergyTiles const& energy)
 {
     int32_t const n = p.tokens;
     int32_t const dim = p.metricDim;
@@ -409,17 +484,21 @@ __device__ void similarities(MergeParams const& p, T const* metric, float const*
             }
             __syncthreads();
         }
+        // The group's two chunks (free after the barrier above) take the tile's affinities.
+        using AffinityTile = float[kTile][kTile + 1];
+        static_assert(sizeof(AffinityTile) <= 2 * sizeof(Chunk), "a tile's affinities fit in its group's chunks");
+        AffinityTile& affinity = *reinterpret_cast<AffinityTile*>(&rowsI);
         for (int32_t a = 0; active && a < kMicro; ++a)
         {
             for (int32_t c = 0; c < kMicro; ++c)
             {
                 int32_t const i = i0 + ty + kGroupSide * a;
                 int32_t const j = j0 + tx + kGroupSide * c;
+                float s = isnan(acc[a][c]) ? kNonFiniteSimilarity : acc[a][c];
                 if (i >= n || j >= n)
                 {
-                    continue;
+                    continue; // a sum reads no affinity outside the matrix
                 }
-                float s = isnan(acc[a][c]) ? kNonFiniteSimilarity : acc[a][c];
                 if (valid) // separate_padding: (s + 4 * both padding) - 8 * mixed
                 {
                     bool const padI = !(valid[i] > 0.5f);
@@ -431,8 +510,31 @@ __device__ void similarities(MergeParams const& p, T const* metric, float const*
                 {
                     scores[size_t(j) * n + i] = s;
                 }
+                if (energy.partials)
+                {
+                    affinity[ty + kGroupSide * a][tx + kGroupSide * c] = pitomeAffinity(s, p);
+                }
             }
         }
+        if (!energy.partials)
+        {
+            continue;
+        }
+        // A thread per row of the tile (its columns' sum) and per column (its mirror row's sum).
+        __syncthreads();
+        int32_t const m = member % kTile;
+        int32_t const slots = tileSlots(n);
+        if (active && member < kTile && i0 + m < n)
+        {
+            energy.partials[size_t(i0 + m) * slots + tj] = treeSum(
+                kTile, [&](int32_t e) { return j0 + e < n && energy.counted(j0 + e) ? affinity[m][e] : 0.f; });
+        }
+        else if (active && member >= kTile && ti != tj && j0 + m < n)
+        {
+            energy.partials[size_t(j0 + m) * slots + ti] = treeSum(
+                kTile, [&](int32_t e) { return i0 + e < n && energy.counted(i0 + e) ? affinity[e][m] : 0.f; });
+        }
+        __syncthreads(); // before the next tiles' staging overwrites the affinities
     }
 }
 
@@ -583,84 +685,24 @@ __device__ void tomeSlots(MatchShared& s, Rows const& rows, MergeParams const& p
     bipartite(s, rows, p, r, penalty);
 }
 
-//! Warp-wide sum of value(j) over j < N in one fixed order for every row: zero-padded to a power
-//! of two, neighbouring pairs added level by level. Lane l adds its contiguous block (a power of two
-//! of at most kMaxTokens / kWarpSize = 2^5 elements) as a subtree, then the xor butterfly with rising
-//! offsets adds the blocks. The subtree is a binary counter: after element e, level h holds a
-//! pending partial sum exactly when bit h of e + 1 is set, so adding element e carries through the
-//! levels of e's trailing one bits. Levels are indexed by unrolled constants, so the pending sums
-//! stay in registers (a stack indexed at run time would live in local memory).
-template <typename Value>
-__device__ __forceinline__ float treeRowSum(Rows const& rows, Value value)
-{
-    constexpr int32_t kLevels = 6; // a block of 2^5 elements completes at level 5
-    int32_t size = 1;              // the smallest power of two >= N
-    while (size < rows.tokens)
-    {
-        size <<= 1;
-    }
-    int32_t const block = size > kWarpSize ? size / kWarpSize : 1;
-    float pending[kLevels];
-    float sum = 0.f;
-    for (int32_t e = 0; e < block; ++e)
-    {
-        int32_t const j = rows.lane * block + e;
-        float v = j < rows.tokens ? value(j) : 0.f;
-        int32_t const carries = __ffs(~e) - 1; // e's trailing one bits
-#pragma unroll
-        for (int32_t h = 0; h < kLevels; ++h)
-        {
-            if (h < carries)
-            {
-                v = pending[h] + v; // the older (left) partial first, as the exporter adds pairs
-            }
-            else if (h == carries)
-            {
-                pending[h] = v;
-            }
-        }
-        sum = v; // after the block's last element, the whole subtree
-    }
-    for (int32_t offset = 1; offset < kWarpSize; offset <<= 1)
-    {
-        sum += __shfl_xor_sync(kFullMask, sum, offset);
-    }
-    return sum;
-}
-
-__device__ __forceinline__ float pitomeAffinity(float sim, MergeParams const& p)
-{
-    if (p.variant == PitomeVariant::kTEXT)
-    {
-        float const t = (1.f - sim) / (1.f - p.margin);
-        return expf(-(t * t) / 2.f);
-    }
-    float const x = __fsub_rn(sim, p.margin);
-    return x > 0.f ? x : __fmul_rn(expm1f(x), p.alpha); // F.elu: alpha * expm1(x)
-}
-
-__device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const& p, int32_t r)
+__device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const& p, int32_t r, float const* partials)
 {
     int32_t const n = rows.tokens;
     int32_t const P = p.protectedTokens;
-    // Energy: mean affinity of each free token to the free real tokens (itself included); padding
-    // gets BIG, so it ranks first and merges with padding.
+    // Energy: mean affinity of each free token to the free real tokens (itself included), its
+    // tiles' partial sums added as a tree; padding gets BIG, so it ranks first and merges with padding.
     float const counted = float(countIf(n, [&](int32_t j) { return s.free[j] && s.real[j]; }));
-    for (int32_t i = rows.warp; i < n; i += rows.warps)
+    int32_t const tiles = (n + kTile - 1) / kTile;
+    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        if (!s.free[i])
+        if (s.free[i])
         {
-            continue;
-        }
-        float const* row = rows.scores + size_t(i) * n;
-        float const energy
-            = treeRowSum(rows, [&](int32_t j) { return s.free[j] && s.real[j] ? pitomeAffinity(row[j], p) : 0.f; });
-        if (rows.lane == 0)
-        {
+            float const* row = partials + size_t(i) * tileSlots(n);
+            float const energy = treeSum(tileSlots(n), [&](int32_t t) { return t < tiles ? row[t] : 0.f; });
             s.key[i] = s.real[i] ? energy / counted : kBig;
         }
     }
-    __syncthreads();
+    // rankDescending reads key[i] first on the thread that wrote it
     rankDescending(s, n, [&](int32_t i) { return s.free[i] != 0; }, /*byOrder=*/false);
 
     if (p.variant == PitomeVariant::kBSM)
@@ -756,7 +798,7 @@ __device__ void crossgetSlots(MatchShared& s, Rows const& rows, MergeParams cons
 
 //! Every token's slot into `slotsOut` and the membership lists into s.members / s.offsets.
 __device__ void match(MergeParams const& p, MatchShared& s, Rows const& rows, float const* clsAttn, float const* valid,
-    float const* frozen, int32_t* slotsOut)
+    float const* frozen, float const* partials, int32_t* slotsOut)
 {
     int32_t const n = p.tokens;
     int32_t const K = p.outTokens;
@@ -778,7 +820,7 @@ __device__ void match(MergeParams const& p, MatchShared& s, Rows const& rows, fl
         {
         case MergeMethod::kTOME: tomeSlots(s, rows, p, r, nullptr); break;
         case MergeMethod::kTURBO: tomeSlots(s, rows, p, r, clsAttn); break;
-        case MergeMethod::kPITOME: pitomeSlots(s, rows, p, r); break;
+        case MergeMethod::kPITOME: pitomeSlots(s, rows, p, r, partials); break;
         case MergeMethod::kCROSSGET: crossgetSlots(s, rows, p, r); break;
         }
     }
@@ -928,8 +970,11 @@ __global__ void __launch_bounds__(kBlockThreads) mergeStepKernel(MergeParams p, 
     {
         lastBlock = 0; // ordered before the tickets by the row norms' barrier
     }
+    float const* frozen = a.text.frozen ? a.text.frozen + tokens : nullptr;
+    float* const partials = a.ws.partials + tokens * tileSlots(n);
+    EnergyTiles const energy{p.method == MergeMethod::kPITOME ? partials : nullptr, frozen, valid, p.protectedTokens};
     similarities(p, a.metric + tokens * p.metricDim, valid, blockIdx.x % a.split, a.split, reinterpret_cast<float*>(region),
-        reinterpret_cast<Chunk*>(region + alignUp(sizeof(float) * n, 16)), a.split > 1 ? global : scores);
+        reinterpret_cast<Chunk*>(region + alignUp(sizeof(float) * n, 16)), a.split > 1 ? global : scores, energy);
 
     // With S > 1 the block whose warp takes an image's last ticket goes on: each warp's lanes fence
     // their tiles before the warp's ticket, and that block has loaded none of them (no stale
@@ -958,8 +1003,7 @@ __global__ void __launch_bounds__(kBlockThreads) mergeStepKernel(MergeParams p, 
     MatchShared s(region, n);
     Rows const rows{scores, n, int32_t(threadIdx.x % kWarpSize), int32_t(threadIdx.x / kWarpSize),
         int32_t(blockDim.x / kWarpSize)};
-    match(p, s, rows, a.clsAttn ? a.clsAttn + tokens : nullptr, valid, a.text.frozen ? a.text.frozen + tokens : nullptr,
-        a.slots + tokens);
+    match(p, s, rows, a.clsAttn ? a.clsAttn + tokens : nullptr, valid, frozen, partials, a.slots + tokens);
     mergeSlots(p, s, a.x + tokens * p.channels, a.size + tokens, valid,
         a.text.positions ? a.text.positions + tokens : nullptr, a.text, a.outX + size_t(b) * K * p.channels, a.outSize,
         size_t(b) * K);
@@ -981,9 +1025,10 @@ LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device)
     int32_t const groups = plan.threads / kGroupThreads;
     int32_t const tiles = (tokens + kTile - 1) / kTile;
     int32_t const pairs = tiles * (tiles + 1) / 2;
-    // Enough blocks to fill the GPU, up to one per tile pair of an image.
-    int32_t const fill = (device.multiprocessors + batch - 1) / batch;
-    plan.split = batch >= device.multiprocessors ? 1 : minInt(pairs, fill);
+    // As many blocks per image as fill the GPU in one wave (a block holding the N x N matrix has an
+    // SM to itself), up to one per tile pair.
+    int32_t const fill = device.multiprocessors / batch;
+    plan.split = fill > 1 ? minInt(pairs, fill) : 1;
     plan.scoresInShared = SharedLayout(tokens, groups, true).bytes <= device.sharedPerBlock;
     plan.sharedBytes = SharedLayout(tokens, groups, plan.scoresInShared).bytes;
     return plan;
@@ -991,7 +1036,8 @@ LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device)
 
 size_t mergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t /*metricDim*/)
 {
-    return alignUp(sizeof(float) * size_t(batch) * tokens * tokens) + alignUp(sizeof(uint32_t) * size_t(batch));
+    return alignUp(sizeof(float) * size_t(batch) * tokens * tokens)
+        + alignUp(sizeof(float) * size_t(batch) * tokens * tileSlots(tokens)) + alignUp(sizeof(uint32_t) * size_t(batch));
 }
 
 //! Lets mergeStepKernel<T> use `bytes` of dynamic shared memory on `device`. Set once per device and
