@@ -15,8 +15,9 @@
  *   3. matches: the row reductions each method needs (energy, best match in B, redundancy), the
  *      rankings by counting (a token's rank is how many members precede it in (key, tiebreak,
  *      position) order, as the exporter's rank_among), slot positions by counting;
- *   4. merges: members grouped by slot by counting, then one warp per output slot computes the
- *      size-weighted mean of its members with 16-byte loads, sums and sizes in fp32.
+ *   4. merges: one warp per output slot finds its members (its owner, and by ballot the sources
+ *      that merge into it) and computes their size-weighted mean with 16-byte loads, several in
+ *      flight per lane, sums and sizes in fp32.
  *
  * The decisions follow tokenfuse.exporter.methods exactly: stable rankings (ties go to the lower
  * position or order key), argmax picks the lowest index, a non-finite similarity scores -2.
@@ -144,8 +145,8 @@ struct MatchShared
     int32_t* slot;     // slot of a token that stays (a source takes its partner's)
     int32_t* partner;  // where a source merges
     int32_t* target;   // the final slot of every token
-    int32_t* members;  // tokens grouped by final slot, in position order
-    int32_t* offsets;  // [N + 1] first member of each slot
+    int32_t* owner;    // [K] the token of each slot that does not merge away
+    int32_t* sources;  // [r] the tokens that merge into another one's slot, in position order
     uint8_t* role;
     uint8_t* merges; // a source: merges into partner
     uint8_t* free;   // may merge: neither protected nor frozen
@@ -166,8 +167,8 @@ struct MatchShared
         slot = ints();
         partner = ints();
         target = ints();
-        members = ints();
-        offsets = ints();
+        owner = ints();
+        sources = ints();
         role = take(n);
         merges = take(n);
         free = take(n);
@@ -605,10 +606,34 @@ __device__ void rankDescending(MatchShared& s, int32_t n, Member member, bool by
         s.rankKey[i] = entry;
     }
     __syncthreads();
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
+    // `ways` neighbouring threads per token (a power of two, as many as the block has to spare),
+    // each counting every ways-th token; xor shuffles add their counts.
+    int32_t ways = 1;
+    while (ways < kWarpSize && 2 * ways * n <= int32_t(blockDim.x))
     {
-        uint64_t const mine = s.rankKey[i];
-        s.rank[i] = countIf(n, [&](int32_t j) { return s.rankKey[j] < mine; });
+        ways <<= 1;
+    }
+    for (int32_t base = 0; base < n * ways; base += blockDim.x) // the same trips for the whole block
+    {
+        int32_t const t = base + int32_t(threadIdx.x);
+        int32_t const i = t / ways;
+        int32_t count = 0;
+        if (i < n)
+        {
+            uint64_t const mine = s.rankKey[i];
+            for (int32_t j = t % ways; j < n; j += ways)
+            {
+                count += s.rankKey[j] < mine ? 1 : 0;
+            }
+        }
+        for (int32_t offset = 1; offset < ways; offset <<= 1)
+        {
+            count += __shfl_xor_sync(kFullMask, count, offset);
+        }
+        if (i < n && t % ways == 0)
+        {
+            s.rank[i] = count;
+        }
     }
     __syncthreads();
 }
@@ -796,7 +821,7 @@ __device__ void crossgetSlots(MatchShared& s, Rows const& rows, MergeParams cons
     }
 }
 
-//! Every token's slot into `slotsOut` and the membership lists into s.members / s.offsets.
+//! Every token's slot into `slotsOut` and s.target; each slot's owner and the sources in position order.
 __device__ void match(MergeParams const& p, MatchShared& s, Rows const& rows, float const* clsAttn, float const* valid,
     float const* frozen, float const* partials, int32_t* slotsOut)
 {
@@ -825,27 +850,58 @@ __device__ void match(MergeParams const& p, MatchShared& s, Rows const& rows, fl
         }
     }
     __syncthreads();
-    // Each source takes its partner's slot; then the members of each slot, in position order.
+    // Each source takes its partner's slot; every other token owns its slot (exactly one per slot).
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
-        s.target[i] = s.merges[i] ? s.slot[s.partner[i]] : s.slot[i];
-        slotsOut[i] = s.target[i];
-    }
-    __syncthreads();
-    for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
-    {
-        int32_t const mine = s.target[i];
-        s.members[countIf(n, [&](int32_t j) { return s.target[j] < mine || (s.target[j] == mine && j < i); })] = i;
-    }
-    for (int32_t k = threadIdx.x; k <= K; k += blockDim.x)
-    {
-        s.offsets[k] = countIf(n, [&](int32_t j) { return s.target[j] < k; });
+        int32_t const target = s.merges[i] ? s.slot[s.partner[i]] : s.slot[i];
+        if (s.merges[i])
+        {
+            s.sources[countIf(i, [&](int32_t j) { return s.merges[j] != 0; })] = i;
+        }
+        else
+        {
+            s.owner[target] = i;
+        }
+        s.target[i] = target;
+        slotsOut[i] = target;
     }
     __syncthreads();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Merging
+
+//! visit(i) for every member of slot k in position order, on the whole warp: its owner, and the
+//! sources whose target is k, found 32 at a time by ballot.
+template <typename Visit>
+__device__ __forceinline__ void forMembers(MatchShared const& s, int32_t k, int32_t sourceCount, Visit visit)
+{
+    int32_t const lane = threadIdx.x % kWarpSize;
+    int32_t const owner = s.owner[k];
+    bool ownerDone = false;
+    for (int32_t q0 = 0; q0 < sourceCount; q0 += kWarpSize)
+    {
+        unsigned mask = __ballot_sync(kFullMask, q0 + lane < sourceCount && s.target[s.sources[q0 + lane]] == k);
+        while (mask)
+        {
+            int32_t const source = s.sources[q0 + __ffs(int(mask)) - 1];
+            mask &= mask - 1;
+            if (!ownerDone && owner < source)
+            {
+                visit(owner);
+                ownerDone = true;
+            }
+            visit(source);
+        }
+    }
+    if (!ownerDone)
+    {
+        visit(owner);
+    }
+}
+
+//! Channel vectors a lane keeps in flight per member (more loads outstanding per warp).
+constexpr int32_t kVectorsInFlight = 4;
 
 //! One warp per output slot: the size-weighted mean of its members, its size, and for text
 //! encoders whether it holds a real token and its latest position.
@@ -855,6 +911,7 @@ __device__ void mergeSlots(MergeParams const& p, MatchShared const& s, T const* 
 {
     int32_t const lane = threadIdx.x % kWarpSize;
     int32_t const C = p.channels;
+    int32_t const sourceCount = p.tokens - p.outTokens;
     // A member's weight is its size; with a padding mask (merge_padded) padding weighs 1e-6 of it,
     // and a slot's size counts its real members only, unless it has none.
     auto const weight = [&](int32_t i) {
@@ -867,57 +924,70 @@ __device__ void mergeSlots(MergeParams const& p, MatchShared const& s, T const* 
     };
     constexpr int32_t V = kVector<T>;
     bool const vectorised = C % V == 0 && aligned16(x) && aligned16(outX);
+    int32_t const step = vectorised ? V : 1; // channels per load
     for (int32_t k = threadIdx.x / kWarpSize; k < p.outTokens; k += blockDim.x / kWarpSize)
     {
-        int32_t const begin = s.offsets[k];
-        int32_t const end = s.offsets[k + 1];
         float total = 0.f; // the weights
         float allSize = 0.f;
         float realSize = 0.f;
         float latest = -INFINITY;
-        for (int32_t m = begin; m < end; ++m)
-        {
-            int32_t const i = s.members[m];
+        forMembers(s, k, sourceCount, [&](int32_t i) {
             total += weight(i);
             allSize += sizes[i];
             realSize += valid && valid[i] > 0.5f ? sizes[i] : 0.f;
             latest = positions ? fmaxf(latest, positions[i]) : latest;
-        }
+        });
         T* out = outX + size_t(k) * C;
-        if (vectorised)
+        for (int32_t base = 0; base < C; base += kVectorsInFlight * kWarpSize * step) // the whole warp: forMembers votes
         {
-            for (int32_t c = lane * V; c < C; c += kWarpSize * V)
-            {
-                float acc[V] = {};
-                for (int32_t m = begin; m < end; ++m)
+            int32_t const c0 = base + lane * step;
+            float acc[kVectorsInFlight][V] = {};
+            forMembers(s, k, sourceCount, [&](int32_t i) {
+                float const w = weight(i);
+                T const* row = x + size_t(i) * C;
+#pragma unroll
+                for (int32_t q = 0; q < kVectorsInFlight; ++q)
                 {
-                    int32_t const i = s.members[m];
-                    float const w = weight(i);
-                    float v[V];
-                    load16(x + size_t(i) * C + c, v);
-                    for (int32_t e = 0; e < V; ++e)
+                    int32_t const c = c0 + q * kWarpSize * step;
+                    if (c >= C)
                     {
-                        acc[e] = fmaf(v[e], w, acc[e]);
+                        break;
+                    }
+                    float v[V];
+                    if (vectorised)
+                    {
+                        load16(row + c, v);
+                    }
+                    else
+                    {
+                        v[0] = toFloat(row[c]);
+                    }
+                    for (int32_t e = 0; e < step; ++e)
+                    {
+                        acc[q][e] = fmaf(v[e], w, acc[q][e]);
                     }
                 }
-                for (int32_t e = 0; e < V; ++e)
-                {
-                    acc[e] = acc[e] / total;
-                }
-                store16(acc, out + c);
-            }
-        }
-        else
-        {
-            for (int32_t c = lane; c < C; c += kWarpSize)
+            });
+#pragma unroll
+            for (int32_t q = 0; q < kVectorsInFlight; ++q)
             {
-                float acc = 0.f;
-                for (int32_t m = begin; m < end; ++m)
+                int32_t const c = c0 + q * kWarpSize * step;
+                if (c >= C)
                 {
-                    int32_t const i = s.members[m];
-                    acc = fmaf(toFloat(x[size_t(i) * C + c]), weight(i), acc);
+                    break;
                 }
-                storeOne(acc / total, out + c);
+                for (int32_t e = 0; e < step; ++e)
+                {
+                    acc[q][e] = acc[q][e] / total;
+                }
+                if (vectorised)
+                {
+                    store16(acc[q], out + c);
+                }
+                else
+                {
+                    storeOne(acc[q][0], out + c);
+                }
             }
         }
         if (lane == 0)
@@ -979,6 +1049,9 @@ __global__ void __launch_bounds__(kBlockThreads) mergeStepKernel(MergeParams p, 
     // With S > 1 the block whose warp takes an image's last ticket goes on: each warp's lanes fence
     // their tiles before the warp's ticket, and that block has loaded none of them (no stale
     // cache line). With S = 1 the matching's first barrier orders the tiles before any read.
+    // PiToMe's plain and text variants read only the r source rows (the energy came with the
+    // tiles): where the tiles went, rather than after copying all N x N into shared memory.
+    bool const copyScores = a.scoresInShared && !(p.method == MergeMethod::kPITOME && p.variant != PitomeVariant::kBSM);
     if (a.split > 1)
     {
         __threadfence();
@@ -994,15 +1067,15 @@ __global__ void __launch_bounds__(kBlockThreads) mergeStepKernel(MergeParams p, 
             return;
         }
         __threadfence();
-        for (size_t e = threadIdx.x; a.scoresInShared && e < size_t(n) * n; e += blockDim.x)
+        for (size_t e = threadIdx.x; copyScores && e < size_t(n) * n; e += blockDim.x)
         {
             scores[e] = global[e];
         }
     }
 
     MatchShared s(region, n);
-    Rows const rows{scores, n, int32_t(threadIdx.x % kWarpSize), int32_t(threadIdx.x / kWarpSize),
-        int32_t(blockDim.x / kWarpSize)};
+    Rows const rows{a.split > 1 && !copyScores ? global : scores, n, int32_t(threadIdx.x % kWarpSize),
+        int32_t(threadIdx.x / kWarpSize), int32_t(blockDim.x / kWarpSize)};
     match(p, s, rows, a.clsAttn ? a.clsAttn + tokens : nullptr, valid, frozen, partials, a.slots + tokens);
     mergeSlots(p, s, a.x + tokens * p.channels, a.size + tokens, valid,
         a.text.positions ? a.text.positions + tokens : nullptr, a.text, a.outX + size_t(b) * K * p.channels, a.outSize,
