@@ -559,7 +559,7 @@ __device__ __forceinline__ ArgMax rowArgMax(Rows const& rows, int32_t i, Take ta
     return warpArgMax(acc);
 }
 
-//! How many j in [0, n) have pred(j): every thread counts for itself, reading shared memory.
+//! How many j in [0, n) have pred(j), counted by the calling thread alone.
 template <typename Pred>
 __device__ __forceinline__ int32_t countIf(int32_t n, Pred pred)
 {
@@ -567,6 +567,19 @@ __device__ __forceinline__ int32_t countIf(int32_t n, Pred pred)
     for (int32_t j = 0; j < n; ++j)
     {
         count += pred(j) ? 1 : 0;
+    }
+    return count;
+}
+
+//! How many j in [0, n) have pred(j), in every thread: each warp counts 32 tokens per vote.
+template <typename Pred>
+__device__ __forceinline__ int32_t blockCount(int32_t n, Pred pred)
+{
+    int32_t const lane = threadIdx.x % kWarpSize;
+    int32_t count = 0;
+    for (int32_t j0 = 0; j0 < n; j0 += kWarpSize)
+    {
+        count += __popc(__ballot_sync(kFullMask, j0 + lane < n && pred(j0 + lane)));
     }
     return count;
 }
@@ -680,7 +693,7 @@ __device__ void bipartite(MatchShared& s, Rows const& rows, MergeParams const& p
     __syncthreads();
     rankDescending(s, n, [&](int32_t i) { return s.role[i] == kA; }, /*byOrder=*/true);
     auto const keptA = [&](int32_t j) { return s.role[j] == kA && s.rank[j] >= r; };
-    int32_t const kept = countIf(n, keptA);
+    int32_t const kept = blockCount(n, keptA);
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
         int32_t const order = s.order[i];
@@ -716,7 +729,7 @@ __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const&
     int32_t const P = p.protectedTokens;
     // Energy: mean affinity of each free token to the free real tokens (itself included), its
     // tiles' partial sums added as a tree; padding gets BIG, so it ranks first and merges with padding.
-    float const counted = float(countIf(n, [&](int32_t j) { return s.free[j] && s.real[j]; }));
+    float const counted = float(blockCount(n, [&](int32_t j) { return s.free[j] && s.real[j]; }));
     int32_t const tiles = (n + kTile - 1) / kTile;
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {
@@ -745,7 +758,7 @@ __device__ void pitomeSlots(MatchShared& s, Rows const& rows, MergeParams const&
     // The 2r highest energies merge in pairs, every A into its best B; a B token's place among B
     // follows from its rank (B holds ranks 1, 3, .., 2r-1, or r .. 2r-1 for the text variant); the
     // other free tokens keep their energy order after them.
-    int32_t const kept = countIf(n, [&](int32_t j) { return s.free[j] != 0; }) - 2 * r;
+    int32_t const kept = blockCount(n, [&](int32_t j) { return s.free[j] != 0; }) - 2 * r;
     bool const text = p.variant == PitomeVariant::kTEXT;
     for (int32_t i = threadIdx.x; i < n; i += blockDim.x)
     {

@@ -3,7 +3,9 @@
  * with g++ -std=c++20 -DTOKENFUSE_CPU_EMULATION and runs in CI, where there is no GPU.
  *
  * Model: each CUDA thread of a block is a fiber (a stack of its own, switched in user space on one
- * OS thread) and the blocks of a grid run one after another; __syncthreads() is a barrier over the
+ * OS thread); up to kMultiprocessors blocks of a grid are resident at once, their fibers taking
+ * turns, and a finished block's place goes to the next block in order, as a GPU's block scheduler
+ * does (so a block may wait for another one that is running); __syncthreads() is a barrier over the
  * block at which a fiber yields until all have arrived; warp shuffles and votes exchange values
  * through a per-warp buffer and one wait on a per-warp barrier; shared memory is one per-block
  * arena filled with 0xFF (so a read of never-written shared memory shows as NaN / -1); device
@@ -217,6 +219,11 @@ inline float __fsub_rn(float a, float b)
 inline int __ffs(int x) // CUDA's: the 1-based position of the lowest set bit, 0 for none
 {
     return __builtin_ffs(x);
+}
+
+inline int __popc(unsigned x) // CUDA's: the number of set bits
+{
+    return __builtin_popcount(x);
 }
 
 inline float __fmul_rn(float a, float b)
@@ -487,8 +494,8 @@ class Workers;
 Workers& workers();
 
 template <typename... Params>
-void runBlock(void (*kernel)(Params...), std::tuple<Params...> const& args, dim3 grid, dim3 block, dim3 blockIndex,
-    Block& state);
+cudaError_t runGrid(void (*kernel)(Params...), std::tuple<Params...> const& args, dim3 grid, dim3 block,
+    size_t dynamicSharedBytes);
 
 } // namespace tfemu
 
@@ -516,6 +523,12 @@ inline void __threadfence_block()
 {
     std::atomic_thread_fence(std::memory_order_seq_cst);
 }
+//! CUDA's sleep in a spin loop: here the fiber yields, so the other threads and blocks go on.
+inline void __nanosleep(unsigned)
+{
+    tfemu::yieldFiber();
+}
+
 inline void __threadfence()
 {
     std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -712,17 +725,25 @@ inline void switchContext(Context& from, Context& to, void* raceFiber)
 #endif
 } // namespace tfemu
 
-//! The fibers that play the CUDA threads of a block, all on the launching thread. Stacks are mapped
-//! once (a guard page below each, so an overflow faults) and reused by every block. A sweep resumes
-//! each unfinished fiber until it yields at a barrier or returns. For ThreadSanitizer, each fiber's
-//! start is ordered after the block's set-up and its end before the block's tear-down, and nothing
-//! else: switches carry no happens-before, so only barriers order the CUDA threads.
+//! The fibers that play the CUDA threads of the resident blocks, all on the launching thread. Stacks
+//! are mapped once (a guard page below each, so an overflow faults) and reused by every block. A
+//! sweep resumes each unfinished fiber until it yields (at a barrier, a warp exchange or a spin
+//! wait) or returns; between sweeps a block whose fibers all ended is torn down and the next block
+//! takes its place. For ThreadSanitizer, each fiber's start is ordered after its block's set-up and
+//! its end before its block's tear-down, and nothing else: switches carry no happens-before, so only
+//! barriers (and atomics) order the CUDA threads.
 class tfemu::Workers
 {
 public:
-    void run(unsigned threads, std::function<void(unsigned)> const& job)
+    //! job(block, slot, thread) plays one CUDA thread; start(block, slot) sets a block up in a
+    //! resident slot before its first fiber runs, finish(block, slot) tears it down after its last.
+    using Job = std::function<void(unsigned, unsigned, unsigned)>;
+    using Edge = std::function<void(unsigned, unsigned)>;
+
+    void run(unsigned blocks, unsigned threads, unsigned resident, Job const& job, Edge const& start, Edge const& finish)
     {
-        while (stacks.size() < threads)
+        unsigned const fiberCount = resident * threads;
+        while (stacks.size() < fiberCount)
         {
             void* stack = mmap(nullptr, kGuardBytes + TFEMU_STACK_BYTES, PROT_READ | PROT_WRITE,
                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
@@ -738,37 +759,82 @@ public:
 #endif
         }
         this->job = &job;
-        fibers.assign(threads, Fiber{});
-        for (unsigned t = 0; t < threads; ++t)
+        fibers.assign(fiberCount, Fiber{});
+        std::vector<unsigned> slotBlock(resident, blocks); // the block in each slot; `blocks`: empty
+        std::vector<unsigned> slotLive(resident, 0);
+        unsigned next = 0;
+        auto const dispatch = [&](unsigned slot) {
+            if (next == blocks)
+            {
+                slotBlock[slot] = blocks;
+                return;
+            }
+            slotBlock[slot] = next;
+            slotLive[slot] = threads;
+            start(next, slot);
+            for (unsigned t = 0; t < threads; ++t)
+            {
+                Fiber& fiber = fibers[slot * threads + t];
+                fiber = Fiber{};
+                // A fiber that ended never unwound its frames: clear AddressSanitizer's marks on its stack.
+                TFEMU_UNPOISON(stacks[slot * threads + t], TFEMU_STACK_BYTES);
+                prepare(fiber.context, stacks[slot * threads + t], TFEMU_STACK_BYTES, &Workers::entry);
+                fiber.index = slot * threads + t;
+                fiber.blockNumber = next;
+                fiber.slot = slot;
+                fiber.thread = t;
+            }
+            for (unsigned t = 0; t < threads; ++t)
+            {
+                TFEMU_RELEASE(&fibers[slot * threads + t].startEdge); // the set-up, before every fiber's start
+            }
+            ++next;
+        };
+        for (unsigned slot = 0; slot < resident; ++slot)
         {
-            // A fiber that ended never unwound its frames: clear AddressSanitizer's marks on its stack.
-            TFEMU_UNPOISON(stacks[t], TFEMU_STACK_BYTES);
-            prepare(fibers[t].context, stacks[t], TFEMU_STACK_BYTES, &Workers::entry);
-            fibers[t].index = t;
+            dispatch(slot);
         }
-        TFEMU_RELEASE(&blockEdges[0]); // the set-up, before every fiber's start
-        for (unsigned live = threads; live > 0;)
+        for (bool live = true; live;)
         {
             unsigned long long const before = arrivals;
-            for (Fiber& fiber : fibers)
+            bool ended = false;
+            for (unsigned slot = 0; slot < resident; ++slot)
             {
-                if (fiber.finished)
+                for (unsigned t = 0; slotBlock[slot] < blocks && t < threads; ++t)
                 {
-                    continue;
+                    Fiber& fiber = fibers[slot * threads + t];
+                    if (fiber.finished)
+                    {
+                        continue;
+                    }
+                    running.store(&fiber, std::memory_order_relaxed);
+                    void* fakeStack = nullptr;
+                    TFEMU_START_SWITCH(&fakeStack, stacks[fiber.index], TFEMU_STACK_BYTES);
+                    switchContext(scheduler, fiber.context, raceFibers[fiber.index]);
+                    TFEMU_FINISH_SWITCH(fakeStack, nullptr, nullptr);
+                    slotLive[slot] -= fiber.finished ? 1 : 0;
                 }
-                running.store(&fiber, std::memory_order_relaxed);
-                void* fakeStack = nullptr;
-                TFEMU_START_SWITCH(&fakeStack, stacks[fiber.index], TFEMU_STACK_BYTES);
-                switchContext(scheduler, fiber.context, raceFibers[fiber.index]);
-                TFEMU_FINISH_SWITCH(fakeStack, nullptr, nullptr);
-                live -= fiber.finished ? 1 : 0;
+                if (slotBlock[slot] < blocks && slotLive[slot] == 0)
+                {
+                    for (unsigned t = 0; t < threads; ++t)
+                    {
+                        TFEMU_ACQUIRE(&fibers[slot * threads + t].endEdge); // every fiber's end, before the tear-down
+                    }
+                    finish(slotBlock[slot], slot);
+                    ended = true;
+                    dispatch(slot);
+                }
             }
-            if (live > 0 && arrivals == before)
+            live = false;
+            for (unsigned slot = 0; slot < resident; ++slot)
             {
-                fail("deadlock: the threads of a block wait at barriers the others never reach");
+                live = live || slotBlock[slot] < blocks;
+            }
+            if (live && !ended && arrivals == before)
+            {
+                fail("deadlock: the threads of the resident blocks wait for what none of them will do");
             }
         }
-        TFEMU_ACQUIRE(&blockEdges[1]); // every fiber's end, before the tear-down
         running.store(nullptr, std::memory_order_relaxed);
         this->job = nullptr;
     }
@@ -801,7 +867,12 @@ private:
     struct Fiber : ThreadState
     {
         Context context;
-        unsigned index = 0;
+        unsigned index = 0; // of its stack
+        unsigned blockNumber = 0;
+        unsigned slot = 0;
+        unsigned thread = 0;
+        char startEdge = 0; // ThreadSanitizer's synchronisation addresses: its block's set-up, its end
+        char endEdge = 0;
         void* fakeStack = nullptr;  // AddressSanitizer's
         Relaxed<bool> finished{false}; // read by the scheduler between the fiber's turns
     };
@@ -816,9 +887,8 @@ private:
 
     std::vector<char*> stacks;
     std::vector<void*> raceFibers; // ThreadSanitizer's, one per stack (nullptr without it)
-    char blockEdges[2] = {}; // ThreadSanitizer's synchronisation addresses
     std::vector<Fiber> fibers;
-    std::function<void(unsigned)> const* job = nullptr;
+    Job const* job = nullptr;
     Context scheduler;
 #if defined(__SANITIZE_THREAD__)
     void* const schedulerFiber = __tsan_get_current_fiber(); // the launching thread's own
@@ -833,11 +903,11 @@ inline void tfemu::Workers::entry()
 {
     Workers& owner = workers(); // the launching thread's: nothing of the block may be read before the acquire
     TFEMU_FINISH_SWITCH(nullptr, &owner.schedulerStack, &owner.schedulerStackBytes);
-    TFEMU_ACQUIRE(&owner.blockEdges[0]);
     Fiber& fiber = static_cast<Fiber&>(self());
-    (*owner.job)(fiber.index);
+    TFEMU_ACQUIRE(&fiber.startEdge);
+    (*owner.job)(fiber.blockNumber, fiber.slot, fiber.thread);
     fiber.finished = true;
-    TFEMU_RELEASE(&owner.blockEdges[1]);
+    TFEMU_RELEASE(&fiber.endEdge);
     owner.switchToScheduler(fiber, nullptr); // nullptr: this fiber's stack is done with
     fail("a finished fiber was resumed");
 }
@@ -854,17 +924,35 @@ inline tfemu::Workers& tfemu::workers()
 }
 
 template <typename... Params>
-void tfemu::runBlock(void (*kernel)(Params...), std::tuple<Params...> const& args, dim3 grid, dim3 block,
-    dim3 blockIndex, Block& state)
+cudaError_t tfemu::runGrid(void (*kernel)(Params...), std::tuple<Params...> const& args, dim3 grid, dim3 block,
+    size_t dynamicSharedBytes)
 {
-    workers().run(block.x * block.y * block.z, [&](unsigned linear) {
-        self() = ThreadState{&state, linear, 0, 0,
-            dim3(linear % block.x, linear / block.x % block.y, linear / (block.x * block.y)), blockIndex, block, grid};
-        std::apply(kernel, args);
-        // An exited thread no longer holds back __syncthreads or its warp.
-        state.sync.arrive_and_drop();
-        state.warps[linear / 32]->exchange.arrive_and_drop();
-    });
+    unsigned const threads = block.x * block.y * block.z;
+    unsigned long long const blocks = 1ull * grid.x * grid.y * grid.z;
+    unsigned const resident = unsigned(blocks < kMultiprocessors ? blocks : kMultiprocessors);
+    std::vector<std::unique_ptr<Block>> states(resident);
+    cudaError_t error = cudaSuccess;
+    workers().run(
+        unsigned(blocks), threads, resident,
+        [&](unsigned number, unsigned slot, unsigned linear) {
+            Block& state = *states[slot];
+            dim3 const blockIndex(number % grid.x, number / grid.x % grid.y, number / (grid.x * grid.y));
+            self() = ThreadState{&state, linear, 0, 0,
+                dim3(linear % block.x, linear / block.x % block.y, linear / (block.x * block.y)), blockIndex, block, grid};
+            std::apply(kernel, args);
+            // An exited thread no longer holds back __syncthreads or its warp.
+            state.sync.arrive_and_drop();
+            state.warps[linear / 32]->exchange.arrive_and_drop();
+        },
+        [&](unsigned, unsigned slot) { states[slot] = std::make_unique<Block>(threads, dynamicSharedBytes); },
+        [&](unsigned, unsigned slot) {
+            if (states[slot]->sharedHighWater > kMaxSharedBytes)
+            {
+                error = cudaErrorInvalidValue;
+            }
+            states[slot].reset();
+        });
+    return error;
 }
 
 //! kernel<<<grid, block, dynamicSharedBytes, stream>>>(args...) on CPU threads, synchronously.
@@ -890,21 +978,7 @@ cudaError_t tfLaunch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dy
         return error;
     }
     std::tuple<Params...> const converted(args...);
-    for (unsigned z = 0; z < grid.z && error == cudaSuccess; ++z)
-    {
-        for (unsigned y = 0; y < grid.y && error == cudaSuccess; ++y)
-        {
-            for (unsigned x = 0; x < grid.x && error == cudaSuccess; ++x)
-            {
-                auto state = std::make_unique<Block>(unsigned(threads), dynamicSharedBytes);
-                runBlock(kernel, converted, grid, block, dim3(x, y, z), *state);
-                if (state->sharedHighWater > kMaxSharedBytes)
-                {
-                    error = cudaErrorInvalidValue;
-                }
-            }
-        }
-    }
+    error = runGrid(kernel, converted, grid, block, dynamicSharedBytes);
     lastError = error;
     return error;
 }

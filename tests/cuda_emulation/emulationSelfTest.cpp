@@ -68,7 +68,23 @@ __global__ void early(int* out)
         return; // exited threads no longer hold back __syncthreads
     }
     __syncthreads();
-    out[threadIdx.x / 2] = int(blockIdx.x * 100 + threadIdx.x + blockIdx.y * 1000 + gridDim.x * 10000);
+    out[(blockIdx.y * gridDim.x + blockIdx.x) * 32 + threadIdx.x / 2]
+        = int(blockIdx.x * 100 + threadIdx.x + blockIdx.y * 1000 + gridDim.x * 10000);
+}
+
+//! Every block but the last waits for the last one: resident blocks take turns.
+__global__ void waitForLast(int* flag, int* out)
+{
+    if (threadIdx.x == 0 && blockIdx.x + 1 == gridDim.x)
+    {
+        atomicExch(flag, 1);
+    }
+    while (threadIdx.x == 0 && atomicAdd(flag, 0) == 0)
+    {
+        __nanosleep(100);
+    }
+    __syncthreads(); // the other threads wait for thread 0's
+    atomicAdd(&out[blockIdx.x], 1);
 }
 
 __global__ void tooMuchShared(int* out)
@@ -118,9 +134,15 @@ int main()
     check(sum == 256.f, "atomicAdd float");
     check(unwritten[0] == -1 && unwritten[1] == -1, "shared memory starts 0xFF");
 
-    int out[32] = {};
-    check(tfLaunch(early, dim3(3, 2), dim3(64), 0, nullptr, out) == cudaSuccess && out[5] == 2 * 100 + 10 + 1000 + 30000,
+    int out[6 * 32] = {};
+    check(tfLaunch(early, dim3(3, 2), dim3(64), 0, nullptr, out) == cudaSuccess
+            && out[5 * 32 + 5] == 2 * 100 + 10 + 1000 + 30000 && out[5] == 10 + 30000,
         "returned threads, blockIdx, gridDim");
+    int flag = 0;
+    int waited[8] = {};
+    check(tfLaunch(waitForLast, dim3(8), dim3(64), 0, nullptr, &flag, waited) == cudaSuccess && waited[0] == 64
+            && waited[7] == 64,
+        "blocks wait for a later block (8 resident at once)");
 
     // Fibers belong to the launching thread: two host threads launching at once stay apart.
     constexpr unsigned kBlocks = 64;
@@ -160,6 +182,9 @@ int main()
     check(__ldg(&x[0]) == 4.f && rsqrtf(4.f) == 0.5f && __fdividef(1.f, 4.f) == 0.25f && isnan(__ldg(&x[1]))
             && !isfinite(INFINITY) && FLT_MAX > 3e38f && warpSize == 32,
         "math");
+    check(__ffs(0) == 0 && __ffs(0x50) == 5 && __ffs(int(0x80000000u)) == 32 && __popc(0u) == 0 && __popc(0xf0f0u) == 8
+            && __popc(0xffffffffu) == 32,
+        "__ffs, __popc");
     std::printf("%d failed\n", failures);
     return failures == 0 ? 0 : 1;
 }
