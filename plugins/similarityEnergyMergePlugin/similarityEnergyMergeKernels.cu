@@ -47,7 +47,7 @@ constexpr float kPaddingWeight = 1e-6f;
 constexpr int32_t kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-constexpr int32_t kBlockThreads = 512;
+constexpr int32_t kBlockThreads = 384;
 constexpr int32_t kSmallBlockThreads = 128; // N <= 64: two tile groups, four warps
 constexpr int32_t kSmallTokens = 64;
 
@@ -72,10 +72,20 @@ enum Role : uint8_t
 
 struct Workspace
 {
-    float* scores;     // [B, N, N] cosine similarities when they are not in shared memory
-    float* partials;   // [B, N, T'] PiToMe: each row's affinity sum over each 32-column tile (T' a power of two)
-    uint32_t* tickets; // [B] blocks of each batch element that finished their tiles
+    float* scores;    // [B, N, N] cosine similarities when they are not in shared memory
+    float* partials;  // [B, N, T'] PiToMe: each row's affinity sum over each 32-column tile (T' a power of two)
+    int32_t* target;  // [B, N] with S > 1, the matching's results that every block of an image merges by:
+    int32_t* owner;   //        each token's slot, each slot's owner,
+    int32_t* sources; //        the tokens that merge away
+    uint32_t* counts; // [1 + 2B], zeroed before the launch: blocks started, then per batch element the
+                      // blocks done with their tiles, then whether its matching is published
 };
+
+//! The counters a launch with S > 1 zeroes first.
+size_t countBytes(int32_t batch)
+{
+    return sizeof(uint32_t) * (1 + 2 * size_t(batch));
+}
 
 __host__ __device__ constexpr size_t alignUp(size_t bytes, size_t to = 256)
 {
@@ -101,7 +111,12 @@ Workspace carve(void* base, int32_t batch, int32_t tokens)
     bytes += alignUp(sizeof(float) * size_t(batch) * tokens * tokens);
     ws.partials = reinterpret_cast<float*>(bytes);
     bytes += alignUp(sizeof(float) * size_t(batch) * tokens * tileSlots(tokens));
-    ws.tickets = reinterpret_cast<uint32_t*>(bytes);
+    for (int32_t** array : {&ws.target, &ws.owner, &ws.sources})
+    {
+        *array = reinterpret_cast<int32_t*>(bytes);
+        bytes += alignUp(sizeof(int32_t) * size_t(batch) * tokens);
+    }
+    ws.counts = reinterpret_cast<uint32_t*>(bytes);
     return ws;
 }
 
@@ -226,6 +241,24 @@ __device__ __forceinline__ void load16(__half const* src, float* out)
     }
 }
 
+//! Four elements at `src` (aligned to their size) as floats: 16 bytes of fp32, 8 of fp16.
+__device__ __forceinline__ void load4(float const* src, float* out)
+{
+    load16(src, out);
+}
+__device__ __forceinline__ void load4(__half const* src, float* out)
+{
+    uint2 const raw = *reinterpret_cast<uint2 const*>(src);
+    __half2 pairs[2];
+    memcpy(pairs, &raw, sizeof(raw));
+    for (int32_t p = 0; p < 2; ++p)
+    {
+        float2 const f = __half22float2(pairs[p]);
+        out[2 * p] = f.x;
+        out[2 * p + 1] = f.y;
+    }
+}
+
 //! Floats as 16 bytes of T at `dst` (16-byte aligned).
 __device__ __forceinline__ void store16(float const* in, float* dst)
 {
@@ -333,8 +366,8 @@ template <typename T>
 __device__ void stageChunk(T const* metric, int32_t n, int32_t dim, int32_t first, int32_t d0, float const* norms,
     bool vectorised, int32_t member, Chunk& tile)
 {
-    constexpr int32_t V = kVector<T>;
-    static_assert(kChunk % V == 0 && kChunk % 4 == 0, "a chunk holds whole 16-byte vectors");
+    constexpr int32_t V = 4; // four elements per load (fp16: 8 bytes, which keeps the divisions' registers few)
+    static_assert(kChunk % V == 0, "a chunk holds whole vectors");
     if (vectorised)
     {
         for (int32_t e = member; e < kTile * (kChunk / V); e += kGroupThreads)
@@ -345,7 +378,7 @@ __device__ void stageChunk(T const* metric, int32_t n, int32_t dim, int32_t firs
             bool const inside = first + r < n && d0 + c < dim;
             if (inside)
             {
-                load16(metric + size_t(first + r) * dim + d0 + c, v);
+                load4(metric + size_t(first + r) * dim + d0 + c, v);
             }
             for (int32_t k = 0; k < V; ++k)
             {
@@ -406,11 +439,11 @@ __device__ void similarities(MergeParams const& p, T const* metric, float const*
     {
         T const* values = metric + size_t(row) * dim;
         float squares = 0.f;
-        for (int32_t d = 0; vectorised && d < dim; d += kVector<T>)
+        for (int32_t d = 0; vectorised && d < dim; d += 4)
         {
-            float v[kVector<T>];
-            load16(values + d, v);
-            for (int32_t k = 0; k < kVector<T>; ++k)
+            float v[4];
+            load4(values + d, v);
+            for (int32_t k = 0; k < 4; ++k)
             {
                 squares = fmaf(v[k], v[k], squares);
             }
@@ -489,17 +522,19 @@ __device__ void similarities(MergeParams const& p, T const* metric, float const*
         using AffinityTile = float[kTile][kTile + 1];
         static_assert(sizeof(AffinityTile) <= 2 * sizeof(Chunk), "a tile's affinities fit in its group's chunks");
         AffinityTile& affinity = *reinterpret_cast<AffinityTile*>(&rowsI);
-        for (int32_t a = 0; active && a < kMicro; ++a)
+#pragma unroll
+        for (int32_t a = 0; a < kMicro; ++a)
         {
+#pragma unroll
             for (int32_t c = 0; c < kMicro; ++c)
             {
                 int32_t const i = i0 + ty + kGroupSide * a;
                 int32_t const j = j0 + tx + kGroupSide * c;
-                float s = isnan(acc[a][c]) ? kNonFiniteSimilarity : acc[a][c];
-                if (i >= n || j >= n)
+                if (!active || i >= n || j >= n)
                 {
                     continue; // a sum reads no affinity outside the matrix
                 }
+                float s = isnan(acc[a][c]) ? kNonFiniteSimilarity : acc[a][c];
                 if (valid) // separate_padding: (s + 4 * both padding) - 8 * mixed
                 {
                     bool const padI = !(valid[i] > 0.5f);
@@ -834,9 +869,10 @@ __device__ void crossgetSlots(MatchShared& s, Rows const& rows, MergeParams cons
     }
 }
 
-//! Every token's slot into `slotsOut` and s.target; each slot's owner and the sources in position order.
+//! Every token's slot into `slotsOut` and s.target; each slot's owner and the sources in position order
+//! (fenced when `publish`: they are in global memory for the image's other blocks).
 __device__ void match(MergeParams const& p, MatchShared& s, Rows const& rows, float const* clsAttn, float const* valid,
-    float const* frozen, float const* partials, int32_t* slotsOut)
+    float const* frozen, float const* partials, int32_t* slotsOut, bool publish)
 {
     int32_t const n = p.tokens;
     int32_t const K = p.outTokens;
@@ -878,6 +914,10 @@ __device__ void match(MergeParams const& p, MatchShared& s, Rows const& rows, fl
         s.target[i] = target;
         slotsOut[i] = target;
     }
+    if (publish) // the results in global memory, for the image's other blocks
+    {
+        __threadfence();
+    }
     __syncthreads();
 }
 
@@ -913,14 +953,16 @@ __device__ __forceinline__ void forMembers(MatchShared const& s, int32_t k, int3
     }
 }
 
-//! Channel vectors a lane keeps in flight per member (more loads outstanding per warp).
-constexpr int32_t kVectorsInFlight = 4;
+//! Channel vectors of T a lane keeps in flight per member (more loads outstanding per warp): 16
+//! channels' fp32 sums, so the sums stay in registers for fp16 too.
+template <typename T>
+constexpr int32_t kVectorsInFlight = 16 / kVector<T>;
 
-//! One warp per output slot: the size-weighted mean of its members, its size, and for text
-//! encoders whether it holds a real token and its latest position.
+//! One warp per output slot (this block's share: part, part + split, ...): the size-weighted mean of
+//! its members, its size, and for text encoders whether it holds a real token and its latest position.
 template <typename T>
 __device__ void mergeSlots(MergeParams const& p, MatchShared const& s, T const* x, float const* sizes, float const* valid,
-    float const* positions, TextTokens const& text, T* outX, float* outSize, size_t firstOut)
+    float const* positions, TextTokens const& text, T* outX, float* outSize, size_t firstOut, int32_t part, int32_t split)
 {
     int32_t const lane = threadIdx.x % kWarpSize;
     int32_t const C = p.channels;
@@ -938,7 +980,8 @@ __device__ void mergeSlots(MergeParams const& p, MatchShared const& s, T const* 
     constexpr int32_t V = kVector<T>;
     bool const vectorised = C % V == 0 && aligned16(x) && aligned16(outX);
     int32_t const step = vectorised ? V : 1; // channels per load
-    for (int32_t k = threadIdx.x / kWarpSize; k < p.outTokens; k += blockDim.x / kWarpSize)
+    int32_t const warps = blockDim.x / kWarpSize;
+    for (int32_t k = part + split * int32_t(threadIdx.x / kWarpSize); k < p.outTokens; k += split * warps)
     {
         float total = 0.f; // the weights
         float allSize = 0.f;
@@ -951,53 +994,47 @@ __device__ void mergeSlots(MergeParams const& p, MatchShared const& s, T const* 
             latest = positions ? fmaxf(latest, positions[i]) : latest;
         });
         T* out = outX + size_t(k) * C;
-        for (int32_t base = 0; base < C; base += kVectorsInFlight * kWarpSize * step) // the whole warp: forMembers votes
+        for (int32_t base = 0; base < C; base += kVectorsInFlight<T> * kWarpSize * step) // the whole warp: forMembers votes
         {
             int32_t const c0 = base + lane * step;
-            float acc[kVectorsInFlight][V] = {};
+            float acc[kVectorsInFlight<T>][V] = {};
             forMembers(s, k, sourceCount, [&](int32_t i) {
                 float const w = weight(i);
                 T const* row = x + size_t(i) * C;
 #pragma unroll
-                for (int32_t q = 0; q < kVectorsInFlight; ++q)
+                for (int32_t q = 0; q < kVectorsInFlight<T>; ++q)
                 {
                     int32_t const c = c0 + q * kWarpSize * step;
-                    if (c >= C)
-                    {
-                        break;
-                    }
-                    float v[V];
-                    if (vectorised)
+                    float v[V] = {}; // a scalar load fills v[0]; the rest add nothing
+                    if (c < C && vectorised)
                     {
                         load16(row + c, v);
                     }
-                    else
+                    else if (c < C)
                     {
                         v[0] = toFloat(row[c]);
                     }
-                    for (int32_t e = 0; e < step; ++e)
+#pragma unroll
+                    for (int32_t e = 0; e < V; ++e)
                     {
                         acc[q][e] = fmaf(v[e], w, acc[q][e]);
                     }
                 }
             });
 #pragma unroll
-            for (int32_t q = 0; q < kVectorsInFlight; ++q)
+            for (int32_t q = 0; q < kVectorsInFlight<T>; ++q)
             {
                 int32_t const c = c0 + q * kWarpSize * step;
-                if (c >= C)
-                {
-                    break;
-                }
-                for (int32_t e = 0; e < step; ++e)
+#pragma unroll
+                for (int32_t e = 0; e < V; ++e)
                 {
                     acc[q][e] = acc[q][e] / total;
                 }
-                if (vectorised)
+                if (c < C && vectorised)
                 {
                     store16(acc[q], out + c);
                 }
-                else
+                else if (c < C)
                 {
                     storeOne(acc[q][0], out + c);
                 }
@@ -1040,59 +1077,86 @@ __global__ void __launch_bounds__(kBlockThreads) mergeStepKernel(MergeParams p, 
 {
     TF_DYNAMIC_SHARED(shared);
     TF_SHARED(int32_t, lastBlock);
+    TF_SHARED(uint32_t, started);
+    int32_t const split = a.split;
+    // With S > 1 blocks take their image and part in the order they start, so the blocks of an
+    // image that has a started block's successor are all running or done: a block waits only for
+    // blocks of its own image that started before it finished, never for one that has not started.
+    if (threadIdx.x == 0)
+    {
+        lastBlock = 0;
+        started = split > 1 ? atomicAdd(&a.ws.counts[0], 1u) : blockIdx.x;
+    }
+    __syncthreads();
     int32_t const n = p.tokens;
     int32_t const K = p.outTokens;
-    int32_t const b = blockIdx.x / a.split;
+    int32_t const b = int32_t(started / unsigned(split));
+    int32_t const part = int32_t(started % unsigned(split));
     size_t const tokens = size_t(b) * n;
+    uint32_t* const tilesDone = a.ws.counts + 1 + b;
+    uint32_t* const published = a.ws.counts + 1 + p.batch + b;
     SharedLayout const layout(n, blockDim.x / kGroupThreads, a.scoresInShared);
     unsigned char* const region = shared + layout.region;
     float* const global = a.ws.scores + tokens * n;
     float* const scores = a.scoresInShared ? reinterpret_cast<float*>(shared) : global;
     float const* valid = a.text.valid ? a.text.valid + tokens : nullptr;
-    if (threadIdx.x == 0)
-    {
-        lastBlock = 0; // ordered before the tickets by the row norms' barrier
-    }
     float const* frozen = a.text.frozen ? a.text.frozen + tokens : nullptr;
+    float const* positions = a.text.positions ? a.text.positions + tokens : nullptr;
     float* const partials = a.ws.partials + tokens * tileSlots(n);
     EnergyTiles const energy{p.method == MergeMethod::kPITOME ? partials : nullptr, frozen, valid, p.protectedTokens};
-    similarities(p, a.metric + tokens * p.metricDim, valid, blockIdx.x % a.split, a.split, reinterpret_cast<float*>(region),
-        reinterpret_cast<Chunk*>(region + alignUp(sizeof(float) * n, 16)), a.split > 1 ? global : scores, energy);
+    similarities(p, a.metric + tokens * p.metricDim, valid, part, split, reinterpret_cast<float*>(region),
+        reinterpret_cast<Chunk*>(region + alignUp(sizeof(float) * n, 16)), split > 1 ? global : scores, energy);
 
-    // With S > 1 the block whose warp takes an image's last ticket goes on: each warp's lanes fence
-    // their tiles before the warp's ticket, and that block has loaded none of them (no stale
-    // cache line). With S = 1 the matching's first barrier orders the tiles before any read.
-    // PiToMe's plain and text variants read only the r source rows (the energy came with the
-    // tiles): where the tiles went, rather than after copying all N x N into shared memory.
+    MatchShared s(region, n);
+    if (split > 1) // the matching's results go where every block of the image reads them
+    {
+        s.target = a.ws.target + tokens;
+        s.owner = a.ws.owner + tokens;
+        s.sources = a.ws.sources + tokens;
+    }
+    // With S > 1 the block whose warp takes an image's last ticket matches: each warp's lanes fence
+    // their tiles before the warp's ticket, and that block has loaded none of them (no stale cache
+    // line); the other blocks wait for its published results and merge their share of the slots.
+    // With S = 1 the matching's first barrier orders the tiles before any read. PiToMe's plain and
+    // text variants read only the r source rows (the energy came with the tiles): where the tiles
+    // went, rather than after copying all N x N into shared memory.
     bool const copyScores = a.scoresInShared && !(p.method == MergeMethod::kPITOME && p.variant != PitomeVariant::kBSM);
-    if (a.split > 1)
+    if (split > 1)
     {
         __threadfence();
         __syncwarp();
         if (threadIdx.x % kWarpSize == 0
-            && atomicAdd(&a.ws.tickets[b], 1u) == unsigned(a.split * (blockDim.x / kWarpSize) - 1))
+            && atomicAdd(tilesDone, 1u) == unsigned(split * (blockDim.x / kWarpSize) - 1))
         {
             lastBlock = 1;
         }
         __syncthreads();
-        if (!lastBlock)
+        while (!lastBlock && threadIdx.x == 0 && atomicAdd(published, 0u) == 0u)
         {
-            return;
+            __nanosleep(256);
         }
         __threadfence();
-        for (size_t e = threadIdx.x; copyScores && e < size_t(n) * n; e += blockDim.x)
+        for (size_t e = threadIdx.x; lastBlock && copyScores && e < size_t(n) * n; e += blockDim.x)
         {
             scores[e] = global[e];
         }
     }
-
-    MatchShared s(region, n);
-    Rows const rows{a.split > 1 && !copyScores ? global : scores, n, int32_t(threadIdx.x % kWarpSize),
-        int32_t(threadIdx.x / kWarpSize), int32_t(blockDim.x / kWarpSize)};
-    match(p, s, rows, a.clsAttn ? a.clsAttn + tokens : nullptr, valid, frozen, partials, a.slots + tokens);
-    mergeSlots(p, s, a.x + tokens * p.channels, a.size + tokens, valid,
-        a.text.positions ? a.text.positions + tokens : nullptr, a.text, a.outX + size_t(b) * K * p.channels, a.outSize,
-        size_t(b) * K);
+    if (split == 1 || lastBlock)
+    {
+        Rows const rows{split > 1 && !copyScores ? global : scores, n, int32_t(threadIdx.x % kWarpSize),
+            int32_t(threadIdx.x / kWarpSize), int32_t(blockDim.x / kWarpSize)};
+        match(p, s, rows, a.clsAttn ? a.clsAttn + tokens : nullptr, valid, frozen, partials, a.slots + tokens, split > 1);
+        if (split > 1 && threadIdx.x == 0)
+        {
+            atomicExch(published, 1u);
+        }
+    }
+    else
+    {
+        __syncthreads(); // the block waits for thread 0's wait
+    }
+    mergeSlots(p, s, a.x + tokens * p.channels, a.size + tokens, valid, positions, a.text,
+        a.outX + size_t(b) * K * p.channels, a.outSize, size_t(b) * K, part, split);
 }
 
 } // namespace
@@ -1123,7 +1187,8 @@ LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device)
 size_t mergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t /*metricDim*/)
 {
     return alignUp(sizeof(float) * size_t(batch) * tokens * tokens)
-        + alignUp(sizeof(float) * size_t(batch) * tokens * tileSlots(tokens)) + alignUp(sizeof(uint32_t) * size_t(batch));
+        + alignUp(sizeof(float) * size_t(batch) * tokens * tileSlots(tokens))
+        + 3 * alignUp(sizeof(int32_t) * size_t(batch) * tokens) + alignUp(countBytes(batch));
 }
 
 //! Lets mergeStepKernel<T> use `bytes` of dynamic shared memory on `device`. Set once per device and
@@ -1185,7 +1250,7 @@ cudaError_t launchSimilarityEnergyMerge(MergeParams const& p, T const* x, T cons
     status = allowSharedBytes<T>(plan.sharedBytes, device);
     if (status == cudaSuccess && plan.split > 1)
     {
-        status = tfMemsetAsync(ws.tickets, 0, sizeof(uint32_t) * p.batch, stream);
+        status = tfMemsetAsync(ws.counts, 0, countBytes(p.batch), stream);
     }
     if (status != cudaSuccess)
     {
