@@ -83,12 +83,13 @@ def markdown_report(environment: dict, correctness: list[dict], timings: list[di
         lines += ["", "## Time per merging layer (fp16, C = 768)", "",
                   "GPU time per call from CUDA graph replays (inputs rotated past L2, no host work timed); medians. "
                   "PyTorch merge: the same decision and merge in standard ops (what the ONNX lowering exports).", "",
-                  "| method | variant | B | N | D | r | kernel (ms) | PyTorch merge (ms) | ViT-B block (ms) | kernel / block | PyTorch merge / block |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | variant | B | N | D | r | blocks per image | kernel (ms) | PyTorch merge (ms) | ViT-B block (ms) | kernel / block | PyTorch merge / block |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in timings:
             cells = [f"{row[k]:.4f}" if k in row else row.get(k.replace("_ms", "_error"), "n/a") for k in ("kernel_ms", "pytorch_ms")]
             shares = [f"{row[k] / row['block_ms']:.1%}" if k in row else "n/a" for k in ("kernel_ms", "pytorch_ms")]
-            lines.append(f"| {row['method']} | {row['variant']} | {row['batch']} | {row['n']} | {row['d']} | {row['r']} | "
+            blocks = row.get("launch", {}).get("blocks_per_image", "n/a")
+            lines.append(f"| {row['method']} | {row['variant']} | {row['batch']} | {row['n']} | {row['d']} | {row['r']} | {blocks} | "
                          f"{cells[0]} | {cells[1]} | {row['block_ms']:.4f} | {shares[0]} | {shares[1]} |")
     return "\n".join(lines) + "\n"
 
@@ -289,8 +290,10 @@ def model_block():
 
 
 def timings(kernels, shapes=((197, 1), (197, 8), (197, 32), (197, 64)), deadline=None, on_row=None, device="cuda") -> list[dict]:
-    """Per (N, B): the model's block, and for each method the kernel and the PyTorch merge (the
-    pure-op formulation the ONNX lowering exports), fp16, C = 768, D = 64 (keys averaged over heads)."""
+    """Per (N, B): the model's block, and for each method the fused kernel (one launch, plus a
+    memset when an image spreads over several blocks; its launch plan recorded) and the PyTorch
+    merge (the pure-op formulation the ONNX lowering exports), fp16, C = 768, D = 64 (keys
+    averaged over heads), each alone in a CUDA graph."""
     rows, block, channels, d = [], model_block().to(device), 768, 64
     for n, batch in shapes:
         if deadline is not None and deadline():
@@ -305,13 +308,14 @@ def timings(kernels, shapes=((197, 1), (197, 8), (197, 32), (197, 64)), deadline
             turbo = name == "turbo"
 
             def kernel(feed):
-                return kernels.merge(rule, n - r, 1, feed.x, feed.metric, feed.size, feed.cls_attn if turbo else None)
+                return kernels.merge(rule, n - r, 1, feed.x, feed.metric, feed.size, feed.cls_attn if turbo else None, fresh=False)
 
             def pytorch(feed):
                 plan = methods.match_step(rule, feed.metric, r, protected=1, cls_attn=feed.cls_attn if turbo else None)
                 return methods.TokenMerge(plan.dst_slot, n - r).merge(feed.x, feed.size.unsqueeze(-1))
 
-            row = {"method": name, "variant": variant, "batch": batch, "n": n, "d": d, "r": r, "block_ms": block_ms["median_ms"]}
+            row = {"method": name, "variant": variant, "batch": batch, "n": n, "d": d, "r": r, "block_ms": block_ms["median_ms"],
+                   "launch": kernels.plan(batch, n)}
             for label, fn in (("kernel", kernel), ("pytorch", pytorch)):
                 try:
                     with torch.no_grad():

@@ -106,6 +106,8 @@ def phases(method: str, batch: int, shape: Shape, device: Device) -> tuple[dict,
     def add(name, cycles, barriers=0, note=""):
         out.append({"phase": name, "cycles": cycles + barriers * a["barrier"], "barriers": barriers, "note": note})
 
+    if split > 1:
+        add("start order", a["global_latency"], 1, "an atomic counter gives each block its image and part")
     add("row norms", math.ceil(n / threads) * (a["global_latency"] + (d // vector) + d * a["fma_latency"]), 1,
         "a thread per row, D loads in flight, D dependent FMAs")
     # Tiles: the block's pairs, `groups` at a time; per 16-dimension chunk a staging load and 16 x 16 FMAs per thread.
@@ -155,11 +157,14 @@ def phases(method: str, batch: int, shape: Shape, device: Device) -> tuple[dict,
         add("redundancy, ranking, masked maximum, ranking", 2 * row_pass(n) + 2 * ranking, 6, f"rows from {rows_from}")
         add("partners + B places", row_pass(shape.r) + count_per_token, 1)
     add("targets, owners, sources", count_per_token / 2, 2)
-    # Merge: one SM reads the image's x and writes K rows, bounded by its share of L2 bandwidth.
+    # Merge: each of the image's S blocks reads its share of the slots' members and writes its rows,
+    # bounded by one SM's share of L2 bandwidth (the GPU-wide DRAM bound is applied in estimate()).
     k = shape.n - shape.r
     bytes_moved = (shape.n + k) * shape.c * shape.bytes_per_element
-    add("merge", bytes_moved / a["l2_bytes_per_cycle_per_sm"] + a["global_latency"], 0,
-        f"{bytes_moved / 1e3:.0f} KB through one SM")
+    if split > 1:
+        add("publish + wait", 2 * a["global_latency"], 1, "the matching's slots through the workspace")
+    add("merge", bytes_moved / split / a["l2_bytes_per_cycle_per_sm"] + a["global_latency"], 0,
+        f"{bytes_moved / 1e3:.0f} KB over {split} block(s)")
     return plan, out
 
 
@@ -193,13 +198,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def estimates(shape: Shape = Shape()) -> list[dict]:
+    return [estimate(method, batch, shape, device) for device in DEVICES for batch in (1, 8, 64)
+            for method in ("pitome", "tome", "crossget")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="write docs/roofline.json and the plugin README's table")
     args = parser.parse_args()
     shape = Shape()
-    rows = [estimate(method, batch, shape, device) for device in DEVICES for batch in (1, 8, 64)
-            for method in ("pitome", "tome", "crossget")]
+    rows = estimates(shape)
     text = table(rows)
     print(text)
     if args.write:

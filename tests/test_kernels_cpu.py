@@ -15,10 +15,12 @@ kernels behind them. Inputs:
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import re
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -214,6 +216,27 @@ def test_every_launch_layout_matches_pytorch(cpu_kernels):
             dtype = np.float16 if seed % 2 else np.float32
             case = random_case(rule, n, 40, 24, dtype, seed, batch=batch)
             check_up_to_near_ties(ek.run_library(cpu_kernels, case), case, what=f"{name} B={batch} N={n} {plan}")
+
+
+def _roofline_script():
+    spec = importlib.util.spec_from_file_location("roofline", ek.ROOT / "scripts" / "roofline.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_roofline_estimate_plans_as_the_kernel_and_the_readme_shows_it(cpu_kernels):
+    """scripts/roofline.py models the kernel's own launch plan (checked against
+    tokenfuseMergeLaunchPlan on the emulated device), and the plugin README's table is its output
+    (rerun `python scripts/roofline.py --write` after changing the kernel)."""
+    roofline = _roofline_script()
+    emulated = roofline.Device("emulated", 8, 1.0, 1.0, 99 * 1024, "tests/cuda_emulation")
+    for batch, n in [(1, 5), (1, 40), (2, 60), (3, 197), (8, 197), (1, 577), (16, 1024)]:
+        model, kernel = roofline.launch_plan(batch, n, emulated), ek.launch_plan(cpu_kernels, batch, n)
+        assert (model["blocks_per_image"], model["threads"], model["shared_bytes"], model["scores_in_shared"]) == (
+            kernel.blocks_per_image, kernel.threads, kernel.shared_bytes, kernel.scores_in_shared), (batch, n)
+    assert roofline.table(roofline.estimates()) in roofline.README.read_text()
 
 
 def non_finite_case(rule: LayerRule, dtype, seed: int) -> ek.MergeCase:

@@ -54,14 +54,15 @@ def test_report_holds_every_row_and_the_environment():
     environment = {"device": "NVIDIA H100", "driver": "580.1", "CUDA (torch)": "13.0", "torch": "2.11"}
     correctness = [{"inputs": "random", "method": "pitome", "variant": "plain", "dtype": "float16", "n": 1024, "d": 64,
                     "tokens": 8192, "identical": 8150, "excused": 42, "wrong": 0, "max_rel_error": 3e-3, "passed": True}]
-    timings = [{"method": "tome", "variant": "plain", "batch": 64, "n": 197, "d": 64, "r": 24, "kernel_ms": 0.012, "pytorch_ms": 0.09, "block_ms": 0.3},
+    timings = [{"method": "tome", "variant": "plain", "batch": 64, "n": 197, "d": 64, "r": 24, "kernel_ms": 0.012, "pytorch_ms": 0.09, "block_ms": 0.3,
+                "launch": {"blocks_per_image": 2}},
                {"method": "pitome", "variant": "plain", "batch": 1, "n": 197, "d": 64, "r": 24, "kernel_error": "RuntimeError: capture", "pytorch_ms": 0.03,
                 "block_ms": 0.05}]
     text = harness.markdown_report(environment, correctness, timings, {"racecheck": {"returncode": 0, "summary": "ERROR SUMMARY: 0 errors"}},
                                    "tokenfuse plugin check --sanitize")
     for expected in ("NVIDIA H100", "580.1", "| torch | 2.11 |", "| random | pitome | plain | float16 | 1024 | 64 | 8192 | 8150 | 42 | 0 | 3.00e-03 | yes |",
-                     "| tome | plain | 64 | 197 | 64 | 24 | 0.0120 | 0.0900 | 0.3000 | 4.0% | 30.0% |",
-                     "| pitome | plain | 1 | 197 | 64 | 24 | RuntimeError: capture | 0.0300 | 0.0500 | n/a | 60.0% |", "| racecheck | 0 | ERROR SUMMARY: 0 errors |",
+                     "| tome | plain | 64 | 197 | 64 | 24 | 2 | 0.0120 | 0.0900 | 0.3000 | 4.0% | 30.0% |",
+                     "| pitome | plain | 1 | 197 | 64 | 24 | n/a | RuntimeError: capture | 0.0300 | 0.0500 | n/a | 60.0% |", "| racecheck | 0 | ERROR SUMMARY: 0 errors |",
                      "`tokenfuse plugin check --sanitize`"):
         assert expected in text
 
@@ -89,7 +90,10 @@ def test_timing_loop_times_every_method_and_records_failures(monkeypatch):
         return {"median_ms": 1.0}
 
     class Failing:
-        def merge(self, *args):
+        def plan(self, batch, n):
+            return {"blocks_per_image": 1}
+
+        def merge(self, *args, **kwargs):
             raise RuntimeError("no kernel here")
 
     monkeypatch.setattr(harness, "graph_ms", stand_in)
@@ -97,5 +101,5 @@ def test_timing_loop_times_every_method_and_records_failures(monkeypatch):
     monkeypatch.setattr(harness, "model_block", lambda: torch.nn.Identity())
     rows = harness.timings(Failing(), shapes=((17, 2),), device="cpu")
     assert [(row["method"], row["variant"]) for row in rows] == harness.CASES
-    assert all(row["pytorch_ms"] == 1.0 and row["kernel_error"].startswith("RuntimeError") for row in rows)
+    assert all(row["pytorch_ms"] == 1.0 and row["kernel_error"].startswith("RuntimeError") and row["launch"] for row in rows)
     assert harness.markdown_report({}, [], rows, {}, "x").count("| n/a |") == len(rows)

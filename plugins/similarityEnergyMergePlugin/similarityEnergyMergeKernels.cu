@@ -1,23 +1,29 @@
 /*
- * SimilarityEnergyMerge kernel: one launch per merge step.
+ * SimilarityEnergyMerge kernel: one launch per merge step (plus a memset of a few counters when an
+ * image spreads over several blocks).
  *
- * mergeStepKernel runs S blocks per batch element: S = 1 once the batch fills the GPU, otherwise
- * enough blocks to fill it, at most one per similarity tile pair. Every block
- *   1. computes the norms of its image's metric rows (a warp per row, once per block);
+ * mergeStepKernel runs S blocks per batch element: S = 1 once the batch fills the GPU, otherwise as
+ * many as fill it in one wave, at most one per similarity tile pair. Blocks take their image and
+ * part in the order they start (a counter). Every block
+ *   1. computes the norms of its image's metric rows (a thread per row, once per block);
  *   2. computes its share of the 32 x 32 tile pairs on or above the diagonal of the N x N cosine
  *      matrix: each 64-thread group one pair at a time, 4 x 4 cosines per thread, fp32 FMAs in
  *      dimension order (so (i, j) and (j, i) agree), each cosine written to (i, j) and (j, i).
- *      The matrix lives in shared memory when S = 1 and it fits (N up to ~215 on sm_90, ~180 on
- *      sm_80, ~140 on sm_86/89, ~100 on sm_75), else in the workspace (L2-resident at ViT shapes).
- * With S > 1 the block that finishes its tiles last (a ticket per batch element; the tickets are
- * zeroed by a memset before the launch) goes on alone, after copying the matrix into shared
- * memory when it fits. That block then
- *   3. matches: the row reductions each method needs (energy, best match in B, redundancy), the
- *      rankings by counting (a token's rank is how many members precede it in (key, tiebreak,
- *      position) order, as the exporter's rank_among), slot positions by counting;
- *   4. merges: one warp per output slot finds its members (its owner, and by ballot the sources
- *      that merge into it) and computes their size-weighted mean with 16-byte loads, several in
- *      flight per lane, sums and sizes in fp32.
+ *      PiToMe's affinities are computed here too, and each row's sum over the tile's 32 columns
+ *      (a 32-leaf tree) goes to the workspace. The matrix lives in shared memory when S = 1 and it
+ *      fits (N up to 224 on sm_90, 184 on sm_80/87, 132 on sm_86/89, 92 on sm_75), else in the
+ *      workspace (L2-resident at ViT shapes).
+ * With S > 1 the block that finishes its tiles last (a ticket per image) matches, after copying
+ * the matrix into shared memory when it fits and the method reads whole rows; it publishes the
+ * slots in the workspace, and the image's other blocks, which have all started before it, wait
+ * for them. Then
+ *   3. matching (one block): the row reductions each method needs (energy from the partial sums,
+ *      best match in B, redundancy), the rankings by counting (a token's rank is how many members
+ *      precede it in (key, tiebreak, position) order, as the exporter's rank_among), slot places
+ *      by counting or straight from the ranks (PiToMe);
+ *   4. merging (every block of the image, its share of the slots): one warp per output slot finds
+ *      its members (its owner, and by ballot the sources that merge into it) and computes their
+ *      size-weighted mean with 16-byte loads, sums and sizes in fp32.
  *
  * The decisions follow tokenfuse.exporter.methods exactly: stable rankings (ties go to the lower
  * position or order key), argmax picks the lowest index, a non-finite similarity scores -2.
