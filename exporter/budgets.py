@@ -24,8 +24,9 @@ class Shape:
     width: int
     mlp_width: int
     heads: int
-    protected: int = 1
+    protected: int = 1  # tokens that never merge, the frozen one included
     extra_gflops: float = 0.0  # embedding and head, identical merged or not
+    frozen: bool = False  # one of the protected tokens sits anywhere (CLIP text's EOS), not in front
 
 
 def parse_r(text: str) -> float | int:
@@ -89,7 +90,7 @@ def plan_schedule(
             raise UsageError(f"layer {layer} would grow from {n} to {target} tokens; a schedule must not increase")
         if target <= p:
             raise UsageError(f"layer {layer} would keep {target} tokens, no more than the {p} protected one(s); use a smaller r or --min-tokens")
-        limit = max_removable(method, n, p)
+        limit = max_removable(method, n, p, frozen=shape.frozen)
         if n - target > limit:
             raise UsageError(
                 f"layer {layer}: {method} can remove at most {limit} of {n} tokens, the budget asks for {n - target}; "

@@ -388,11 +388,19 @@ def prepare(metric, protected, valid, frozen):
     return sim, free
 
 
-def max_removable(method: str, n: int, protected: int) -> int:
+def max_removable(method: str, n: int, protected: int, frozen: bool = False) -> int:
     """The most tokens `method` can remove from n tokens in one layer.
 
-    `protected` counts every token that never merges (leading ones and a frozen one)."""
-    return get_method(method).removable(n, protected)
+    `protected` counts every token that never merges: the leading ones and, when `frozen`, one more
+    anywhere (CLIP text's EOS). Where A and B alternate by position, that token may sit on one of
+    A's (even) positions, so A can hold one token fewer than half of the free ones."""
+    spec = get_method(method)
+    limit = spec.removable(n, protected)
+    if frozen and spec.pairs_by_position:
+        leading = protected - 1
+        even_free = (n + 1) // 2 - (leading + 1) // 2  # even positions in [leading, n)
+        limit = min(limit, max(even_free - 1, 0))
+    return limit
 
 
 def match(
@@ -431,7 +439,7 @@ def match_step(
     n = token_count(metric, 1)
     if r <= 0 or rule.name == "none":
         return TokenMerge.keep_all(metric)
-    limit = max_removable(rule.name, n, protected + (frozen is not None))
+    limit = max_removable(rule.name, n, protected + (frozen is not None), frozen=frozen is not None)
     if r > limit:
         raise ValueError(f"{rule.name} can remove at most {limit} of {n} tokens in one layer, asked for {r}")
     method = get_method(rule.name)
@@ -487,7 +495,8 @@ def _pitome_for_model(knobs, is_text):
 
 
 register(MergeMethod("none", None, "no merging (the baseline)", removable=lambda n, protected: 0))
-register(MergeMethod("tome", _decide_tome, "ToMe: bipartite soft matching, A = even, B = odd positions", kernel_code=0))
+register(MergeMethod("tome", _decide_tome, "ToMe: bipartite soft matching, A = even, B = odd positions", kernel_code=0,
+                     pairs_by_position=True))
 register(MergeMethod(
     "pitome", _decide_pitome, "PiToMe: the lowest-energy tokens are protected, the highest-energy ones merge",
     knobs=(
@@ -514,7 +523,7 @@ register(MergeMethod(
     ),
     rule_defaults={"turbo_weight": 30.0}, layer_rule=_turbo_layer,
     merges=lambda knobs, tokens_in: tokens_in >= knobs["turbo_threshold"],
-    needs_cls_attn=True, kernel_code=3,
+    needs_cls_attn=True, kernel_code=3, pairs_by_position=True,
 ))
 
 METHODS = method_names()  # the built-in ones, in this order

@@ -64,7 +64,9 @@ class MergeMethod:
     out from the knob values for one layer; `removable(n, protected)` is the most tokens one layer
     can remove; `merges(knobs, tokens_in)` False makes a layer keep all its tokens (Turbo's
     threshold); `for_model(knobs, is_text)` makes "auto" knob values concrete for one model;
-    `kernel_code` is the plugin kernels' MergeMethod code (None: no kernel, ONNX lowering only).
+    `kernel_code` is the plugin kernels' MergeMethod code (None: no kernel, ONNX lowering only);
+    `pairs_by_position`: A and B alternate by position (ToMe, Turbo), so a frozen token can take one
+    of A's places (methods.max_removable).
     """
 
     name: str
@@ -78,6 +80,7 @@ class MergeMethod:
     for_model: Callable[[dict, bool], dict] = _as_given
     needs_cls_attn: bool = False
     kernel_code: int | None = None
+    pairs_by_position: bool = False
 
 
 _METHODS: dict[str, MergeMethod] = {}

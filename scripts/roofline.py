@@ -56,6 +56,7 @@ ASSUMPTIONS = {
 # The kernel's constants (similarityEnergyMergeKernels.cu).
 BLOCK_THREADS, SMALL_BLOCK_THREADS, SMALL_TOKENS = 384, 128, 64
 TILE, CHUNK, GROUP_THREADS, WARP = 32, 16, 64, 32
+STATIC_SHARED = 64  # kStaticShared: kept free of the dynamic shared memory
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def launch_plan(batch: int, n: int, device: Device) -> dict:
     pairs = tiles * (tiles + 1) // 2
     fill = device.sms // batch
     split = min(pairs, fill) if fill > 1 else 1
-    in_shared = shared_layout_bytes(n, groups, True) <= device.shared_per_block
+    in_shared = shared_layout_bytes(n, groups, True) <= device.shared_per_block - STATIC_SHARED
     return {"blocks_per_image": split, "threads": threads, "groups": groups, "tiles": tiles, "pairs": pairs,
             "scores_in_shared": in_shared, "shared_bytes": shared_layout_bytes(n, groups, in_shared),
             "waves": math.ceil(batch * split / device.sms)}
@@ -106,8 +107,6 @@ def phases(method: str, batch: int, shape: Shape, device: Device) -> tuple[dict,
     def add(name, cycles, barriers=0, note=""):
         out.append({"phase": name, "cycles": cycles + barriers * a["barrier"], "barriers": barriers, "note": note})
 
-    if split > 1:
-        add("start order", a["global_latency"], 1, "an atomic counter gives each block its image and part")
     add("row norms", math.ceil(n / threads) * (a["global_latency"] + (d // vector) + d * a["fma_latency"]), 1,
         "a thread per row, D loads in flight, D dependent FMAs")
     # Tiles: the block's pairs, `groups` at a time; per 16-dimension chunk a staging load and 16 x 16 FMAs per thread.

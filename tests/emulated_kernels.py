@@ -161,6 +161,7 @@ def load_library(path: Path) -> ctypes.CDLL:
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = [ctypes.c_void_p] * (10 + TRAILING_ZEROS)
     lib.tfemuSetExecute.argtypes = [ctypes.c_int]
+    lib.tfemuSetResident.argtypes = [ctypes.c_int]
     lib.tokenfuseMergeLaunchPlan.restype = ctypes.c_int
     lib.tokenfuseMergeLaunchPlan.argtypes = [ctypes.c_int32] * 2 + [ctypes.c_void_p] * 4
     return lib

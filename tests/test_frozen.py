@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenfuse.exporter.methods import MethodConfig, match
+from tokenfuse.exporter.methods import MethodConfig, match, max_removable
 
 
 def _inputs(seed, n=23, d=8, batch=3):
@@ -56,3 +56,20 @@ def test_frozen_tokens_lower_the_per_layer_limit():
     metric, frozen, _ = _inputs(0)
     with pytest.raises(ValueError, match="at most 10"):
         match(MethodConfig(name="tome"), metric, 11, protected=1, frozen=frozen)
+
+
+@pytest.mark.parametrize("method", ["tome", "turbo"])
+def test_at_the_limit_the_frozen_token_stays_alone_wherever_it_sits(method):
+    """ToMe's A set is the free even positions, and the frozen token may take one of them, so the
+    limit is one below their count: at N 6 with a leading token, 1 and not (6 - 2) // 2 = 2 (with 2,
+    an EOS at position 2 left A one token short and shared its slot with a B token)."""
+    assert max_removable(method, 6, 2, frozen=True) == 1 and max_removable(method, 6, 2) == 2
+    for n in range(5, 15):  # from 5 on the limit is at least 1
+        r = max_removable(method, n, 2, frozen=True)
+        metric = torch.randn(1, n, 8, generator=torch.Generator().manual_seed(n))
+        cls_attn = torch.rand(1, n, generator=torch.Generator().manual_seed(n))
+        for at in range(1, n):
+            frozen = (torch.arange(n) == at)[None]
+            slots = match(MethodConfig(name=method), metric, r, protected=1, cls_attn=cls_attn, frozen=frozen).dst_slot[0]
+            assert slots[at] == n - r - 1 and int((slots == n - r - 1).sum()) == 1, (n, at, slots)
+            assert sorted(set(slots.tolist())) == list(range(n - r)), (n, at, slots)

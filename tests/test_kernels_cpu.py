@@ -218,6 +218,23 @@ def test_every_launch_layout_matches_pytorch(cpu_kernels):
             check_up_to_near_ties(ek.run_library(cpu_kernels, case), case, what=f"{name} B={batch} N={n} {plan}")
 
 
+def test_a_shared_gpu_refusing_the_cooperative_launch_gets_one_block_per_image(cpu_kernels):
+    """Several blocks per image wait for one another, so they launch cooperatively; a device that
+    cannot keep them all resident (here the emulation keeps 2 blocks, where the plan wants 8 per
+    image) refuses, and the launch runs one block per image instead, with the same slots."""
+    rule = RANDOM_RULES["tome"]
+    case = random_case(rule, 197, 40, 24, np.float32, 3, batch=1)
+    assert ek.launch_plan(cpu_kernels, 1, 197).blocks_per_image == 8
+    want = ek.run_library(cpu_kernels, case)
+    cpu_kernels.tfemuSetResident(2)
+    try:
+        got = ek.run_library(cpu_kernels, case)
+    finally:
+        cpu_kernels.tfemuSetResident(8)
+    check_up_to_near_ties(got, case, what="two blocks resident")
+    np.testing.assert_array_equal(got.slots, want.slots)
+
+
 def _roofline_script():
     spec = importlib.util.spec_from_file_location("roofline", ek.ROOT / "scripts" / "roofline.py")
     module = importlib.util.module_from_spec(spec)
@@ -399,31 +416,32 @@ def test_text_inputs_match_pytorch(cpu_kernels):
         for causal in (False, True):
             frozen = (pos == lengths - 1).astype(np.float32) if causal else None
             positions = np.ascontiguousarray(np.broadcast_to(pos.astype(np.float32), (batch, n))) if causal else None
-            r = max_removable(rule.name, n, 1 + causal) // 2 + 1
-            case = tie_case(rule, n, r, 1, rng, batch=batch)
-            slots, out_x, out_size = ek._outputs(case)
-            out_valid = np.full((batch, n - r), np.nan, dtype=np.float32)
-            out_positions = np.full((batch, n - r), np.nan, dtype=np.float32)
-            workspace = np.zeros(int(cpu_kernels.tokenfuseMergeWorkspaceSize(batch, n, case.metric.shape[2])), dtype=np.uint8)
-            pointer = lambda a: None if a is None else ek._pointer(a)  # noqa: E731
-            status = cpu_kernels.tokenfuseMergeFloat(
-                pointer(case.params()), pointer(case.x), pointer(case.metric), pointer(case.size), pointer(case.cls_attn),
-                pointer(out_x), pointer(out_size), pointer(slots), pointer(workspace), None,
-                pointer(valid), pointer(frozen), pointer(positions), pointer(out_valid), pointer(out_positions) if causal else None,
-                None)
-            what = f"{name} {'causal' if causal else 'padded'} r={r}"
-            assert status == 0, what
-            real = torch.from_numpy(valid) > 0.5
-            plan = match_step(rule, torch.from_numpy(case.metric), r, protected=1,
-                              cls_attn=torch.from_numpy(case.cls_attn) if rule.name == "turbo" else None, valid=real,
-                              frozen=torch.from_numpy(frozen) > 0.5 if causal else None)
-            want_x, want_size, want_valid = plan.merge_padded(torch.from_numpy(case.x), torch.from_numpy(case.size)[..., None], real)
-            np.testing.assert_array_equal(slots, plan.dst_slot.numpy(), err_msg=what)
-            np.testing.assert_allclose(out_x, want_x.numpy(), rtol=1e-5, atol=1e-6, err_msg=what)
-            np.testing.assert_allclose(out_size, want_size[..., 0].numpy(), rtol=1e-6, err_msg=what)
-            np.testing.assert_array_equal(out_valid, want_valid.float().numpy(), err_msg=what)
-            if causal:
-                np.testing.assert_array_equal(out_positions, plan.merge_positions(torch.from_numpy(positions)).numpy(), err_msg=what)
+            # half way, and the limit (with CLIP's frozen EOS on an even position in the third text: 6)
+            for r in (max_removable(rule.name, n, 1 + causal) // 2 + 1, max_removable(rule.name, n, 1 + causal, frozen=causal)):
+                case = tie_case(rule, n, r, 1, rng, batch=batch)
+                slots, out_x, out_size = ek._outputs(case)
+                out_valid = np.full((batch, n - r), np.nan, dtype=np.float32)
+                out_positions = np.full((batch, n - r), np.nan, dtype=np.float32)
+                workspace = np.zeros(int(cpu_kernels.tokenfuseMergeWorkspaceSize(batch, n, case.metric.shape[2])), dtype=np.uint8)
+                pointer = lambda a: None if a is None else ek._pointer(a)  # noqa: E731
+                status = cpu_kernels.tokenfuseMergeFloat(
+                    pointer(case.params()), pointer(case.x), pointer(case.metric), pointer(case.size), pointer(case.cls_attn),
+                    pointer(out_x), pointer(out_size), pointer(slots), pointer(workspace), None,
+                    pointer(valid), pointer(frozen), pointer(positions), pointer(out_valid), pointer(out_positions) if causal else None,
+                    None)
+                what = f"{name} {'causal' if causal else 'padded'} r={r}"
+                assert status == 0, what
+                real = torch.from_numpy(valid) > 0.5
+                plan = match_step(rule, torch.from_numpy(case.metric), r, protected=1,
+                                  cls_attn=torch.from_numpy(case.cls_attn) if rule.name == "turbo" else None, valid=real,
+                                  frozen=torch.from_numpy(frozen) > 0.5 if causal else None)
+                want_x, want_size, want_valid = plan.merge_padded(torch.from_numpy(case.x), torch.from_numpy(case.size)[..., None], real)
+                np.testing.assert_array_equal(slots, plan.dst_slot.numpy(), err_msg=what)
+                np.testing.assert_allclose(out_x, want_x.numpy(), rtol=1e-5, atol=1e-6, err_msg=what)
+                np.testing.assert_allclose(out_size, want_size[..., 0].numpy(), rtol=1e-6, err_msg=what)
+                np.testing.assert_array_equal(out_valid, want_valid.float().numpy(), err_msg=what)
+                if causal:
+                    np.testing.assert_array_equal(out_positions, plan.merge_positions(torch.from_numpy(positions)).numpy(), err_msg=what)
 
 
 @pytest.mark.parametrize("sanitizer", ["none", "thread"])

@@ -141,6 +141,7 @@ class ClipText(TextAdapter):
             heads=self.heads,
             protected=2,  # the first token and the frozen EOS
             extra_gflops=proj / 1e9,
+            frozen=True,
         )
 
     def views(self):

@@ -9,6 +9,9 @@
  *   tfLaunch(kernel, grid, block, dynamicSharedBytes, stream, args...)
  *                             kernel<<<grid, block, dynamicSharedBytes, stream>>>(args...), then
  *                             returns cudaGetLastError()
+ *   tfLaunchCooperative(kernel, grid, block, dynamicSharedBytes, stream, args...)
+ *                             the same as a cooperative launch (every block resident at once), or
+ *                             cudaErrorCooperativeLaunchTooLarge
  *   tfDeviceLimits(device)    the current device's multiprocessors and opt-in shared memory per block
  *   tfAllowDynamicShared(kernel, bytes)
  *                             lets `kernel` launch with `bytes` of dynamic shared memory (over 48 KiB)
@@ -18,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <tuple>
 
 //! What a launch needs to know of the device it runs on.
 struct TfDevice
@@ -47,6 +51,18 @@ cudaError_t tfAllowDynamicShared(void (*)(Params...), size_t bytes)
     return bytes <= tfemu::kMaxSharedBytes ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+//! A cooperative grid larger than the blocks the emulation keeps resident is refused.
+template <typename... Params, typename... Args>
+cudaError_t tfLaunchCooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamicSharedBytes,
+    cudaStream_t stream, Args... args)
+{
+    if (1ull * grid.x * grid.y * grid.z > tfemu::residentBlocks.load())
+    {
+        return cudaErrorCooperativeLaunchTooLarge;
+    }
+    return tfLaunch(kernel, grid, block, dynamicSharedBytes, stream, args...);
+}
+
 inline cudaError_t tfMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t)
 {
     std::memset(pointer, value, bytes);
@@ -69,6 +85,20 @@ cudaError_t tfLaunch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dy
 {
     kernel<<<grid, block, dynamicSharedBytes, stream>>>(args...);
     return cudaGetLastError();
+}
+
+template <typename... Params, typename... Args>
+cudaError_t tfLaunchCooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamicSharedBytes,
+    cudaStream_t stream, Args... args)
+{
+    std::tuple<Params...> values(args...);
+    return std::apply(
+        [&](Params&... each) {
+            void* pointers[] = {static_cast<void*>(&each)...};
+            return cudaLaunchCooperativeKernel(
+                reinterpret_cast<void const*>(kernel), grid, block, pointers, dynamicSharedBytes, stream);
+        },
+        values);
 }
 #endif // __CUDACC__
 

@@ -3,8 +3,8 @@
  * image spreads over several blocks).
  *
  * mergeStepKernel runs S blocks per batch element: S = 1 once the batch fills the GPU, otherwise as
- * many as fill it in one wave, at most one per similarity tile pair. Blocks take their image and
- * part in the order they start (a counter). Every block
+ * many as fill it in one wave, at most one per similarity tile pair, launched cooperatively (all
+ * resident at once; where the device refuses, one block per image). Every block
  *   1. computes the norms of its image's metric rows (a thread per row, once per block);
  *   2. computes its share of the 32 x 32 tile pairs on or above the diagonal of the N x N cosine
  *      matrix: each 64-thread group one pair at a time, 4 x 4 cosines per thread, fp32 FMAs in
@@ -15,8 +15,7 @@
  *      workspace (L2-resident at ViT shapes).
  * With S > 1 the block that finishes its tiles last (a ticket per image) matches, after copying
  * the matrix into shared memory when it fits and the method reads whole rows; it publishes the
- * slots in the workspace, and the image's other blocks, which have all started before it, wait
- * for them. Then
+ * slots in the workspace, and the image's other blocks wait for them. Then
  *   3. matching (one block): the row reductions each method needs (energy from the partial sums,
  *      best match in B, redundancy), the rankings by counting (a token's rank is how many members
  *      precede it in (key, tiebreak, position) order, as the exporter's rank_among), slot places
@@ -83,15 +82,18 @@ struct Workspace
     int32_t* target;  // [B, N] with S > 1, the matching's results that every block of an image merges by:
     int32_t* owner;   //        each token's slot, each slot's owner,
     int32_t* sources; //        the tokens that merge away
-    uint32_t* counts; // [1 + 2B], zeroed before the launch: blocks started, then per batch element the
-                      // blocks done with their tiles, then whether its matching is published
+    uint32_t* counts; // [2B], zeroed before the launch: per batch element the blocks done with their
+                      // tiles, then whether its matching is published
 };
 
 //! The counters a launch with S > 1 zeroes first.
 size_t countBytes(int32_t batch)
 {
-    return sizeof(uint32_t) * (1 + 2 * size_t(batch));
+    return sizeof(uint32_t) * 2 * size_t(batch);
 }
+
+//! More than the kernel's static shared memory (ptxas: 16 bytes), kept free of the dynamic part.
+constexpr size_t kStaticShared = 64;
 
 __host__ __device__ constexpr size_t alignUp(size_t bytes, size_t to = 256)
 {
@@ -1079,28 +1081,22 @@ struct StepArgs
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads) mergeStepKernel(MergeParams p, StepArgs<T> a)
+__global__ void __launch_bounds__(kBlockThreads, 1) mergeStepKernel(MergeParams p, StepArgs<T> a)
 {
     TF_DYNAMIC_SHARED(shared);
     TF_SHARED(int32_t, lastBlock);
-    TF_SHARED(uint32_t, started);
-    int32_t const split = a.split;
-    // With S > 1 blocks take their image and part in the order they start, so the blocks of an
-    // image that has a started block's successor are all running or done: a block waits only for
-    // blocks of its own image that started before it finished, never for one that has not started.
-    if (threadIdx.x == 0)
-    {
-        lastBlock = 0;
-        started = split > 1 ? atomicAdd(&a.ws.counts[0], 1u) : blockIdx.x;
-    }
-    __syncthreads();
     int32_t const n = p.tokens;
     int32_t const K = p.outTokens;
-    int32_t const b = int32_t(started / unsigned(split));
-    int32_t const part = int32_t(started % unsigned(split));
+    int32_t const split = a.split;
+    int32_t const b = int32_t(blockIdx.x) / split;
+    int32_t const part = int32_t(blockIdx.x) % split;
+    if (threadIdx.x == 0)
+    {
+        lastBlock = 0; // ordered before the tickets by the row norms' barrier
+    }
     size_t const tokens = size_t(b) * n;
-    uint32_t* const tilesDone = a.ws.counts + 1 + b;
-    uint32_t* const published = a.ws.counts + 1 + p.batch + b;
+    uint32_t* const tilesDone = a.ws.counts + b;
+    uint32_t* const published = a.ws.counts + p.batch + b;
     SharedLayout const layout(n, blockDim.x / kGroupThreads, a.scoresInShared);
     unsigned char* const region = shared + layout.region;
     float* const global = a.ws.scores + tokens * n;
@@ -1167,14 +1163,21 @@ __global__ void __launch_bounds__(kBlockThreads) mergeStepKernel(MergeParams p, 
 
 } // namespace
 
-int32_t maxRemovable(MergeMethod method, int32_t tokens, int32_t protectedTokens)
+int32_t maxRemovable(MergeMethod method, int32_t tokens, int32_t protectedTokens, bool frozen)
 {
     int32_t const free = tokens - protectedTokens;
-    int32_t const limit = method == MergeMethod::kCROSSGET ? free - 1 : free / 2;
+    int32_t limit = method == MergeMethod::kCROSSGET ? free - 1 : free / 2;
+    if (frozen && (method == MergeMethod::kTOME || method == MergeMethod::kTURBO))
+    {
+        // A holds the free even positions, and the frozen token may sit on one of them
+        int32_t const leading = protectedTokens - 1;
+        int32_t const evenFree = (tokens + 1) / 2 - (leading + 1) / 2;
+        limit = minInt(limit, evenFree - 1);
+    }
     return limit > 0 ? limit : 0;
 }
 
-LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device)
+LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device, bool oneBlockPerImage)
 {
     LaunchPlan plan;
     plan.threads = tokens <= kSmallTokens ? kSmallBlockThreads : kBlockThreads;
@@ -1184,8 +1187,9 @@ LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device)
     // As many blocks per image as fill the GPU in one wave (a block holding the N x N matrix has an
     // SM to itself), up to one per tile pair.
     int32_t const fill = device.multiprocessors / batch;
-    plan.split = fill > 1 ? minInt(pairs, fill) : 1;
-    plan.scoresInShared = SharedLayout(tokens, groups, true).bytes <= device.sharedPerBlock;
+    plan.split = fill > 1 && !oneBlockPerImage ? minInt(pairs, fill) : 1;
+    size_t const dynamic = device.sharedPerBlock > kStaticShared ? device.sharedPerBlock - kStaticShared : 0;
+    plan.scoresInShared = SharedLayout(tokens, groups, true).bytes <= dynamic;
     plan.sharedBytes = SharedLayout(tokens, groups, plan.scoresInShared).bytes;
     return plan;
 }
@@ -1197,27 +1201,22 @@ size_t mergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t /*metricDim*/)
         + 3 * alignUp(sizeof(int32_t) * size_t(batch) * tokens) + alignUp(countBytes(batch));
 }
 
-//! Lets mergeStepKernel<T> use `bytes` of dynamic shared memory on `device`. Set once per device and
-//! size (a host call, kept out of the launches that a CUDA graph captures), and only past the 48 KiB
-//! every launch may use.
+//! Lets mergeStepKernel<T> use all the dynamic shared memory `device` offers, once per device (a
+//! host call, kept out of the launches a CUDA graph captures; every caller sets the same value).
 template <typename T>
-cudaError_t allowSharedBytes(size_t bytes, TfDevice const& device)
+cudaError_t allowSharedMemory(TfDevice const& device)
 {
-    constexpr size_t kDefaultShared = 48 * 1024;
     constexpr int32_t kDevices = 64;
-    static std::atomic<size_t> allowed[kDevices] = {};
+    static std::atomic<bool> allowed[kDevices] = {};
     bool const cached = device.ordinal >= 0 && device.ordinal < kDevices;
-    if (bytes <= kDefaultShared || (cached && bytes <= allowed[device.ordinal].load()))
+    if (cached && allowed[device.ordinal].load())
     {
         return cudaSuccess;
     }
-    cudaError_t const status = tfAllowDynamicShared(mergeStepKernel<T>, bytes);
+    cudaError_t const status = tfAllowDynamicShared(mergeStepKernel<T>, device.sharedPerBlock - kStaticShared);
     if (status == cudaSuccess && cached)
     {
-        size_t seen = allowed[device.ordinal].load();
-        while (seen < bytes && !allowed[device.ordinal].compare_exchange_weak(seen, bytes))
-        {
-        }
+        allowed[device.ordinal].store(true);
     }
     return status;
 }
@@ -1230,7 +1229,7 @@ cudaError_t launchSimilarityEnergyMerge(MergeParams const& p, T const* x, T cons
     int32_t const r = p.tokens - p.outTokens;
     int32_t const fixed = p.protectedTokens + (text.frozen ? 1 : 0);
     bool const valid = p.batch >= 0 && p.tokens >= 1 && p.tokens <= kMaxTokens && p.outTokens >= 1 && r >= 0
-        && r <= maxRemovable(p.method, p.tokens, fixed) && p.channels >= 1 && p.metricDim >= 1
+        && r <= maxRemovable(p.method, p.tokens, fixed, text.frozen != nullptr) && p.channels >= 1 && p.metricDim >= 1
         && p.protectedTokens >= 0 && (p.method != MergeMethod::kTURBO || clsAttn != nullptr)
         && (text.outValid == nullptr || text.valid != nullptr) && (text.outPositions == nullptr || text.positions != nullptr);
     if (!valid)
@@ -1247,24 +1246,40 @@ cudaError_t launchSimilarityEnergyMerge(MergeParams const& p, T const* x, T cons
     {
         return status;
     }
-    LaunchPlan const plan = planLaunch(p.batch, p.tokens, device);
-    if (plan.sharedBytes > device.sharedPerBlock || int64_t(p.batch) * plan.split > 0x7fffffff)
-    {
-        return cudaErrorInvalidValue;
-    }
     Workspace const ws = carve(workspace, p.batch, p.tokens);
-    status = allowSharedBytes<T>(plan.sharedBytes, device);
-    if (status == cudaSuccess && plan.split > 1)
+    for (bool oneBlockPerImage : {false, true})
     {
+        LaunchPlan const plan = planLaunch(p.batch, p.tokens, device, oneBlockPerImage);
+        if (plan.sharedBytes + kStaticShared > device.sharedPerBlock || int64_t(p.batch) * plan.split > 0x7fffffff)
+        {
+            return cudaErrorInvalidValue;
+        }
+        status = plan.sharedBytes > 48 * 1024 ? allowSharedMemory<T>(device) : cudaSuccess;
+        if (status != cudaSuccess)
+        {
+            return status;
+        }
+        StepArgs<T> const args{x, metric, size, clsAttn, text, outX, outSize, slots, ws, plan.split, plan.scoresInShared};
+        dim3 const grid(uint32_t(p.batch * plan.split));
+        if (plan.split == 1)
+        {
+            return tfLaunch(mergeStepKernel<T>, grid, dim3(plan.threads), plan.sharedBytes, stream, p, args);
+        }
+        // An image's blocks wait for one another: a cooperative launch has them all resident at
+        // once, or refuses (a GPU shared with other work, a partition of its SMs), and then one
+        // block per image does it all.
         status = tfMemsetAsync(ws.counts, 0, countBytes(p.batch), stream);
+        if (status == cudaSuccess)
+        {
+            status = tfLaunchCooperative(mergeStepKernel<T>, grid, dim3(plan.threads), plan.sharedBytes, stream, p, args);
+        }
+        if (status != cudaErrorCooperativeLaunchTooLarge)
+        {
+            return status;
+        }
+        cudaGetLastError(); // the refusal, not a failure
     }
-    if (status != cudaSuccess)
-    {
-        return status;
-    }
-    StepArgs<T> const args{x, metric, size, clsAttn, text, outX, outSize, slots, ws, plan.split, plan.scoresInShared};
-    return tfLaunch(mergeStepKernel<T>, dim3(uint32_t(p.batch * plan.split)), dim3(plan.threads), plan.sharedBytes, stream,
-        p, args);
+    return cudaErrorInvalidValue;
 }
 
 template cudaError_t launchSimilarityEnergyMerge<float>(MergeParams const&, float const*, float const*, float const*,
@@ -1299,7 +1314,7 @@ extern "C" cudaError_t tokenfuseMergeLaunchPlan(int32_t batch, int32_t tokens, i
     cudaError_t const status = batch >= 1 && tokens >= 1 ? tfDeviceLimits(device) : cudaErrorInvalidValue;
     if (status == cudaSuccess)
     {
-        tokenfuse::LaunchPlan const plan = tokenfuse::planLaunch(batch, tokens, device);
+        tokenfuse::LaunchPlan const plan = tokenfuse::planLaunch(batch, tokens, device, false);
         *blocksPerImage = plan.split;
         *threads = plan.threads;
         *sharedBytes = plan.sharedBytes;

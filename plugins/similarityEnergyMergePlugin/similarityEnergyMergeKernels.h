@@ -57,8 +57,9 @@ struct TextTokens
     float* outPositions{nullptr};
 };
 
-//! The most tokens `method` can remove from `tokens` in one step (as the exporter's max_removable).
-int32_t maxRemovable(MergeMethod method, int32_t tokens, int32_t protectedTokens);
+//! The most tokens `method` can remove from `tokens` in one step (as the exporter's max_removable):
+//! `protectedTokens` never merge, one of them `frozen` anywhere (CLIP text's EOS) when set.
+int32_t maxRemovable(MergeMethod method, int32_t tokens, int32_t protectedTokens, bool frozen = false);
 
 //! How one merge step launches on a device: `split` blocks per batch element of `threads` threads,
 //! with `sharedBytes` of dynamic shared memory, which holds the N x N similarities when
@@ -71,7 +72,8 @@ struct LaunchPlan
     bool scoresInShared;
 };
 
-LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device);
+//! `oneBlockPerImage`: the fallback when the device refuses a cooperative launch of several.
+LaunchPlan planLaunch(int32_t batch, int32_t tokens, TfDevice const& device, bool oneBlockPerImage);
 
 //! Scratch memory the launch needs: the [B, N, N] fp32 similarities (when they do not fit in shared
 //! memory, or an image spreads over several blocks) and a ticket per batch element.
@@ -101,7 +103,8 @@ TOKENFUSE_API cudaError_t tokenfuseMergeHalf(tokenfuse::MergeParams const* param
     cudaStream_t stream, float const* valid, float const* frozen, float const* positions, float* outValid,
     float* outPositions);
 TOKENFUSE_API size_t tokenfuseMergeWorkspaceSize(int32_t batch, int32_t tokens, int32_t metricDim);
-//! The launch `tokenfuseMerge*` makes on the current device for this batch and token count.
+//! The launch `tokenfuseMerge*` makes on the current device for this batch and token count (unless
+//! the device refuses a cooperative launch, when it falls back to one block per image).
 TOKENFUSE_API cudaError_t tokenfuseMergeLaunchPlan(int32_t batch, int32_t tokens, int32_t* blocksPerImage,
     int32_t* threads, size_t* sharedBytes, int32_t* scoresInShared);
 }

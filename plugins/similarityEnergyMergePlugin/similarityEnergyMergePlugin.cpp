@@ -313,7 +313,7 @@ std::string SimilarityEnergyMergePlugin::shapeProblem(Dims const* in, int32_t nb
     }
     int64_t const removed = tokens - mFields.outTokens;
     int32_t const limit
-        = maxRemovable(mFields.method, static_cast<int32_t>(tokens), mFields.protectedTokens + mFields.causal);
+        = maxRemovable(mFields.method, static_cast<int32_t>(tokens), mFields.protectedTokens + mFields.causal, mFields.causal != 0);
     if (removed < 0 || removed > limit)
     {
         return mMethodName + " can go from " + std::to_string(tokens) + " tokens to between "

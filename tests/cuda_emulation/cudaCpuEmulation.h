@@ -77,6 +77,7 @@ enum cudaError_t : int
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
     cudaErrorInvalidConfiguration = 9,
+    cudaErrorCooperativeLaunchTooLarge = 82,
 };
 using cudaStream_t = struct CUstream_st*;
 
@@ -401,6 +402,14 @@ inline std::atomic<bool> execute{true};
 inline void setExecute(bool run)
 {
     execute = run;
+}
+
+//! Blocks resident at once (at most kMultiprocessors): fewer stands for a GPU that other work shares.
+inline std::atomic<unsigned> residentBlocks{unsigned(kMultiprocessors)};
+
+inline void setResident(unsigned blocks)
+{
+    residentBlocks = blocks < 1 ? 1 : (blocks > unsigned(kMultiprocessors) ? unsigned(kMultiprocessors) : blocks);
 }
 
 [[noreturn]] inline void fail(char const* what)
@@ -929,7 +938,7 @@ cudaError_t tfemu::runGrid(void (*kernel)(Params...), std::tuple<Params...> cons
 {
     unsigned const threads = block.x * block.y * block.z;
     unsigned long long const blocks = 1ull * grid.x * grid.y * grid.z;
-    unsigned const resident = unsigned(blocks < kMultiprocessors ? blocks : kMultiprocessors);
+    unsigned const resident = unsigned(blocks < residentBlocks ? blocks : residentBlocks.load());
     std::vector<std::unique_ptr<Block>> states(resident);
     cudaError_t error = cudaSuccess;
     workers().run(

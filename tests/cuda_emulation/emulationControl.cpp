@@ -5,3 +5,8 @@ extern "C" __attribute__((visibility("default"))) void tfemuSetExecute(int run)
 {
     tfemu::setExecute(run != 0);
 }
+
+extern "C" __attribute__((visibility("default"))) void tfemuSetResident(int blocks)
+{
+    tfemu::setResident(unsigned(blocks));
+}
