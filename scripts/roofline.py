@@ -185,14 +185,16 @@ def estimate(method: str, batch: int, shape: Shape, device: Device) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| device | batch | method | blocks per image | N x N in | barriers | largest phases | estimate | budget |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | batch | method | blocks per image | N x N in | MFLOP per image | DRAM KB per image | barriers on the critical path | "
+             "largest phases | estimate | budget |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         top = sorted(row["phases"], key=lambda p: -p["us"])[:2]
         largest = ", ".join(f"{p['phase']} {p['us']:.1f} us" for p in top)
         budget = f"{row['budget_us']:g} us" if row["budget_us"] else "-"
         where = "shared" if row["scores_in_shared"] else "L2"
-        lines.append(f"| {row['device']} | {row['batch']} | {row['method']} | {row['blocks_per_image']} | {where} | {row['barriers']} | "
+        lines.append(f"| {row['device']} | {row['batch']} | {row['method']} | {row['blocks_per_image']} | {where} | "
+                     f"{row['flops_per_image'] / 1e6:.1f} | {row['dram_bytes_per_image'] / 1e3:.0f} | {row['barriers']} | "
                      f"{largest} | **{row['kernel_us']:.1f} us** | {budget} |")
     return "\n".join(lines)
 
