@@ -114,11 +114,13 @@ def phases(method: str, batch: int, shape: Shape, device: Device) -> tuple[dict,
     iterations = math.ceil(block_pairs / groups)
     active = min(groups, block_pairs)
     chunks = math.ceil(d / CHUNK)
-    staging = a["global_latency"] + (2 * TILE * CHUNK // GROUP_THREADS) * a["divide_instructions"]
+    store = (2 * TILE * CHUNK // GROUP_THREADS) * a["divide_instructions"]  # divisions by the row norms
     fma_per_warp = CHUNK * 16 + CHUNK // 4 * 8  # 16 FMAs per dimension, 8 shared 16-byte reads per four
     compute = max(fma_per_warp * 2 * active / issue, CHUNK * 16 + 64)
-    add("similarity tiles", iterations * chunks * (staging + compute), iterations * chunks * 2,
-        f"{block_pairs} of {plan['pairs']} tile pairs, {active} groups at a time, {chunks} chunks each")
+    # Each chunk's loads are issued a chunk ahead, so only the first waits a whole global latency.
+    per_iteration = a["global_latency"] + chunks * (store + compute) + (chunks - 1) * max(0, a["global_latency"] - compute)
+    add("similarity tiles", iterations * per_iteration, iterations * chunks * 2,
+        f"{block_pairs} of {plan['pairs']} tile pairs, {active} groups at a time, {chunks} chunks each, loaded a chunk ahead")
     if method == "pitome":
         affinity = max(16 * a["expm1_instructions"] * 2 * active / issue, 16 * a["expm1_instructions"])
         sums = TILE * a["fma_latency"] + 32

@@ -368,41 +368,66 @@ __device__ __forceinline__ float treeSum(int32_t count, Value value)
 }
 
 
-//! Metric rows first..first+31, dimensions d0..d0+kChunk-1, divided by their norms (F.normalize),
-//! into `tile` (zeros outside the matrix), by the `member`-th thread of a tile group.
+//! A thread's share of one chunk (16 dimensions) of a tile's 32 metric rows: loaded into registers
+//! a chunk ahead, so the next chunk's loads are in flight while this one is computed, then stored
+//! into the tile divided by the rows' norms (F.normalize), zeros outside the matrix.
 template <typename T>
-__device__ void stageChunk(T const* metric, int32_t n, int32_t dim, int32_t first, int32_t d0, float const* norms,
-    bool vectorised, int32_t member, Chunk& tile)
+struct StagedChunk
 {
-    constexpr int32_t V = 4; // four elements per load (fp16: 8 bytes, which keeps the divisions' registers few)
-    static_assert(kChunk % V == 0, "a chunk holds whole vectors");
-    if (vectorised)
+    static constexpr int32_t kValues = kTile * kChunk / kGroupThreads; // 8
+    static_assert(kValues % 4 == 0 && kChunk % 4 == 0, "whole 4-element loads");
+    float v[kValues];
+
+    //! Element k of the `member`-th thread: vectorised, 4-element load k / 4 (16 bytes of fp32, 8 of
+    //! fp16) of index member + 64 (k / 4) over the tile's rows of four loads; else index member + 64 k.
+    __device__ __forceinline__ static void place(bool vectorised, int32_t member, int32_t k, int32_t& r, int32_t& c)
     {
-        for (int32_t e = member; e < kTile * (kChunk / V); e += kGroupThreads)
+        int32_t const e = vectorised ? member + kGroupThreads * (k / 4) : member + kGroupThreads * k;
+        r = vectorised ? e / (kChunk / 4) : e / kChunk;
+        c = vectorised ? (e % (kChunk / 4)) * 4 + k % 4 : e % kChunk;
+    }
+
+    __device__ __forceinline__ void load(
+        T const* metric, int32_t n, int32_t dim, int32_t first, int32_t d0, bool vectorised, int32_t member)
+    {
+#pragma unroll
+        for (int32_t k = 0; k < kValues; k += 4)
         {
-            int32_t const r = e / (kChunk / V);
-            int32_t const c = (e % (kChunk / V)) * V;
-            float v[V];
-            bool const inside = first + r < n && d0 + c < dim;
-            if (inside)
+            int32_t r;
+            int32_t c;
+            place(vectorised, member, k, r, c);
+            if (vectorised)
             {
-                load4(metric + size_t(first + r) * dim + d0 + c, v);
+                bool const inside = first + r < n && d0 + c < dim;
+                v[k] = v[k + 1] = v[k + 2] = v[k + 3] = 0.f;
+                if (inside)
+                {
+                    load4(metric + size_t(first + r) * dim + d0 + c, &v[k]);
+                }
+                continue;
             }
-            for (int32_t k = 0; k < V; ++k)
+#pragma unroll
+            for (int32_t q = 0; q < 4; ++q)
             {
-                tile[r][c + k] = inside ? v[k] / norms[first + r] : 0.f;
+                place(false, member, k + q, r, c);
+                v[k + q] = first + r < n && d0 + c < dim ? toFloat(metric[size_t(first + r) * dim + d0 + c]) : 0.f;
             }
         }
-        return;
     }
-    for (int32_t e = member; e < kTile * kChunk; e += kGroupThreads)
+
+    __device__ __forceinline__ void store(
+        int32_t n, int32_t first, float const* norms, bool vectorised, int32_t member, Chunk& tile) const
     {
-        int32_t const r = e / kChunk;
-        int32_t const c = e % kChunk;
-        bool const inside = first + r < n && d0 + c < dim;
-        tile[r][c] = inside ? toFloat(metric[size_t(first + r) * dim + d0 + c]) / norms[first + r] : 0.f;
+#pragma unroll
+        for (int32_t k = 0; k < kValues; ++k)
+        {
+            int32_t r;
+            int32_t c;
+            place(vectorised, member, k, r, c);
+            tile[r][c] = first + r < n ? v[k] / norms[first + r] : 0.f; // a zero past the metric's width stays 0
+        }
     }
-}
+};
 
 //! The tile pair (ti, tj), ti <= tj, numbered row by row.
 __device__ __forceinline__ void tilePair(int32_t pair, int32_t tiles, int32_t& ti, int32_t& tj)
@@ -489,14 +514,26 @@ __device__ void similarities(MergeParams const& p, T const* metric, float const*
         int32_t const i0 = ti * kTile;
         int32_t const j0 = tj * kTile;
         float acc[kMicro][kMicro] = {};
+        StagedChunk<T> nextI;
+        StagedChunk<T> nextJ;
+        if (active)
+        {
+            nextI.load(metric, n, dim, i0, 0, vectorised, member);
+            nextJ.load(metric, n, dim, j0, 0, vectorised, member);
+        }
         for (int32_t d0 = 0; d0 < dim; d0 += kChunk)
         {
             if (active)
             {
-                stageChunk(metric, n, dim, i0, d0, norms, vectorised, member, rowsI);
-                stageChunk(metric, n, dim, j0, d0, norms, vectorised, member, rowsJ);
+                nextI.store(n, i0, norms, vectorised, member, rowsI);
+                nextJ.store(n, j0, norms, vectorised, member, rowsJ);
             }
             __syncthreads();
+            if (active && d0 + kChunk < dim) // the next chunk's loads, in flight during this one's FMAs
+            {
+                nextI.load(metric, n, dim, i0, d0 + kChunk, vectorised, member);
+                nextJ.load(metric, n, dim, j0, d0 + kChunk, vectorised, member);
+            }
             // Four dimensions per 16-byte read; past the metric's width the chunk holds zeros, and
             // fmaf(0, 0, acc) is acc, so a partial chunk adds whole quads.
             int32_t const width = active ? minInt(kChunk, dim - d0) : 0;
