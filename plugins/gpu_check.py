@@ -114,27 +114,38 @@ def build_kernels(build_dir: Path | None = None) -> Path:
     return library
 
 
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with the argument and result types of the kernels' C entry points
+    (similarityEnergyMergeKernels.h), whether built for a GPU or for the CPU emulation."""
+    lib.tokenfuseMergeWorkspaceSize.restype = ctypes.c_size_t
+    lib.tokenfuseMergeWorkspaceSize.argtypes = [ctypes.c_int32] * 3
+    for name in ("tokenfuseMergeFloat", "tokenfuseMergeHalf"):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * (10 + TRAILING_ZEROS)
+    lib.tokenfuseMergeLaunchPlan.restype = ctypes.c_int
+    lib.tokenfuseMergeLaunchPlan.argtypes = [ctypes.c_int32] * 2 + [ctypes.c_void_p] * 4
+    return lib
+
+
+def launch_plan(lib: ctypes.CDLL, batch: int, n: int) -> dict:
+    """How the fused kernel launches on the current device for this batch and token count: blocks
+    per image, threads, dynamic shared bytes, whether the N x N similarities are in shared memory."""
+    split, threads, in_shared, shared = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32(), ctypes.c_size_t()
+    status = lib.tokenfuseMergeLaunchPlan(batch, n, ctypes.byref(split), ctypes.byref(threads), ctypes.byref(shared),
+                                          ctypes.byref(in_shared))
+    if status != 0:
+        raise RuntimeError(f"tokenfuseMergeLaunchPlan({batch}, {n}) returned cudaError {status}")
+    return {"blocks_per_image": split.value, "threads": threads.value, "shared_bytes": shared.value,
+            "scores_in_shared": bool(in_shared.value)}
+
+
 class Kernels:
     def __init__(self, path: Path):
-        self.lib = ctypes.CDLL(str(path))
-        self.lib.tokenfuseMergeWorkspaceSize.restype = ctypes.c_size_t
-        self.lib.tokenfuseMergeWorkspaceSize.argtypes = [ctypes.c_int32] * 3
-        for name in ("tokenfuseMergeFloat", "tokenfuseMergeHalf"):
-            getattr(self.lib, name).restype = ctypes.c_int
-            getattr(self.lib, name).argtypes = [ctypes.c_void_p] * (10 + TRAILING_ZEROS)
-        self.lib.tokenfuseMergeLaunchPlan.restype = ctypes.c_int
-        self.lib.tokenfuseMergeLaunchPlan.argtypes = [ctypes.c_int32] * 2 + [ctypes.c_void_p] * 4
+        self.lib = bind(ctypes.CDLL(str(path)))
         self._reused = {}
 
     def plan(self, batch: int, n: int) -> dict:
-        """How the fused kernel launches on this GPU: blocks per image, threads, dynamic shared bytes."""
-        split, threads, in_shared, shared = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32(), ctypes.c_size_t()
-        status = self.lib.tokenfuseMergeLaunchPlan(batch, n, ctypes.byref(split), ctypes.byref(threads), ctypes.byref(shared),
-                                                   ctypes.byref(in_shared))
-        if status != 0:
-            raise RuntimeError(f"tokenfuseMergeLaunchPlan returned cudaError {status}")
-        return {"blocks_per_image": split.value, "threads": threads.value, "shared_bytes": shared.value,
-                "scores_in_shared": bool(in_shared.value)}
+        return launch_plan(self.lib, batch, n)
 
     def _buffers(self, batch, n, out_tokens, channels, dim, dtype, device):
         # poisoned: an element the kernel leaves unwritten shows (NaN, slot -7)

@@ -25,13 +25,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import onnx
-import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from evidence_common import write_report
 from tokenfuse.engines import bench as bench_module
 from tokenfuse.engines.bench import machine
 from tokenfuse.exporter import export
+from tokenfuse.exporter.onnx_export import fold_constants
 
 LAYOUT_OPS = {"Reshape", "Unsqueeze", "Squeeze"}  # no arithmetic, at most a copy
 BUILDS = 3
@@ -39,9 +39,7 @@ BUILDS = 3
 
 def count_nodes(path: Path) -> dict:
     model = onnx.load(str(path))
-    graph = gs.import_onnx(model)
-    graph.fold_constants().cleanup()
-    folded = gs.export_onnx(graph).graph.node
+    folded = fold_constants(model).graph.node
     return {"written": len(model.graph.node), "folded": len(folded), "data": sum(n.op_type not in LAYOUT_OPS for n in folded)}
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from tokenfuse.exporter import export
+from tokenfuse.exporter.onnx_export import fold_constants
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "tome", "pitome", "crossget", "turbo")
@@ -28,9 +28,7 @@ METHODS = ("none", "tome", "pitome", "crossget", "turbo")
 
 def count(path: Path) -> tuple[int, int, collections.Counter]:
     model = onnx.load(str(path))
-    graph = gs.import_onnx(model)
-    graph.fold_constants().cleanup()
-    folded = gs.export_onnx(graph)
+    folded = fold_constants(model)
     return len(model.graph.node), len(folded.graph.node), collections.Counter(n.op_type for n in folded.graph.node)
 
 

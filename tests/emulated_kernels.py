@@ -26,6 +26,7 @@ import torch
 from tokenfuse.exporter.agreement import Decision
 from tokenfuse.exporter.methods import LayerRule, TokenMerge, match_step
 from tokenfuse.exporter.plugin_lowering import kernel_params
+from tokenfuse.plugins import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "plugins" / "similarityEnergyMergePlugin"
@@ -35,7 +36,7 @@ EMULATION_DIR = Path(__file__).resolve().parent / "cuda_emulation"
 
 # Entry points may gain trailing arguments (text encoders: padding mask, frozen EOS, positions);
 # the harness passes this many zeros after today's arguments, which a callee that reads fewer ignores.
-TRAILING_ZEROS = 6
+TRAILING_ZEROS = gpu_check.TRAILING_ZEROS
 # MergeParams may gain fields at its end: the harness passes today's fields then this many zero words.
 PARAM_PADDING_WORDS = 16
 
@@ -154,35 +155,11 @@ def _outputs(case: MergeCase):
 
 
 def load_library(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    lib.tokenfuseMergeWorkspaceSize.restype = ctypes.c_size_t
-    lib.tokenfuseMergeWorkspaceSize.argtypes = [ctypes.c_int32] * 3
-    for name in ("tokenfuseMergeFloat", "tokenfuseMergeHalf"):
-        getattr(lib, name).restype = ctypes.c_int
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * (10 + TRAILING_ZEROS)
+    """The CPU build of the kernels, with the entry points typed as on a GPU, plus the emulation's switches."""
+    lib = gpu_check.bind(ctypes.CDLL(str(path)))
     lib.tfemuSetExecute.argtypes = [ctypes.c_int]
     lib.tfemuSetResident.argtypes = [ctypes.c_int]
-    lib.tokenfuseMergeLaunchPlan.restype = ctypes.c_int
-    lib.tokenfuseMergeLaunchPlan.argtypes = [ctypes.c_int32] * 2 + [ctypes.c_void_p] * 4
     return lib
-
-
-@dataclass
-class LaunchPlan:
-    blocks_per_image: int
-    threads: int
-    shared_bytes: int
-    scores_in_shared: bool
-
-
-def launch_plan(lib: ctypes.CDLL, batch: int, tokens: int) -> LaunchPlan:
-    """How the kernels launch for this batch and token count on the (emulated) device."""
-    split, threads, in_shared = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
-    shared = ctypes.c_size_t()
-    status = lib.tokenfuseMergeLaunchPlan(batch, tokens, ctypes.byref(split), ctypes.byref(threads), ctypes.byref(shared),
-                                          ctypes.byref(in_shared))
-    assert status == 0, f"tokenfuseMergeLaunchPlan({batch}, {tokens}) returned cudaError_t {status}"
-    return LaunchPlan(split.value, threads.value, shared.value, bool(in_shared.value))
 
 
 def _pointer(array: np.ndarray) -> int:

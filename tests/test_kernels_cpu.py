@@ -34,6 +34,7 @@ from requires import skip_or_fail
 from tokenfuse.exporter.agreement import judge
 from tokenfuse.exporter.onnx_export import TOLERANCES
 from tokenfuse.exporter.methods import NON_FINITE_SIMILARITY, LayerRule, cosine_similarity, max_removable, match_step
+from tokenfuse.plugins.gpu_check import launch_plan
 
 # One pytest-xdist worker builds the kernels once. The emulation runs a block's threads as fibers on
 # one core, under ThreadSanitizer too.
@@ -209,9 +210,9 @@ LAYOUTS = {(1, False): (8, 197), (1, True): (8, 60), ("several", False): (2, 197
 def test_every_launch_layout_matches_pytorch(cpu_kernels):
     """The fused kernel's four layouts, each for every method on random inputs, fp32 and fp16."""
     for (blocks, in_shared), (batch, n) in LAYOUTS.items():
-        plan = ek.launch_plan(cpu_kernels, batch, n)
-        assert (plan.blocks_per_image == 1 if blocks == 1 else plan.blocks_per_image > 1), (batch, n, plan)
-        assert plan.scores_in_shared == in_shared, (batch, n, plan)
+        plan = launch_plan(cpu_kernels, batch, n)
+        assert (plan["blocks_per_image"] == 1 if blocks == 1 else plan["blocks_per_image"] > 1), (batch, n, plan)
+        assert plan["scores_in_shared"] == in_shared, (batch, n, plan)
         for seed, (name, rule) in enumerate(RANDOM_RULES.items()):
             dtype = np.float16 if seed % 2 else np.float32
             case = random_case(rule, n, 40, 24, dtype, seed, batch=batch)
@@ -224,7 +225,7 @@ def test_a_shared_gpu_refusing_the_cooperative_launch_gets_one_block_per_image(c
     image) refuses, and the launch runs one block per image instead, with the same slots."""
     rule = RANDOM_RULES["tome"]
     case = random_case(rule, 197, 40, 24, np.float32, 3, batch=1)
-    assert ek.launch_plan(cpu_kernels, 1, 197).blocks_per_image == 8
+    assert launch_plan(cpu_kernels, 1, 197)["blocks_per_image"] == 8
     want = ek.run_library(cpu_kernels, case)
     cpu_kernels.tfemuSetResident(2)
     try:
@@ -250,9 +251,8 @@ def test_roofline_estimate_plans_as_the_kernel_and_the_readme_shows_it(cpu_kerne
     roofline = _roofline_script()
     emulated = roofline.Device("emulated", 8, 1.0, 1.0, 99 * 1024, "tests/cuda_emulation")
     for batch, n in [(1, 5), (1, 40), (2, 60), (3, 197), (8, 197), (1, 577), (16, 1024)]:
-        model, kernel = roofline.launch_plan(batch, n, emulated), ek.launch_plan(cpu_kernels, batch, n)
-        assert (model["blocks_per_image"], model["threads"], model["shared_bytes"], model["scores_in_shared"]) == (
-            kernel.blocks_per_image, kernel.threads, kernel.shared_bytes, kernel.scores_in_shared), (batch, n)
+        model, kernel = roofline.launch_plan(batch, n, emulated), launch_plan(cpu_kernels, batch, n)
+        assert {key: model[key] for key in kernel} == kernel, (batch, n)
     assert roofline.table(roofline.estimates()) in roofline.README.read_text()
 
 
