@@ -11,11 +11,18 @@ import sys
 from . import __version__
 
 
-def _schedule(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated token counts per layer, e.g. 177,160,145")
+def _token_counts(example: str):
+    """An argparse type for comma-separated token counts (`example`: what to give instead)."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated token counts, e.g. {example}")
+    return parse
+
+
+_schedule = _token_counts("177,160,145 (tokens leaving each layer)")
+_lengths = _token_counts("96,128,192 (bucket lengths)")
 
 
 def _r(text: str):
@@ -25,7 +32,7 @@ def _r(text: str):
 
 
 def _add_export(sub):
-    from .exporter.buckets import UNMERGED_UP_TO
+    from .exporter.buckets import LENGTHS, UNMERGED_UP_TO
     from .exporter.registry import method_names
 
     p = sub.add_parser(
@@ -50,6 +57,8 @@ def _add_export(sub):
                        "sentence-transformers' max_seq_length)")
     model.add_argument("--unmerged-up-to", type=int, default=UNMERGED_UP_TO, help="length-adaptive exports: texts of at most this many "
                        f"tokens run unmerged at their natural length (default {UNMERGED_UP_TO}, measured: docs/length-buckets.md; 0: all merged)")
+    model.add_argument("--buckets", type=_lengths, help="length-adaptive exports: the bucket lengths, comma separated (default "
+                       f"{','.join(map(str, LENGTHS))} up to --max-seq-len; fewer buckets: fewer graphs and engines, more padding)")
     model.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower to export (default vision)")
     model.add_argument("--metric", choices=("keys", "hidden"), help="similarity measured on attention keys or hidden states (default: keys; hidden for CLIP)")
     model.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, help="proportional attention: add log(size) to the attention logits (default: on; off for MAE-style models)")
@@ -90,7 +99,8 @@ def _run_export(args) -> int:
     result = export(
         args.model, args.output, method=args.method, r=args.r, schedule=args.schedule, weights=args.weights, random_init=args.random_init,
         seq_len=args.seq_len, tower=args.tower, opset=args.opset, dtype=args.dtype, validate=args.validate, seed=args.seed,
-        lowering=args.lowering, max_seq_len=args.max_seq_len, unmerged_up_to=args.unmerged_up_to, **knobs,
+        lowering=args.lowering, max_seq_len=args.max_seq_len, unmerged_up_to=args.unmerged_up_to, buckets=args.buckets,
+        **knobs,
     )
     for bucket in result.get("buckets") or [result]:
         where = bucket.get("file", args.output)

@@ -264,7 +264,7 @@ def bench(
         rss = {"start": _status_mib("VmRSS")}
         runners = {"merged": load(model, providers=providers, threads=threads, plugins=plugins)}
         rss["merged"] = _status_mib("VmRSS")
-        runners["baseline"] = load(baseline_path, providers=providers, threads=threads, plugins=plugins)
+        runners["baseline"] = load(baseline_path, providers=providers, threads=threads, plugins=plugins, pad_to_longest=True)
         rss["baseline"] = _status_mib("VmRSS")
         paths = {"merged": model, "baseline": baseline_path}
         probes = {name: runner.memory_probe(paths[name], threads) for name, runner in runners.items()}

@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,15 +280,21 @@ def backend_for(path: Path) -> type[Runner]:
 
 class BucketRunner(Runner):
     """A length-adaptive text export (exporter/buckets.py): each text runs in the bucket its length
-    selects, padded to that bucket only (the natural-length graph: to the longest text it got), so
-    its outputs do not depend on its batch-mates. Takes token ids of any width (right-padded, as
+    selects, padded to that bucket only, so its outputs do not depend on its batch-mates. Texts for
+    the natural-length graph are sorted by length and run in as many calls as pay for themselves
+    (`split_by_length`); `pad_to_longest` runs them in one call padded to the longest, as the
+    plain model runs (bench's baseline). Takes token ids of any width (right-padded, as
     tokenizers pad) and returns rows in input order, per-token outputs zero-padded to the widest.
     `buckets` name each bucket's file (the graphs of the export, or the engines built from them)."""
 
-    def __init__(self, path: Path, manifest: Manifest, buckets: list[dict], open_bucket):
+    def __init__(self, path: Path, manifest: Manifest, buckets: list[dict], open_bucket, pad_to_longest: bool = False):
         self.manifest = manifest
         self.buckets = buckets
         self.runners = {bucket["file"]: open_bucket(path.with_name(bucket["file"])) for bucket in self.buckets}
+        natural = self.buckets[0] if self.buckets[0]["natural_length"] else None
+        # What one more call of the natural-length graph costs, in padded tokens; inf: never split a batch
+        self.call_tokens = math.inf if pad_to_longest or natural is None else call_overhead_tokens(
+            self.runners[natural["file"]], min(natural["seq_len"], CALIBRATION_WIDTH))
         longest = self.runners[self.buckets[-1]["file"]]
         self.backend, self.providers = longest.backend, getattr(longest, "providers", None)
         self.triton_platform, self.triton_file = longest.triton_platform, longest.triton_file
@@ -326,9 +335,11 @@ class BucketRunner(Runner):
         parts = []
         for index in np.unique(chosen):
             bucket, rows = self.buckets[index], np.flatnonzero(chosen == index)
-            width = int(lengths[rows].max()) if bucket["natural_length"] else bucket["seq_len"]
-            sized = {name: fit_tokens(array[rows] if len(rows) < len(lengths) else array, width) for name, array in arrays.items()}
-            parts.append((rows, self.runners[bucket["file"]].run(sized)))
+            groups = split_by_length(rows, lengths[rows], self.call_tokens) if bucket["natural_length"] else [rows]
+            for group in groups:
+                width = int(lengths[group].max()) if bucket["natural_length"] else bucket["seq_len"]
+                sized = {name: fit_tokens(array[group] if len(group) < len(lengths) else array, width) for name, array in arrays.items()}
+                parts.append((group, self.runners[bucket["file"]].run(sized)))
         if len(parts) == 1:  # one bucket: its outputs are the answer, in order
             return parts[0][1]
         outputs = {}
@@ -339,6 +350,52 @@ class BucketRunner(Runner):
                 out[rows, : value.shape[1]] = value
             outputs[spec["name"]] = out
         return outputs
+
+
+CALIBRATION_WIDTH = 32  # tokens per row when timing a call of one row against one of two
+
+
+def call_overhead_tokens(runner: Runner, width: int, repeats: int = 5) -> float:
+    """A call's fixed cost in padded tokens: from the median times of calls of one and of two
+    rows of `width` tokens. Where a call's time grows with its tokens (a CPU) it is a few dozen;
+    where small calls cost the same whatever their size (a GPU's launches) it is large or inf."""
+    def median_seconds(rows: int) -> float:
+        feeds = {spec["name"]: (np.ones if spec["name"] == "attention_mask" else np.zeros)((rows, width), spec["dtype"]) for spec in runner.inputs}
+        runner.run(feeds)  # warm-up: first-call allocations
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runner.run(feeds)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    try:
+        one, two = median_seconds(1), median_seconds(2)
+    except UsageError:  # e.g. an engine built for batch 1 only: its batches never need splitting
+        return math.inf
+    per_token = (two - one) / width
+    return math.inf if per_token <= 0 else max(one - per_token * width, 0.0) / per_token
+
+
+def split_by_length(rows: np.ndarray, lengths: np.ndarray, call_tokens: float) -> list[np.ndarray]:
+    """`rows` (with their token `lengths`) in groups of similar length, each to run as one call
+    padded to its longest: the partition of the rows sorted by length that minimises padded tokens
+    plus `call_tokens` per call (dynamic programming over the distinct lengths)."""
+    if len(rows) < 2 or not math.isfinite(call_tokens):
+        return [rows]
+    order = np.argsort(lengths, kind="stable")
+    distinct, counts = np.unique(lengths[order], return_counts=True)
+    before = np.concatenate([[0], np.cumsum(counts)])  # rows shorter than each distinct length
+    best, start = np.zeros(len(distinct) + 1), np.zeros(len(distinct) + 1, int)
+    for end in range(1, len(distinct) + 1):  # the cheapest split of the rows up to distinct[end - 1]
+        costs = best[:end] + call_tokens + (before[end] - before[:end]) * distinct[end - 1]
+        start[end] = int(np.argmin(costs))
+        best[end] = costs[start[end]]
+    groups, end = [], len(distinct)
+    while end:
+        groups.append(np.sort(rows[order[before[start[end]]:before[end]]]))  # a whole batch keeps its order
+        end = start[end]
+    return groups[::-1]
 
 
 def fit_tokens(array: np.ndarray, width: int) -> np.ndarray:
@@ -357,10 +414,12 @@ def fit_width(runner: Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
 
 
 def load(path: str | Path, *, providers=None, plugins: str | None = None, threads: int | None = None, spin: bool = True,
-         arena: bool = True) -> Runner:
+         arena: bool = True, pad_to_longest: bool = False) -> Runner:
     """A runner for an .onnx (ONNX Runtime) or an .engine (TensorRT). `spin=False`: ONNX Runtime's
     idle threads sleep (a server, whose event loop needs the CPU between batches); `arena=False`:
-    every call allocates its own buffers (for measuring them)."""
+    every call allocates its own buffers (for measuring them); `pad_to_longest`: a text model's
+    natural-length graph gets each batch in one call padded to its longest text (as users run the
+    plain model), instead of split by length (BucketRunner)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
@@ -371,5 +430,5 @@ def load(path: str | Path, *, providers=None, plugins: str | None = None, thread
     except UsageError:  # e.g. an engine without its sidecar: opening it says what to do
         contents = None
     if contents is not None and contents.buckets:
-        return BucketRunner(path, contents.manifest, contents.buckets, lambda part: backend.open(part, **options))
+        return BucketRunner(path, contents.manifest, contents.buckets, lambda part: backend.open(part, **options), pad_to_longest)
     return backend.open(path, **options)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporter.buckets import LENGTHS
+from ..exporter.buckets import bucket_lengths
 from ..exporter.errors import UsageError
 from ..exporter.manifest import Manifest
 from .bench import machine, measure_pair
@@ -95,7 +95,7 @@ def tune_lengths(
     if dataset.kind != "text":
         raise UsageError(f"--data holds {dataset.kind}s; --lengths measures a text model on texts")
     longest = adapter.checked_length(max_seq_len or adapter.max_seq_len, "--max-seq-len")
-    lengths = tuple(length for length in LENGTHS if length < longest) + (longest,)
+    lengths = bucket_lengths(longest, 0)
     folder = adapter.preprocess().get("tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -109,7 +109,7 @@ def tune_lengths(
         quiet = lambda *_: None  # noqa: E731
         plain_path = Path(work, "plain.onnx")
         export(adapter, plain_path, method="none", max_seq_len=longest, validate=False, log=quiet)
-        plain = load(plain_path, providers=["CPUExecutionProvider"], threads=threads)
+        plain = load(plain_path, providers=["CPUExecutionProvider"], threads=threads, pad_to_longest=True)
         previous = 0
         with tqdm(lengths, desc="lengths", unit="bucket", disable=None) as progress:
             for length, share in zip(progress, shares):

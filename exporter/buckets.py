@@ -34,15 +34,28 @@ from .files import atomic_outputs
 from .settings import MergeOptions
 from . import onnx_export
 
-LENGTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# At most ~1.25x apart above 64 tokens: a text pays at most a quarter of its length in padding
+# (the 1.5x-apart ladder of before lost 0.1x at batch 1 to it on Lee documents, docs/length-buckets.md)
+LENGTHS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 UNMERGED_UP_TO = 64  # measured on ONNX Runtime CPU, batch 1 and 8 (docs/length-buckets.md)
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside each graph
 ALIGNMENT = 4096  # offsets on page boundaries, so runtimes can map the file
 
 
-def bucket_lengths(longest: int, unmerged_up_to: int) -> tuple[int, ...]:
-    """The merged buckets' lengths: above `unmerged_up_to` up to `longest`, which is always the last."""
-    return tuple(length for length in LENGTHS if unmerged_up_to < length < longest) + (longest,)
+def bucket_lengths(longest: int, unmerged_up_to: int, ladder: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The merged buckets' lengths: those of `ladder` (default LENGTHS) above `unmerged_up_to` and
+    below `longest`, which is always the last."""
+    return tuple(length for length in ladder or LENGTHS if unmerged_up_to < length < longest) + (longest,)
+
+
+def checked_ladder(ladder, longest: int) -> tuple[int, ...]:
+    """`--buckets` as given: ascending token counts, none beyond the longest input."""
+    ladder = tuple(ladder)
+    if not ladder or min(ladder) < 1 or list(ladder) != sorted(set(ladder)):
+        raise UsageError(f"--buckets {','.join(map(str, ladder))}: give ascending token counts >= 1, e.g. 96,128,192")
+    if ladder[-1] > longest:
+        raise UsageError(f"--buckets {ladder[-1]} is longer than the longest input ({longest}); raise --max-seq-len or drop it")
+    return ladder
 
 
 def bucket_indices(lengths: np.ndarray, buckets: list[dict]) -> np.ndarray:
@@ -95,7 +108,8 @@ def share_weights(graphs: list[onnx.ModelProto], path: Path, location: str) -> d
 
 
 def export_length_adaptive(adapter: TextAdapter, merge_options: MergeOptions, output: Path, *, longest: int | None, lowering: str,
-                           unmerged_up_to: int, opset: int, dtype: str, validate: bool, seed: int | None, extra: dict, log) -> dict:
+                           unmerged_up_to: int, opset: int, dtype: str, validate: bool, seed: int | None, extra: dict, log,
+                           ladder: tuple[int, ...] | None = None) -> dict:
     """Export, validate and write every graph of `adapter`'s length-adaptive model; return the manifest."""
     if merge_options.schedule is not None or isinstance(merge_options.r, int) or merge_options.min_tokens is not None:
         raise UsageError("--schedule, an integer --r and --min-tokens fix token counts for one length; give --seq-len N with them, "
@@ -106,7 +120,8 @@ def export_length_adaptive(adapter: TextAdapter, merge_options: MergeOptions, ou
     if merge_options.method == "none":
         unmerged_up_to = longest
     unmerged_up_to = min(unmerged_up_to, longest)
-    lengths = bucket_lengths(longest, unmerged_up_to) if unmerged_up_to < longest else ()
+    ladder = checked_ladder(ladder, longest) if ladder is not None else None
+    lengths = bucket_lengths(longest, unmerged_up_to, ladder) if unmerged_up_to < longest else ()
     onnx_export.check_request(adapter, output, opset, dtype)
     natural = unmerged_up_to > 0
     files = ([bucket_file(output, None, longest)] if natural else []) + [bucket_file(output, length, longest) for length in lengths]

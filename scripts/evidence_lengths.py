@@ -1,12 +1,14 @@
 """Length-adaptive text exports against the plain model at natural lengths, on real texts.
 
-    python scripts/evidence_lengths.py                          # all-MiniLM-L6-v2, --unmerged-up-to 0,32,64
-    python scripts/evidence_lengths.py --up-to 64 --seconds 20
+    python scripts/evidence_lengths.py                          # all-MiniLM-L6-v2: the configurations below
+    python scripts/evidence_lengths.py --configs "64;none" --seconds 20
     python scripts/evidence_lengths.py --part tune              # tune --lengths on both text sets, batch 1/8/32
     python scripts/evidence_lengths.py --part engines           # TensorRT-RTX engines: length-adaptive against plain
 
-For each --unmerged-up-to value: `tokenfuse export` of all-MiniLM-L6-v2 with PiToMe r=0.9 (its
-time, files and sizes), the session creation time and resident memory of the length-adaptive
+For each configuration (`--configs`: `UP_TO` for `--unmerged-up-to UP_TO` with the default buckets,
+`UP_TO:L1,L2,...` with `--buckets L1,L2,...`, `none` for the unmerged export run through
+tokenfuse's runner, which splits batches by length: what the runner gains without merging):
+`tokenfuse export` of all-MiniLM-L6-v2 with PiToMe r=0.9 (its time, files and sizes), the session creation time and resident memory of the length-adaptive
 runner against the plain natural-length export, and `tokenfuse bench --data` on gensim's 200
 movie-review sentences and its 50 Lee documents at batch 1, 8 and 32. Also Lee-50's Pearson with
 the human judgements, merged and unmerged. Writes docs/length-buckets.json with the machine.
@@ -63,7 +65,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("bench", "tune", "engines"), default="bench")
     parser.add_argument("--out", help="the JSON report (default: docs/length-buckets.json, length-tune.json or length-engines.json)")
-    parser.add_argument("--up-to", default="0,32,64", help="--unmerged-up-to values to compare")
+    parser.add_argument("--configs", default="64;64:96,128,192;32;0;none",
+                        help="semicolon-separated: UP_TO, UP_TO:BUCKETS or none (see above)")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=30.0, help="bench time limit per batch size")
     args = parser.parse_args(argv)
@@ -81,15 +84,19 @@ def main(argv=None):
         export(model, plain, method="none", log=lambda *_: None)
         plain_size = sum(f.stat().st_size for f in Path(work).iterdir() if f.name.startswith("plain."))
         plain_embeddings = embed(plain, docs)
-        for up_to in (int(v) for v in args.up_to.split(",")):
-            folder = Path(work, f"up-to-{up_to}")
+        for config in args.configs.split(";"):
+            up_to, _, ladder = config.partition(":")
+            folder = Path(work, config.replace(":", "-").replace(",", "_"))
+            options = {"method": "none"} if up_to == "none" else {"method": "pitome", "r": 0.9, "unmerged_up_to": int(up_to)}
+            if ladder:
+                options["buckets"] = tuple(int(length) for length in ladder.split(","))
             started = time.perf_counter()
-            manifest = export(model, folder / "minilm.onnx", method="pitome", r=0.9, unmerged_up_to=up_to, seed=0, log=lambda *_: None)
+            manifest = export(model, folder / "minilm.onnx", seed=0, log=lambda *_: None, **options)
             export_seconds = time.perf_counter() - started
             opened, opened_plain = loading(folder / "minilm.onnx"), loading(plain)
             merged_embeddings = embed(folder / "minilm.onnx", docs)
             row = {
-                "unmerged_up_to": up_to,
+                "config": config, "unmerged_up_to": None if up_to == "none" else int(up_to), "buckets": options.get("buckets"),
                 "graphs": [{"seq_len": b["seq_len"], "method": b["method"], "natural_length": b["natural_length"],
                             "flops_ratio": b["budget"]["flops_ratio"]} for b in manifest["buckets"]],
                 "export_seconds": export_seconds,
@@ -107,8 +114,8 @@ def main(argv=None):
                 row["bench"][name] = {"inputs": result["inputs"], "results": [
                     {"batch": r["batch"], "speedup": r["speedup"], "merged_pass_ms": r["merged"]["pass_ms"],
                      "baseline_pass_ms": r["baseline"]["pass_ms"], "stable": r["stable"], "passes": r["passes"]} for r in result["results"]]}
-                print(f"up to {up_to}: {name}: " + ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x" for r in result["results"]), flush=True)
-            print(f"up to {up_to}: {len(manifest['buckets'])} graphs, export {export_seconds:.0f} s, {row['files_mib']:.0f} MiB, "
+                print(f"{config}: {name}: " + ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x" for r in result["results"]), flush=True)
+            print(f"{config}: {len(manifest['buckets'])} graphs, export {export_seconds:.0f} s, {row['files_mib']:.0f} MiB, "
                   f"session {opened['seconds']:.2f} s ({opened_plain['seconds']:.2f} s plain), RSS {opened['rss_mib']:.0f} MiB "
                   f"({opened_plain['rss_mib']:.0f} plain), Lee-50 Pearson {row['lee50_pearson']:.3f} ({row['lee50_pearson_unmerged']:.3f} unmerged)",
                   flush=True)

@@ -13,6 +13,7 @@ import torch
 from tokenfuse.engines import bench as bench_module
 from tokenfuse.engines.batching import stack
 from tokenfuse.engines.preprocess import Preprocessor
+from tokenfuse.engines import runtime as B_runtime
 from tokenfuse.engines.runtime import BucketRunner, load
 from tokenfuse.exporter import UsageError, export, load_model
 from tokenfuse.exporter import buckets as B
@@ -270,3 +271,97 @@ def test_unmerged_length_adaptive_export_is_the_plain_model_at_natural_lengths(m
     plain = load(path).run(feeds)
     assert plain["embedding"].shape == (len(TEXTS), 384) and plain["last_hidden_state"].shape[1] == feeds["input_ids"].shape[1]
     np.testing.assert_array_equal(plain["token_mask"], feeds["attention_mask"])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_by_length_is_the_cheapest_partition(seed):
+    """Against every way of cutting the rows sorted by length into runs (brute force): the same
+    cost, each row exactly once, each group in input order."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(2, 9))
+    lengths = rng.integers(1, 65, count)
+    rows = np.sort(rng.choice(100, count, replace=False))
+    call_tokens = float(rng.choice([0.0, 5.0, 20.0, 60.0, 500.0]))
+    groups = B_runtime.split_by_length(rows, lengths, call_tokens)
+    by_row = dict(zip(rows.tolist(), lengths.tolist()))
+    assert sorted(r for group in groups for r in group.tolist()) == rows.tolist()
+    assert all(list(group) == sorted(group) for group in groups)
+    order = sorted(range(count), key=lambda i: lengths[i])
+    best = min(
+        sum(call_tokens + (b - a) * max(lengths[order[i]] for i in range(a, b)) for a, b in zip((0,) + cuts, cuts + (count,)))
+        for k in range(count) for cuts in itertools.combinations(range(1, count), k))
+    assert sum(call_tokens + len(g) * max(by_row[r] for r in g.tolist()) for g in groups) == pytest.approx(best)
+
+
+def test_split_by_length_keeps_one_call_where_calls_are_dear():
+    rows, lengths = np.arange(4), np.array([30, 5, 31, 6])
+    assert [g.tolist() for g in B_runtime.split_by_length(rows, lengths, np.inf)] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in B_runtime.split_by_length(rows, lengths, 10.0)] == [[1, 3], [0, 2]]
+    assert [g.tolist() for g in B_runtime.split_by_length(rows[:1], lengths[:1], 0.0)] == [[0]]
+
+
+class _TimedRunner:
+    """A runner whose call takes `fixed` seconds plus `per_token` per token: what the calibration sees."""
+
+    inputs = [{"name": "input_ids", "dtype": "int64"}, {"name": "attention_mask", "dtype": "int64"}]
+
+    def __init__(self, fixed, per_token):
+        self.fixed, self.per_token = fixed, per_token
+
+    def run(self, feeds):
+        import time
+
+        time.sleep(self.fixed + self.per_token * feeds["input_ids"].size)
+
+
+def test_call_overhead_is_measured_in_tokens():
+    """A CPU-like runner (cost grows with tokens) splits; a GPU-like one (small calls cost the same) hardly ever."""
+    assert B_runtime.call_overhead_tokens(_TimedRunner(0.004, 0.0002), 32, repeats=3) == pytest.approx(20, rel=0.5)
+    assert B_runtime.call_overhead_tokens(_TimedRunner(0.01, 0.0), 32, repeats=3) > 200
+
+
+def test_natural_length_texts_split_by_length_give_the_one_call_result(adaptive, tokenizer):
+    """The runner's split of the natural-length texts (each call padded to its own longest) changes
+    no embedding and keeps the order; pad_to_longest (bench's baseline) never splits."""
+    short = ["a cat", "short", "a dog sat on the mat", "one two three four five six seven", "hi", "the end of it"]
+    feeds = _encode(tokenizer, short, padding="longest")
+    assert feeds["attention_mask"].sum(1).max() <= 16  # all in the natural-length graph
+    split, whole = load(adaptive[0]), load(adaptive[0], pad_to_longest=True)
+    assert whole.call_tokens == np.inf and split.call_tokens < np.inf  # measured on this CPU
+    split.call_tokens = 0.0  # one call per distinct length
+    widths = []
+    natural = split.runners[split.buckets[0]["file"]]
+    original = natural.run
+    natural.run = lambda sized: widths.append(sized["input_ids"].shape[1]) or original(sized)
+    got, expected = split.run(feeds), whole.run(feeds)
+    assert sorted(widths) == sorted(set(feeds["attention_mask"].sum(1).tolist()))
+    np.testing.assert_array_equal(got["token_mask"], expected["token_mask"])
+    assert np.abs(got["embedding"] - expected["embedding"]).max() < 1e-5
+    real = expected["token_mask"] != 0  # what a padding position holds is no text's result
+    assert got["last_hidden_state"].shape == expected["last_hidden_state"].shape
+    assert np.abs(got["last_hidden_state"][real] - expected["last_hidden_state"][real]).max() < 1e-5
+
+
+def test_bench_runs_the_baseline_padded_to_the_longest(adaptive, tmp_path, monkeypatch):
+    opened = {}
+    real = bench_module.load
+    monkeypatch.setattr(bench_module, "load", lambda path, **kw: opened.setdefault(str(path), kw) and real(path, **kw))
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(TEXTS) + "\n")
+    bench_module.bench(adaptive[0], batches=(2,), data=str(data), min_rounds=2, max_seconds=2, warmup=1, log=lambda *_: None)
+    assert [kw.get("pad_to_longest", False) for kw in opened.values()] == [False, True]
+
+
+def test_bucket_ladder_can_be_chosen(minilm_path, tmp_path):
+    manifest = export(f"hf:{minilm_path}", tmp_path / "m.onnx", method="pitome", r=0.9, max_seq_len=64, unmerged_up_to=16, buckets=(40,),
+                      validate=False, log=lambda *_: None)
+    assert [(b["seq_len"], b["natural_length"]) for b in manifest["buckets"]] == [(16, True), (40, False), (64, False)]
+
+
+@pytest.mark.parametrize("buckets, message", [((96, 64), "ascending"), ((0, 32), "ascending"), ((32, 128), "longer than the longest input")])
+def test_bad_bucket_ladders_fail_and_write_nothing(minilm_path, tmp_path, buckets, message):
+    with pytest.raises(UsageError, match=message):
+        export(f"hf:{minilm_path}", tmp_path / "m.onnx", max_seq_len=64, buckets=buckets, validate=False, log=lambda *_: None)
+    assert not list(tmp_path.iterdir())
