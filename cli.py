@@ -58,7 +58,7 @@ def _add_export(sub):
     model.add_argument("--unmerged-up-to", type=int, default=UNMERGED_UP_TO, help="length-adaptive exports: texts of at most this many "
                        f"tokens run unmerged at their natural length (default {UNMERGED_UP_TO}, measured: docs/length-buckets.md; 0: all merged)")
     model.add_argument("--buckets", type=_lengths, help="length-adaptive exports: the bucket lengths, comma separated (default "
-                       f"{','.join(map(str, LENGTHS))} up to --max-seq-len; fewer buckets: fewer graphs and engines, more padding)")
+                       f"{','.join(map(str, LENGTHS))} up to --max-seq-len; more buckets: less padding, more graphs and engines, more real tokens merged at the same --r)")
     model.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower to export (default vision)")
     model.add_argument("--metric", choices=("keys", "hidden"), help="similarity measured on attention keys or hidden states (default: keys; hidden for CLIP)")
     model.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, help="proportional attention: add log(size) to the attention logits (default: on; off for MAE-style models)")

@@ -352,12 +352,13 @@ class BucketRunner(Runner):
         return outputs
 
 
-CALIBRATION_WIDTH = 32  # tokens per row when timing a call of one row against one of two
+CALIBRATION_WIDTH = 32  # tokens per row when timing a call of one row against one of CALIBRATION_ROWS
+CALIBRATION_ROWS = 4
 
 
 def call_overhead_tokens(runner: Runner, width: int, repeats: int = 5) -> float:
-    """A call's fixed cost in padded tokens: from the median times of calls of one and of two
-    rows of `width` tokens. Where a call's time grows with its tokens (a CPU) it is a few dozen;
+    """A call's fixed cost in padded tokens: from the median times of calls of one and of
+    CALIBRATION_ROWS rows of `width` tokens. Where a call's time grows with its tokens (a CPU) it is a few dozen;
     where small calls cost the same whatever their size (a GPU's launches) it is large or inf."""
     def median_seconds(rows: int) -> float:
         feeds = {spec["name"]: (np.ones if spec["name"] == "attention_mask" else np.zeros)((rows, width), spec["dtype"]) for spec in runner.inputs}
@@ -370,10 +371,10 @@ def call_overhead_tokens(runner: Runner, width: int, repeats: int = 5) -> float:
         return statistics.median(times)
 
     try:
-        one, two = median_seconds(1), median_seconds(2)
-    except UsageError:  # e.g. an engine built for batch 1 only: its batches never need splitting
+        one, more = median_seconds(1), median_seconds(CALIBRATION_ROWS)
+    except UsageError:  # e.g. an engine built for smaller batches: left whole
         return math.inf
-    per_token = (two - one) / width
+    per_token = (more - one) / ((CALIBRATION_ROWS - 1) * width)
     return math.inf if per_token <= 0 else max(one - per_token * width, 0.0) / per_token
 
 

@@ -5,9 +5,9 @@ the plain model at their natural length, and each longer text merged in the smal
 holds it, padded to it. Whether a bucket pays depends on the machine, the batch size and the
 model: it must beat the plain model on the texts that land in it, which are shorter than the
 bucket. So for every bucket (P, L] this measures, with bench's interleaved timing, the merged
-graph at L against the plain natural-length graph at the width a batch of texts from that bucket
-is padded to (its longest: P + (L - P) * B / (B + 1) at batch B, the middle at batch 1), on rows
-of real tokens cut from --data (and, for information, the embeddings' mean cosine, over 32 rows, to the plain
+graph at L against the plain natural-length graph at the length the texts from that bucket run at
+unmerged (the runner splits a batch by length, so about their own: the mean length of --data's
+texts in the bucket, the middle where it has none), on rows of real tokens cut from --data (and, for information, the embeddings' mean cosine, over 32 rows, to the plain
 model's: whether a method and budget keep enough is what the sweep of `tokenfuse tune` answers).
 The pick is the `--unmerged-up-to` with the least expected time per text, each bucket weighted by
 the share of --data's texts that land in it, so the length distribution decides.
@@ -113,9 +113,10 @@ def tune_lengths(
         previous = 0
         with tqdm(lengths, desc="lengths", unit="bucket", disable=None) as progress:
             for length, share in zip(progress, shares):
-                # a batch of the plain model is padded to its longest text: of `batch` lengths spread
-                # evenly over the bucket, the longest is expected at P + (L - P) * batch / (batch + 1)
-                width = max(previous + round((length - previous) * batch / (batch + 1)), len(tokenizer("")["input_ids"]) + 1)
+                # unmerged, the runner splits a batch by length (runtime.split_by_length): texts run near their own length
+                inside = text_lengths[(text_lengths > previous) & (text_lengths <= length)]
+                width = round(inside.mean()) if len(inside) else previous + round((length - previous) / 2)
+                width = max(width, len(tokenizer("")["input_ids"]) + 1)
                 progress.set_postfix_str(f"{length} tokens (texts of ~{width})")
                 path = Path(work, f"{length}.onnx")
                 manifest = Manifest.from_json(export(adapter.with_seq_len(length), path, method=method, r=r, validate=False, log=quiet))

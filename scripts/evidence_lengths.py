@@ -65,7 +65,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("bench", "tune", "engines"), default="bench")
     parser.add_argument("--out", help="the JSON report (default: docs/length-buckets.json, length-tune.json or length-engines.json)")
-    parser.add_argument("--configs", default="64;64:96,128,192;32;0;none",
+    parser.add_argument("--configs", default="64;64:80,96,112,128,160,192,224;32;0;none",
                         help="semicolon-separated: UP_TO, UP_TO:BUCKETS or none (see above)")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=30.0, help="bench time limit per batch size")

@@ -329,8 +329,8 @@ def test_natural_length_texts_split_by_length_give_the_one_call_result(adaptive,
     feeds = _encode(tokenizer, short, padding="longest")
     assert feeds["attention_mask"].sum(1).max() <= 16  # all in the natural-length graph
     split, whole = load(adaptive[0]), load(adaptive[0], pad_to_longest=True)
-    assert whole.call_tokens == np.inf and split.call_tokens < np.inf  # measured on this CPU
-    split.call_tokens = 0.0  # one call per distinct length
+    assert whole.call_tokens == np.inf
+    split.call_tokens = 0.0  # one call per distinct length (what a measured cost of 0 would give)
     widths = []
     natural = split.runners[split.buckets[0]["file"]]
     original = natural.run
