@@ -36,10 +36,14 @@ def parse_batches(text: str) -> tuple[int, ...]:
 def random_feeds(runner: Runner, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Inputs shaped as the model takes them: normal pixels, or full-length random token ids (the
     longest a length-adaptive model takes)."""
+    return feeds_for(runner.inputs, batch, rng, _preprocess(runner.manifest).get("seq_len"))
+
+
+def feeds_for(inputs: list[dict], batch: int, rng: np.random.Generator, longest: int | None) -> dict[str, np.ndarray]:
+    """Random inputs for binding specs `inputs` (name, shape, dtype), a dynamic axis at `longest`."""
     feeds = {}
-    longest = _preprocess(runner.manifest).get("seq_len")
-    for spec in runner.inputs:
-        shape = [batch] + [longest if d == -1 else d for d in spec["shape"][1:]]
+    for spec in inputs:
+        shape = [batch] + [longest if d in (-1, None) or isinstance(d, str) else d for d in spec["shape"][1:]]
         if spec["dtype"].startswith("int"):
             feeds[spec["name"]] = (np.ones(shape) if spec["name"] == "attention_mask" else rng.integers(1000, 2000, shape)).astype(spec["dtype"])
         else:

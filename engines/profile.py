@@ -6,7 +6,6 @@ merged graph has: comparisons, ranks, gathers)."""
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import tempfile
 from collections import defaultdict
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..exporter.errors import UsageError
 from ..exporter.manifest import Manifest
+from .bench import feeds_for, machine
 
 
 def profile_graph(path: Path, feeds: dict[str, np.ndarray], warmup: int, runs: int, threads: int | None) -> dict:
@@ -52,27 +52,19 @@ def profile_graph(path: Path, feeds: dict[str, np.ndarray], warmup: int, runs: i
 
 def profile_pair(model: Path, baseline: Path, batch: int, *, threads: int | None = None, warmup: int = 5, runs: int = 30, log=print) -> dict:
     """Both graphs profiled twice, interleaved, the second kept (both then see a warm machine)."""
-    import onnxruntime as ort
-
     manifest = Manifest.beside(model)
     if model.suffix != ".onnx" or manifest is None:
         raise UsageError(f"{model}: --profile takes an .onnx written by tokenfuse export (ONNX Runtime's CPU profiler)")
     if manifest.length_adaptive:
         raise UsageError(f"{model} is a length-adaptive export; --profile takes one graph: export with --seq-len N")
-    rng = np.random.default_rng(0)
-    feeds = {spec["name"]: np.ones(_shape(spec, batch), dtype=spec["dtype"]) if spec["dtype"].startswith("int")
-             else rng.standard_normal(_shape(spec, batch)).astype(spec["dtype"]) for spec in manifest.inputs}
+    feeds = feeds_for(manifest.inputs, batch, np.random.default_rng(0), (manifest.preprocess or {}).get("seq_len"))
     for round_ in (1, 2):
         log(f"profiling round {round_}/2: {baseline.name}, then {model.name}, batch {batch}, {runs} runs each")
         base = profile_graph(baseline, feeds, warmup, runs, threads)
         merged = profile_graph(model, feeds, warmup, runs, threads)
     return {"model": manifest.model, "method": manifest.method, "flops_ratio": manifest.flops_ratio,
             "batch": batch, "runs": runs, "merged": merged, "baseline": base,
-            "machine": {"cpu": platform.processor() or platform.machine(), "onnxruntime": ort.__version__}}
-
-
-def _shape(spec: dict, batch: int) -> list[int]:
-    return [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in spec["shape"][1:]]
+            "machine": machine()}
 
 
 def markdown(result: dict) -> str:
