@@ -154,7 +154,7 @@ class OrtRunner(Runner):
     def memory_probe(self, path, threads):
         if self.providers[0] != "CPUExecutionProvider":
             return None
-        return load(path, providers=["CPUExecutionProvider"], threads=threads, arena=False)
+        return load(path, providers=["CPUExecutionProvider"], threads=threads, arena=False, pad_to_longest=True)
 
 
 def _ort_binding(value) -> dict:
@@ -291,10 +291,9 @@ class BucketRunner(Runner):
         self.manifest = manifest
         self.buckets = buckets
         self.runners = {bucket["file"]: open_bucket(path.with_name(bucket["file"])) for bucket in self.buckets}
-        natural = self.buckets[0] if self.buckets[0]["natural_length"] else None
-        # What one more call of the natural-length graph costs, in padded tokens; inf: never split a batch
-        self.call_tokens = math.inf if pad_to_longest or natural is None else call_overhead_tokens(
-            self.runners[natural["file"]], min(natural["seq_len"], CALIBRATION_WIDTH))
+        # What one more call of the natural-length graph costs, in padded tokens (inf: never split a
+        # batch); timed at the first batch that could be split, so loading runs nothing
+        self.call_tokens = math.inf if pad_to_longest or not self.buckets[0]["natural_length"] else None
         longest = self.runners[self.buckets[-1]["file"]]
         self.backend, self.providers = longest.backend, getattr(longest, "providers", None)
         self.triton_platform, self.triton_file = longest.triton_platform, longest.triton_file
@@ -303,7 +302,16 @@ class BucketRunner(Runner):
                         for spec in longest.outputs]
 
     def memory_probe(self, path, threads):
-        return self.runners[self.buckets[-1]["file"]].memory_probe(path, threads)  # `load(path)` opens every bucket
+        probe = self.runners[self.buckets[-1]["file"]].memory_probe(path, threads)  # `load(path)` opens every bucket
+        if probe is not None:
+            probe.call_tokens = self.split_cost()  # its calls split as this runner's do
+        return probe
+
+    def split_cost(self) -> float:
+        if self.call_tokens is None:
+            natural = self.buckets[0]
+            self.call_tokens = call_overhead_tokens(self.runners[natural["file"]], min(natural["seq_len"], CALIBRATION_WIDTH))
+        return self.call_tokens
 
     def activation_mib(self):
         known = [runner.activation_mib() for runner in self.runners.values()]
@@ -335,7 +343,8 @@ class BucketRunner(Runner):
         parts = []
         for index in np.unique(chosen):
             bucket, rows = self.buckets[index], np.flatnonzero(chosen == index)
-            groups = split_by_length(rows, lengths[rows], self.call_tokens) if bucket["natural_length"] else [rows]
+            several = bucket["natural_length"] and len(np.unique(lengths[rows])) > 1
+            groups = split_by_length(rows, lengths[rows], self.split_cost()) if several else [rows]
             for group in groups:
                 width = int(lengths[group].max()) if bucket["natural_length"] else bucket["seq_len"]
                 sized = {name: fit_tokens(array[group] if len(group) < len(lengths) else array, width) for name, array in arrays.items()}
@@ -372,7 +381,7 @@ def call_overhead_tokens(runner: Runner, width: int, repeats: int = 5) -> float:
 
     try:
         one, more = median_seconds(1), median_seconds(CALIBRATION_ROWS)
-    except UsageError:  # e.g. an engine built for smaller batches: left whole
+    except Exception:  # e.g. an engine built for smaller batches: its batches stay whole, as without the split
         return math.inf
     per_token = (more - one) / ((CALIBRATION_ROWS - 1) * width)
     return math.inf if per_token <= 0 else max(one - per_token * width, 0.0) / per_token

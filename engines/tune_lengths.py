@@ -5,9 +5,9 @@ the plain model at their natural length, and each longer text merged in the smal
 holds it, padded to it. Whether a bucket pays depends on the machine, the batch size and the
 model: it must beat the plain model on the texts that land in it, which are shorter than the
 bucket. So for every bucket (P, L] this measures, with bench's interleaved timing, the merged
-graph at L against the plain natural-length graph at the length the texts from that bucket run at
-unmerged (the runner splits a batch by length, so about their own: the mean length of --data's
-texts in the bucket, the middle where it has none), on rows of real tokens cut from --data (and, for information, the embeddings' mean cosine, over 32 rows, to the plain
+graph at L against the plain natural-length graph, both on --data's texts that fall in the bucket
+(the plain one through the runner, which splits a batch by length, as the export runs its unmerged
+texts; where no text falls in it, rows of real tokens cut from --data at the bucket's middle) (and, for information, the embeddings' mean cosine, over 32 rows, to the plain
 model's: whether a method and budget keep enough is what the sweep of `tokenfuse tune` answers).
 The pick is the `--unmerged-up-to` with the least expected time per text, each bucket weighted by
 the share of --data's texts that land in it, so the length distribution decides.
@@ -44,6 +44,18 @@ def token_rows(tokenizer, texts: list[str], width: int, count: int) -> dict[str,
     windows = np.resize(np.array(stream, np.int64), (count, inner))
     ids = np.concatenate([np.full((count, 1), frame[0]), windows, np.tile(np.array(frame[1:], np.int64), (count, 1))], axis=1)
     return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)}
+
+
+def bucket_rows(tokenizer, texts: list[str], text_lengths: np.ndarray, previous: int, length: int, count: int) -> tuple[dict, int]:
+    """`count` rows of the texts that fall in the bucket (previous, length] at their own lengths
+    (padded to the longest, as a tokenizer pads a batch), and their mean length; where no text
+    falls in it, rows of real tokens at the bucket's middle length."""
+    inside = np.flatnonzero((text_lengths > previous) & (text_lengths <= length))
+    if not len(inside):
+        width = max(previous + round((length - previous) / 2), len(tokenizer("")["input_ids"]) + 1)
+        return token_rows(tokenizer, texts, width, count), width
+    encoded = tokenizer([texts[i] for i in np.resize(inside, count)], padding="longest", truncation=True, max_length=length, return_tensors="np")
+    return {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask")}, round(float(text_lengths[inside].mean()))
 
 
 def unmerged_up_to(rows: list[dict]) -> int:
@@ -109,19 +121,15 @@ def tune_lengths(
         quiet = lambda *_: None  # noqa: E731
         plain_path = Path(work, "plain.onnx")
         export(adapter, plain_path, method="none", max_seq_len=longest, validate=False, log=quiet)
-        plain = load(plain_path, providers=["CPUExecutionProvider"], threads=threads, pad_to_longest=True)
+        plain = load(plain_path, providers=["CPUExecutionProvider"], threads=threads)  # splits a batch by length, as it runs in the export
         previous = 0
         with tqdm(lengths, desc="lengths", unit="bucket", disable=None) as progress:
             for length, share in zip(progress, shares):
-                # unmerged, the runner splits a batch by length (runtime.split_by_length): texts run near their own length
-                inside = text_lengths[(text_lengths > previous) & (text_lengths <= length)]
-                width = round(inside.mean()) if len(inside) else previous + round((length - previous) / 2)
-                width = max(width, len(tokenizer("")["input_ids"]) + 1)
+                rows_of_text, width = bucket_rows(tokenizer, dataset.items, text_lengths, previous, length, max(batch, FIDELITY_ROWS))
                 progress.set_postfix_str(f"{length} tokens (texts of ~{width})")
                 path = Path(work, f"{length}.onnx")
                 manifest = Manifest.from_json(export(adapter.with_seq_len(length), path, method=method, r=r, validate=False, log=quiet))
                 merged = load(path, providers=["CPUExecutionProvider"], threads=threads)
-                rows_of_text = token_rows(tokenizer, dataset.items, width, max(batch, FIDELITY_ROWS))
                 padded_rows = {name: fit_tokens(array, length) for name, array in rows_of_text.items()}
                 texts, padded = ({name: array[:batch] for name, array in feeds.items()} for feeds in (rows_of_text, padded_rows))
                 with tqdm(desc="speed", unit="round", leave=False, disable=None) as rounds:

@@ -77,8 +77,11 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
     adaptive = adapter.is_text and adapter.length_adaptive and seq_len is None and (isinstance(model, str) or max_seq_len is not None)
     for flag, value in (("--max-seq-len", max_seq_len), ("--buckets", buckets)):
         if value is not None and not adaptive:
-            raise UsageError(f"{flag} is for length-adaptive text exports; give --seq-len or {flag}, not both" if adapter.is_text
-                             else f"{flag} is for text models; {adapter.name} takes images")
+            if not adapter.is_text:
+                raise UsageError(f"{flag} is for text models; {adapter.name} takes images")
+            if seq_len is not None:
+                raise UsageError(f"{flag} is for length-adaptive text exports; give --seq-len or {flag}, not both")
+            raise UsageError(f"{flag} is for length-adaptive exports (BERT-family models); {adapter.name} is exported at one fixed length")
     extra = {
         "r": r,
         "requested_schedule": list(schedule) if schedule else None,

@@ -50,11 +50,16 @@ def bucket_lengths(longest: int, unmerged_up_to: int, ladder: tuple[int, ...] | 
     return tuple(length for length in ladder or LENGTHS if unmerged_up_to < length < longest) + (longest,)
 
 
-def checked_ladder(ladder, longest: int) -> tuple[int, ...]:
-    """`--buckets` as given: ascending token counts, none beyond the longest input."""
+def checked_ladder(ladder, longest: int, unmerged_up_to: int) -> tuple[int, ...]:
+    """`--buckets` as given: ascending token counts above `unmerged_up_to` (shorter texts run
+    unmerged) and none beyond the longest input."""
     ladder = tuple(ladder)
-    if not ladder or min(ladder) < 1 or list(ladder) != sorted(set(ladder)):
-        raise UsageError(f"--buckets {','.join(map(str, ladder))}: give ascending token counts >= 1, e.g. 96,128,192")
+    given = ",".join(map(str, ladder))
+    if not ladder or list(ladder) != sorted(set(ladder)):
+        raise UsageError(f"--buckets {given}: give ascending token counts, e.g. 96,128,192")
+    if ladder[0] <= unmerged_up_to:
+        raise UsageError(f"--buckets {given}: texts of up to --unmerged-up-to {unmerged_up_to} tokens run unmerged, so every bucket "
+                         f"must be longer; drop {ladder[0]} or lower --unmerged-up-to")
     if ladder[-1] > longest:
         raise UsageError(f"--buckets {ladder[-1]} is longer than the longest input ({longest}); raise --max-seq-len or drop it")
     return ladder
@@ -120,9 +125,11 @@ def export_length_adaptive(adapter: TextAdapter, merge_options: MergeOptions, ou
     if unmerged_up_to < 0:
         raise UsageError(f"--unmerged-up-to {unmerged_up_to}: give a token count >= 0 (0: every length merged)")
     if merge_options.method == "none":
+        if ladder is not None:
+            raise UsageError("--buckets: --method none runs every length unmerged in one graph; give a merge method or drop --buckets")
         unmerged_up_to = longest
     unmerged_up_to = min(unmerged_up_to, longest)
-    ladder = checked_ladder(ladder, longest) if ladder is not None else None
+    ladder = checked_ladder(ladder, longest, unmerged_up_to) if ladder is not None else None
     lengths = bucket_lengths(longest, unmerged_up_to, ladder) if unmerged_up_to < longest else ()
     onnx_export.check_request(adapter, output, opset, dtype)
     natural = unmerged_up_to > 0

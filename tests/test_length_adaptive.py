@@ -329,7 +329,7 @@ def test_natural_length_texts_split_by_length_give_the_one_call_result(adaptive,
     feeds = _encode(tokenizer, short, padding="longest")
     assert feeds["attention_mask"].sum(1).max() <= 16  # all in the natural-length graph
     split, whole = load(adaptive[0]), load(adaptive[0], pad_to_longest=True)
-    assert whole.call_tokens == np.inf
+    assert whole.call_tokens == np.inf and split.call_tokens is None  # timed at the first batch that could split, not at load
     split.call_tokens = 0.0  # one call per distinct length (what a measured cost of 0 would give)
     widths = []
     natural = split.runners[split.buckets[0]["file"]]
@@ -360,8 +360,29 @@ def test_bucket_ladder_can_be_chosen(minilm_path, tmp_path):
     assert [(b["seq_len"], b["natural_length"]) for b in manifest["buckets"]] == [(16, True), (40, False), (64, False)]
 
 
-@pytest.mark.parametrize("buckets, message", [((96, 64), "ascending"), ((0, 32), "ascending"), ((32, 128), "longer than the longest input")])
-def test_bad_bucket_ladders_fail_and_write_nothing(minilm_path, tmp_path, buckets, message):
+@pytest.mark.parametrize("buckets, options, message", [
+    ((96, 80), {}, "ascending"),
+    ((40, 40), {}, "ascending"),
+    ((32, 128), {"unmerged_up_to": 16}, "longer than the longest input"),
+    ((16, 24, 32), {"unmerged_up_to": 32}, "drop 16 or lower --unmerged-up-to"),
+    ((40,), {"method": "none"}, "--method none runs every length unmerged"),
+    ((40,), {"seq_len": 64, "max_seq_len": None}, "not both"),
+])
+def test_bad_bucket_ladders_fail_and_write_nothing(minilm_path, tmp_path, buckets, options, message):
     with pytest.raises(UsageError, match=message):
-        export(f"hf:{minilm_path}", tmp_path / "m.onnx", max_seq_len=64, buckets=buckets, validate=False, log=lambda *_: None)
+        export(f"hf:{minilm_path}", tmp_path / "m.onnx", **{"max_seq_len": 64, **options}, buckets=buckets, validate=False, log=lambda *_: None)
     assert not list(tmp_path.iterdir())
+
+
+def test_buckets_for_a_model_without_length_adaptive_exports(hf_dirs, tmp_path):
+    with pytest.raises(UsageError, match="one fixed length"):
+        export(f"hf:{hf_dirs['clip']}", tmp_path / "m.onnx", tower="text", buckets=(40,), validate=False, log=lambda *_: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_memory_probe_splits_as_the_runner_it_stands_for(adaptive):
+    """bench measures a call's peak memory on an arena-free copy: it must run the batch as the timed runner does."""
+    whole, split = load(adaptive[0], pad_to_longest=True), load(adaptive[0])
+    split.call_tokens = 7.0
+    assert whole.memory_probe(adaptive[0], None).call_tokens == np.inf
+    assert split.memory_probe(adaptive[0], None).call_tokens == 7.0

@@ -9,7 +9,9 @@ import re
 import pytest
 
 from tokenfuse.cli import main
-from tokenfuse.engines.tune_lengths import token_rows, tune_lengths, unmerged_up_to
+import numpy as np
+
+from tokenfuse.engines.tune_lengths import bucket_rows, token_rows, tune_lengths, unmerged_up_to
 from tokenfuse.exporter import UsageError
 
 pytestmark = pytest.mark.xdist_group("minilm")
@@ -28,6 +30,23 @@ def test_the_pick_weighs_each_bucket_by_the_data_that_lands_in_it():
     assert unmerged_up_to([_row(16, 0.1, 1.0, 0.5), _row(32, 0.8, 2.0, 3.0), _row(64, 0.1, 4.0, 3.0)]) == 32
     # the data never reaches 64, where merging loses: it still counts a little, so it stays unmerged
     assert unmerged_up_to([_row(16, 0.0, 1.0, 1.2), _row(32, 1.0, 2.0, 2.0), _row(64, 0.0, 4.0, 5.0)]) == 64
+
+
+def test_a_bucket_is_measured_on_the_texts_that_fall_in_it(minilm_path):
+    """The texts of (8, 16] at their own lengths, padded to the longest of them; a bucket no text
+    reaches gets real tokens at its middle length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    texts = ["a cat", "one two three four five six seven eight nine ten", "a dog sat on the mat", "hi"]
+    lengths = np.array([len(ids) for ids in tokenizer(texts)["input_ids"]])
+    inside = [i for i, n in enumerate(lengths) if 8 < n <= 16]
+    assert inside == [1]
+    rows, width = bucket_rows(tokenizer, texts, lengths, 8, 16, 3)
+    expected = tokenizer([texts[1]])["input_ids"][0]
+    assert width == lengths[1] and rows["input_ids"].tolist() == [expected] * 3 and rows["attention_mask"].all()
+    rows, width = bucket_rows(tokenizer, texts, lengths, 32, 64, 2)
+    assert width == 48 and rows["input_ids"].shape == (2, 48)
 
 
 def test_rows_are_real_tokens_framed_as_a_text(minilm_path):
