@@ -386,3 +386,18 @@ def test_the_memory_probe_splits_as_the_runner_it_stands_for(adaptive):
     split.call_tokens = 7.0
     assert whole.memory_probe(adaptive[0], None).call_tokens == np.inf
     assert split.memory_probe(adaptive[0], None).call_tokens == 7.0
+
+
+def test_batches_of_different_widths_are_put_back_together(adaptive, tokenizer):
+    """run_batched over a length-adaptive model: a batch of short texts comes back narrower than
+    one of long texts; per-token outputs are zero-padded to the widest, embeddings unchanged."""
+    from tokenfuse.engines.data import run_batched
+
+    texts = ["a cat", "hi", TEXTS[2], TEXTS[4]]
+    feeds = _encode(tokenizer, texts, padding="longest")
+    runner = load(adaptive[0])
+    got = run_batched(runner, feeds, 2)
+    whole = runner.run(feeds)
+    assert got["last_hidden_state"].shape == whole["last_hidden_state"].shape
+    assert np.abs(got["embedding"] - whole["embedding"]).max() < 1e-5
+    np.testing.assert_array_equal(got["token_mask"], whole["token_mask"])
