@@ -361,16 +361,21 @@ class BucketRunner(Runner):
         return outputs
 
 
-CALIBRATION_WIDTH = 32  # tokens per row when timing a call of one row against one of CALIBRATION_ROWS
+CALIBRATION_WIDTH = 32  # tokens per row of the calibration's full call
 CALIBRATION_ROWS = 4
+# A split makes smaller calls, which run fewer tokens per second than the calibration's full one:
+# on all-MiniLM-L6-v2 (ONNX Runtime, 2-core CPU) splits at the linear estimate lost up to 6% on
+# batches of similar lengths, at twice it none did (docs/length-buckets.md).
+SMALL_CALL_FACTOR = 2.0
 
 
-def call_overhead_tokens(runner: Runner, width: int, repeats: int = 5) -> float:
-    """A call's fixed cost in padded tokens: from the median times of calls of one and of
-    CALIBRATION_ROWS rows of `width` tokens. Where a call's time grows with its tokens (a CPU) it is a few dozen;
-    where small calls cost the same whatever their size (a GPU's launches) it is large or inf."""
-    def median_seconds(rows: int) -> float:
-        feeds = {spec["name"]: (np.ones if spec["name"] == "attention_mask" else np.zeros)((rows, width), spec["dtype"]) for spec in runner.inputs}
+def call_overhead_tokens(runner: Runner, width: int, repeats: int = 9) -> float:
+    """A call's fixed cost in padded tokens: the median time of a one-token call over the time per
+    token of a call of CALIBRATION_ROWS rows of `width` tokens, times SMALL_CALL_FACTOR. Where a
+    call's time grows with its tokens (a CPU) it is a few dozen; where small calls cost about the
+    same whatever their size (a GPU's launches) it is large or inf."""
+    def median_seconds(rows: int, tokens: int) -> float:
+        feeds = {spec["name"]: (np.ones if spec["name"] == "attention_mask" else np.zeros)((rows, tokens), spec["dtype"]) for spec in runner.inputs}
         runner.run(feeds)  # warm-up: first-call allocations
         times = []
         for _ in range(repeats):
@@ -380,11 +385,11 @@ def call_overhead_tokens(runner: Runner, width: int, repeats: int = 5) -> float:
         return statistics.median(times)
 
     try:
-        one, more = median_seconds(1), median_seconds(CALIBRATION_ROWS)
+        fixed, full = median_seconds(1, 1), median_seconds(CALIBRATION_ROWS, width)
     except Exception:  # e.g. an engine built for smaller batches: its batches stay whole, as without the split
         return math.inf
-    per_token = (more - one) / ((CALIBRATION_ROWS - 1) * width)
-    return math.inf if per_token <= 0 else max(one - per_token * width, 0.0) / per_token
+    per_token = (full - fixed) / (CALIBRATION_ROWS * width - 1)
+    return math.inf if per_token <= 0 else SMALL_CALL_FACTOR * fixed / per_token
 
 
 def split_by_length(rows: np.ndarray, lengths: np.ndarray, call_tokens: float) -> list[np.ndarray]:

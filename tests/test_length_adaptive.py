@@ -318,7 +318,9 @@ class _TimedRunner:
 
 def test_call_overhead_is_measured_in_tokens():
     """A CPU-like runner (cost grows with tokens) splits; a GPU-like one (small calls cost the same) hardly ever."""
-    assert B_runtime.call_overhead_tokens(_TimedRunner(0.004, 0.0002), 32, repeats=3) == pytest.approx(20, rel=0.5)
+    fixed_in_tokens = 0.004 / 0.0002
+    assert B_runtime.call_overhead_tokens(_TimedRunner(0.004, 0.0002), 32, repeats=3) == pytest.approx(
+        B_runtime.SMALL_CALL_FACTOR * fixed_in_tokens, rel=0.5)
     assert B_runtime.call_overhead_tokens(_TimedRunner(0.01, 0.0), 32, repeats=3) > 200
 
 
