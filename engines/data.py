@@ -11,6 +11,7 @@ import numpy as np
 from ..exporter.errors import UsageError
 from .batching import stack
 from .preprocess import Preprocessor
+from .runtime import put_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -117,17 +118,5 @@ def run_batched(runner, feeds: dict[str, np.ndarray], batch: int) -> dict[str, n
     """`feeds` through `runner` in batches of `batch`, the outputs put back together; per-token
     outputs zero-padded to the widest batch's (a length-adaptive model's batches differ in width)."""
     count = len(next(iter(feeds.values())))
-    parts = [runner.run({k: v[i : i + batch] for k, v in feeds.items()}) for i in range(0, count, batch)]
-    outputs = {}
-    for name in parts[0]:
-        values = [part[name] for part in parts]
-        widths = {value.shape[1] for value in values if value.ndim > 1}
-        if len(widths) > 1:  # per-token outputs (a pooled one has the same width in every batch)
-            widest, padded = max(widths), []
-            for value in values:
-                wide = np.zeros((len(value), widest, *value.shape[2:]), value.dtype)
-                wide[:, : value.shape[1]] = value
-                padded.append(wide)
-            values = padded
-        outputs[name] = np.concatenate(values)
-    return outputs
+    parts = [(np.arange(i, min(i + batch, count)), runner.run({k: v[i : i + batch] for k, v in feeds.items()})) for i in range(0, count, batch)]
+    return put_rows(parts, count)

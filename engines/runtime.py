@@ -349,16 +349,23 @@ class BucketRunner(Runner):
                 width = int(lengths[group].max()) if bucket["natural_length"] else bucket["seq_len"]
                 sized = {name: fit_tokens(array[group] if len(group) < len(lengths) else array, width) for name, array in arrays.items()}
                 parts.append((group, self.runners[bucket["file"]].run(sized)))
-        if len(parts) == 1:  # one bucket: its outputs are the answer, in order
+        if len(parts) == 1:  # one call: its outputs are the answer, in order
             return parts[0][1]
-        outputs = {}
-        for spec in self.outputs:
-            values = [part[spec["name"]] for _, part in parts]
-            out = np.zeros((len(lengths), max(v.shape[1] for v in values), *values[0].shape[2:]), values[0].dtype)
-            for (rows, _), value in zip(parts, values):
-                out[rows, : value.shape[1]] = value
-            outputs[spec["name"]] = out
-        return outputs
+        return put_rows(parts, len(lengths))
+
+
+def put_rows(parts: list[tuple[np.ndarray, dict]], count: int) -> dict[str, np.ndarray]:
+    """The outputs of calls on subsets of `count` rows (each part: its row indices and its outputs)
+    as one batch in row order; per-token outputs zero-padded to the widest part's."""
+    outputs = {}
+    for name in parts[0][1]:
+        values = [part[name] for _, part in parts]
+        wide = values[0].ndim > 1
+        out = np.zeros((count, *((max(v.shape[1] for v in values),) if wide else ()), *values[0].shape[2:]), values[0].dtype)
+        for (rows, _), value in zip(parts, values):
+            out[(rows, slice(value.shape[1])) if wide else rows] = value
+        outputs[name] = out
+    return outputs
 
 
 CALIBRATION_WIDTH = 32  # tokens per row of the calibration's full call

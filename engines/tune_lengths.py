@@ -7,8 +7,9 @@ model: it must beat the plain model on the texts that land in it, which are shor
 bucket. So for every bucket (P, L] this measures, with bench's interleaved timing, the merged
 graph at L against the plain natural-length graph, both on --data's texts that fall in the bucket
 (the plain one through the runner, which splits a batch by length, as the export runs its unmerged
-texts; where no text falls in it, rows of real tokens cut from --data at the bucket's middle) (and, for information, the embeddings' mean cosine, over 32 rows, to the plain
-model's: whether a method and budget keep enough is what the sweep of `tokenfuse tune` answers).
+texts; where no text falls in it, rows of real tokens cut from --data at the bucket's middle),
+and, for information, the embeddings' mean cosine to the plain model's over 32 rows (whether a
+method and budget keep enough is what the sweep of `tokenfuse tune` answers).
 The pick is the `--unmerged-up-to` with the least expected time per text, each bucket weighted by
 the share of --data's texts that land in it, so the length distribution decides.
 """

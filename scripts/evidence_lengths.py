@@ -8,8 +8,9 @@
 For each configuration (`--configs`: `UP_TO` for `--unmerged-up-to UP_TO` with the default buckets,
 `UP_TO:L1,L2,...` with `--buckets L1,L2,...`, `none` for the unmerged export run through
 tokenfuse's runner, which splits batches by length: what the runner gains without merging):
-`tokenfuse export` of all-MiniLM-L6-v2 with PiToMe r=0.9 (its time, files and sizes), the session creation time and resident memory of the length-adaptive
-runner against the plain natural-length export, and `tokenfuse bench --data` on gensim's 200
+`tokenfuse export` of all-MiniLM-L6-v2 with PiToMe r=0.9 (its time, files and sizes), the session
+creation time and resident memory of the length-adaptive runner against the plain natural-length
+export, and `tokenfuse bench --data` on gensim's 200
 movie-review sentences and its 50 Lee documents at batch 1, 8 and 32. Also Lee-50's Pearson with
 the human judgements, merged and unmerged. Writes docs/length-buckets.json with the machine.
 
