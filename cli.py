@@ -59,6 +59,9 @@ def _add_export(sub):
                        f"tokens run unmerged at their natural length (default {UNMERGED_UP_TO}, measured: docs/length-buckets.md; 0: all merged)")
     model.add_argument("--buckets", type=_lengths, help="length-adaptive exports: the bucket lengths, comma separated (default "
                        f"{','.join(map(str, LENGTHS))} up to --max-seq-len; more buckets: less padding, more graphs and engines, more real tokens merged at the same --r)")
+    model.add_argument("--always-merge", action="store_true", help="length-adaptive exports: merge every text longer than --unmerged-up-to "
+                       "in its bucket (default: texts too short for the merges to pay for their padding to the bucket run unmerged "
+                       "at their natural length, by a FLOPs estimate measured in docs/length-buckets.md)")
     model.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower to export (default vision)")
     model.add_argument("--metric", choices=("keys", "hidden"), help="similarity measured on attention keys or hidden states (default: keys; hidden for CLIP)")
     model.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, help="proportional attention: add log(size) to the attention logits (default: on; off for MAE-style models)")
@@ -92,6 +95,7 @@ def _knob_value(knob, text):
 
 def _run_export(args) -> int:
     from .exporter import export
+    from .exporter.buckets import describe_lengths
     from .exporter.registry import all_knobs
 
     knobs = {name: getattr(args, name) for name in all_knobs() if getattr(args, name) is not None}
@@ -100,15 +104,18 @@ def _run_export(args) -> int:
         args.model, args.output, method=args.method, r=args.r, schedule=args.schedule, weights=args.weights, random_init=args.random_init,
         seq_len=args.seq_len, tower=args.tower, opset=args.opset, dtype=args.dtype, validate=args.validate, seed=args.seed,
         lowering=args.lowering, max_seq_len=args.max_seq_len, unmerged_up_to=args.unmerged_up_to, buckets=args.buckets,
+        always_merge=args.always_merge,
         **knobs,
     )
     for bucket in result.get("buckets") or [result]:
         where = bucket.get("file", args.output)
         if bucket.get("natural_length"):
-            print(f"wrote {where}: unmerged, texts of up to {bucket['seq_len']} tokens at their natural length")
+            print(f"wrote {where}: unmerged, texts of {describe_lengths(bucket['lengths'])} tokens at their natural length")
             continue
         budget = bucket["budget"]
-        print(f"wrote {where}: {bucket['method']}, tokens {budget['layers'][0]['tokens_in']} -> {bucket['schedule'][-1]}, FLOPs ratio {budget['flops_ratio']:.3f}")
+        texts = f", texts of {describe_lengths(bucket['lengths'])} tokens" if "lengths" in bucket else ""
+        print(f"wrote {where}: {bucket['method']}, tokens {budget['layers'][0]['tokens_in']} -> {bucket['schedule'][-1]}, "
+              f"FLOPs ratio {budget['flops_ratio']:.3f}{texts}")
     return 0
 
 
@@ -180,6 +187,8 @@ def _add_bench(sub):
     p.add_argument("--plugins", help="the plugin library an engine needs (default: the path in its sidecar)")
     p.add_argument("--min-rounds", type=int, default=20, help="rounds before the medians may be called stable (default 20)")
     p.add_argument("--seconds", type=float, default=60.0, help="time limit per batch size (default 60)")
+    p.add_argument("--open-first", choices=("model", "baseline"), default="model", help="which of the two is loaded first (default "
+                   "model); on a small CPU the order moved batch-1 speedups by about 5%%: run each order to see it")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--plot", help="write a PNG plot of latency and speedup")
     p.add_argument("--profile", action="store_true", help="instead of timing: ONNX Runtime's per-operator CPU profile of the model "
@@ -204,7 +213,7 @@ def _run_bench(args) -> int:
     report = bench.bench(
         args.model, baseline=args.baseline, batches=args.batch,
         providers=args.providers.split(",") if args.providers else None, threads=args.threads, plugins=args.plugins,
-        min_rounds=args.min_rounds, max_seconds=args.seconds, data=args.data, profile=args.profile,
+        min_rounds=args.min_rounds, max_seconds=args.seconds, data=args.data, profile=args.profile, open_first=args.open_first,
     )
     if args.profile:
         from .engines.profile import markdown

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..exporter.buckets import describe_lengths, served_lengths
 from ..exporter.errors import UsageError
 from ..exporter.manifest import Manifest
 from .runtime import backend_for
@@ -135,9 +136,11 @@ def _readme(manifest: Manifest | None, name: str, entries: list[dict], output: P
     if sidecar:
         text += "The plans run only with the TensorRT version and GPU they were built for (see tokenfuse.json).\n"
     if len(entries) > 1:
-        text += ("\nA length-adaptive export: one model per length bucket. Send a text of L tokens to the first model whose "
-                 "limit is at least L, padded to that limit (the natural-length model: padded only to the longest text of the "
-                 "request), so its result does not depend on its batch-mates:\n\n| model | texts of up to | tokens fed |\n|---|---|---|\n")
-        text += "".join(f"| {e['name']} | {e['bucket']['seq_len']} tokens | "
-                        f"{'their own length' if e['bucket'].get('natural_length') else e['bucket']['seq_len']} |\n" for e in entries)
+        text += ("\nA length-adaptive export: one model per length bucket. Send a text of L tokens to the model whose "
+                 "lengths hold L, padded to its limit (the natural-length model: padded only to the longest text of the "
+                 "request), so its result does not depend on its batch-mates:\n\n| model | texts of (tokens) | tokens fed |\n|---|---|---|\n")
+        served = served_lengths([e["bucket"] for e in entries])
+        text += "".join(f"| {e['name']} | {describe_lengths(ranges)} | "
+                        f"{'their own length' if e['bucket'].get('natural_length') else e['bucket']['seq_len']} |\n"
+                        for e, ranges in zip(entries, served))
     return text

@@ -4,10 +4,11 @@ A length-adaptive export (exporter/buckets.py) runs texts of at most `--unmerged
 the plain model at their natural length, and each longer text merged in the smallest bucket that
 holds it, padded to it. Whether a bucket pays depends on the machine, the batch size and the
 model: it must beat the plain model on the texts that land in it, which are shorter than the
-bucket. So for every bucket (P, L] this measures, with bench's interleaved timing, the merged
-graph at L against the plain natural-length graph, both on --data's texts that fall in the bucket
-(the plain one through the runner, which splits a batch by length, as the export runs its unmerged
-texts; where no text falls in it, rows of real tokens cut from --data at the bucket's middle),
+bucket. So for every bucket (P, L] this measures, with bench's interleaved timing, the bucket as
+the export runs it (merged at L for the texts long enough to pay for their padding, unmerged at
+their own length below that) against the plain natural-length graph, both on --data's texts that
+fall in the bucket (through the runner, which splits a batch by length, as the export runs its
+unmerged texts; where no text falls in it, rows of real tokens cut from --data at the bucket's middle),
 and, for information, the embeddings' mean cosine to the plain model's over 32 rows (whether a
 method and budget keep enough is what the sweep of `tokenfuse tune` answers).
 The pick is the `--unmerged-up-to` with the least expected time per text, each bucket weighted by
@@ -28,7 +29,7 @@ from ..exporter.errors import UsageError
 from ..exporter.manifest import Manifest
 from .bench import machine, measure_pair
 from .data import Dataset, read_data, run_batched
-from .runtime import fit_tokens, load
+from .runtime import load
 from .tune import fidelity, merge_methods, write_outputs
 
 FIDELITY_ROWS = 32  # rows the cosine is averaged over, at any batch size
@@ -59,6 +60,35 @@ def bucket_rows(tokenizer, texts: list[str], text_lengths: np.ndarray, previous:
     return {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask")}, round(float(text_lengths[inside].mean()))
 
 
+def measure_bucket(adapter, path: Path, plain, rows_of_text: dict, previous: int, length: int, *, method: str, r: float, batch: int,
+                   seconds: float, min_rounds: int, threads: int | None) -> dict:
+    """The bucket (previous, length] as the export would run it, against the plain model on the
+    same texts: merged at `length` for the texts long enough to pay for their padding, unmerged
+    at their own length below that (a length-adaptive export of just this bucket, which routes
+    each text as the full export does)."""
+    from tqdm import tqdm
+
+    from ..exporter import export
+
+    try:
+        manifest = Manifest.from_json(export(adapter, path, method=method, r=r, max_seq_len=length, unmerged_up_to=previous, validate=False,
+                                             log=lambda *_: None))
+    except UsageError as error:  # merging pays at no length of this bucket: the export runs all of it unmerged
+        if "saves too little" not in str(error):
+            raise
+        return {"merge_from": None, "tokens_out": None, "speedup": 1.0, "merged_p50_ms": None, "plain_p50_ms": None, "speed_stable": True,
+                "cosine": 1.0}
+    merged = load(path, providers=["CPUExecutionProvider"], threads=threads)
+    texts = {name: array[:batch] for name, array in rows_of_text.items()}
+    with tqdm(desc="speed", unit="round", leave=False, disable=None) as rounds:
+        pair = measure_pair({"merged": merged, "plain": plain}, {"merged": None, "plain": None}, batch, warmup=3, min_rounds=min_rounds,
+                            max_seconds=seconds, tolerance=0.01, progress=rounds, feeds=[{"merged": texts, "plain": texts}])
+    return {"merge_from": manifest.buckets[-1]["lengths"][0][0], "tokens_out": manifest.schedule[-1],
+            "speedup": pair["plain"]["p50_ms"] / pair["merged"]["p50_ms"], "merged_p50_ms": pair["merged"]["p50_ms"],
+            "plain_p50_ms": pair["plain"]["p50_ms"], "speed_stable": pair["stable"],
+            "cosine": fidelity(run_batched(plain, rows_of_text, batch), run_batched(merged, rows_of_text, batch), None)["cosine"]}
+
+
 def unmerged_up_to(rows: list[dict]) -> int:
     """The `--unmerged-up-to` (0 or a bucket's length) with the least expected time per text: texts
     up to it take the plain model's time, longer ones their bucket's merged time, each bucket
@@ -67,8 +97,9 @@ def unmerged_up_to(rows: list[dict]) -> int:
     floor = 0.01 / len(rows)
     weights = [row["share"] + floor for row in rows]
 
-    def cost(limit: int) -> float:
-        return sum(w * (row["plain_p50_ms"] if row["seq_len"] <= limit else row["merged_p50_ms"]) for w, row in zip(weights, rows))
+    def cost(limit: int) -> float:  # a bucket without a merged graph runs unmerged either way
+        return sum(w * (row["plain_p50_ms"] if row["seq_len"] <= limit else row["merged_p50_ms"]) for w, row in zip(weights, rows)
+                   if row.get("merged_p50_ms") is not None)
 
     return min([0] + [row["seq_len"] for row in rows], key=lambda limit: (cost(limit), -limit))
 
@@ -128,20 +159,9 @@ def tune_lengths(
             for length, share in zip(progress, shares):
                 rows_of_text, width = bucket_rows(tokenizer, dataset.items, text_lengths, previous, length, max(batch, FIDELITY_ROWS))
                 progress.set_postfix_str(f"{length} tokens (texts of ~{width})")
-                path = Path(work, f"{length}.onnx")
-                manifest = Manifest.from_json(export(adapter.with_seq_len(length), path, method=method, r=r, validate=False, log=quiet))
-                merged = load(path, providers=["CPUExecutionProvider"], threads=threads)
-                padded_rows = {name: fit_tokens(array, length) for name, array in rows_of_text.items()}
-                texts, padded = ({name: array[:batch] for name, array in feeds.items()} for feeds in (rows_of_text, padded_rows))
-                with tqdm(desc="speed", unit="round", leave=False, disable=None) as rounds:
-                    pair = measure_pair({"merged": merged, "plain": plain}, {"merged": None, "plain": None}, batch, warmup=3,
-                                        min_rounds=min_rounds, max_seconds=seconds, tolerance=0.01, progress=rounds,
-                                        feeds=[{"merged": padded, "plain": texts}])
-                cosine = fidelity(run_batched(plain, rows_of_text, batch), run_batched(merged, padded_rows, batch), None)["cosine"]
-                speedup = pair["plain"]["p50_ms"] / pair["merged"]["p50_ms"]
-                rows.append({"seq_len": length, "share": float(share), "text_tokens": width, "tokens_out": manifest.schedule[-1], "speedup": speedup,
-                             "merged_p50_ms": pair["merged"]["p50_ms"], "plain_p50_ms": pair["plain"]["p50_ms"],
-                             "speed_stable": pair["stable"], "cosine": cosine})
+                rows.append({"seq_len": length, "share": float(share), "text_tokens": width,
+                             **measure_bucket(adapter, Path(work, f"{length}.onnx"), plain, rows_of_text, previous, length, method=method,
+                                              r=r, batch=batch, seconds=seconds, min_rounds=min_rounds, threads=threads)})
                 previous = length
 
     pick = unmerged_up_to(rows)
@@ -160,10 +180,13 @@ def tune_lengths(
 
 def lengths_table(report: dict) -> str:
     lines = [f"{report['method']} r={report['r']} per length bucket against the plain model at natural lengths, batch {report['batch']}:",
-             f"  {'bucket':>6} {'of data':>7} {'measured at':>11} {'tokens out':>10} {'speedup':>8} {'cosine':>8}"]
+             f"  {'bucket':>6} {'of data':>7} {'measured at':>11} {'merged from':>12} {'tokens out':>10} {'speedup':>8} {'cosine':>8}"]
     for row in report["rows"]:
-        lines.append(f"  {row['seq_len']:>6} {row['share']:>7.0%} {row['text_tokens']:>11} {row['tokens_out']:>10} {row['speedup']:>7.2f}x "
-                     f"{row['cosine']:>8.4f}")
+        if row["merge_from"] is None:
+            lines.append(f"  {row['seq_len']:>6} {row['share']:>7.0%} {row['text_tokens']:>11}  merging pays at no length: runs unmerged")
+            continue
+        lines.append(f"  {row['seq_len']:>6} {row['share']:>7.0%} {row['text_tokens']:>11} {row['merge_from']:>12} {row['tokens_out']:>10} "
+                     f"{row['speedup']:>7.2f}x {row['cosine']:>8.4f}")
     pick = report["unmerged_up_to"]
     if pick == report["max_seq_len"]:
         verdict = "on these lengths the plain model is fastest everywhere: export it (--method none)"

@@ -53,7 +53,8 @@ def patch(model: torch.nn.Module, method: str = "pitome", r: float | int | None 
 def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", r=None, schedule=None,
            weights: str | None = None, random_init: bool = False, seq_len: int | None = None, tower: str = "vision", opset: int = DEFAULT_OPSET,
            dtype: str = "fp32", validate: bool = True, seed: int | None = None, lowering: str = "onnx", log=print,
-           max_seq_len: int | None = None, unmerged_up_to: int = UNMERGED_UP_TO, buckets=None, **options) -> dict:
+           max_seq_len: int | None = None, unmerged_up_to: int = UNMERGED_UP_TO, buckets=None, always_merge: bool = False,
+           **options) -> dict:
     """What `tokenfuse export` does: load, plan the budget, export, validate, write .onnx + .json.
 
     Given an Adapter, its model is converted in place to `dtype`. `random_init` asks for random
@@ -61,7 +62,8 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
     SimilarityEnergyMerge node for the TensorRT plugin. A text model named without `seq_len` (or
     given `max_seq_len`) is exported length-adaptive: one graph per length bucket up to
     `max_seq_len` (default: the model's; bucket lengths `buckets`, default buckets.LENGTHS), texts of
-    at most `unmerged_up_to` tokens unmerged (buckets.py).
+    at most `unmerged_up_to` tokens unmerged, and so are those too short for the merges in their bucket
+    to pay for its padding unless `always_merge` (buckets.py).
     """
     if lowering not in LOWERINGS:
         raise UsageError(f"--lowering {lowering!r}: choose {' or '.join(LOWERINGS)}")
@@ -75,7 +77,7 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
                          "e.g. MPNet); export it with --lowering onnx")
     merge_options = MergeOptions(method=method, r=r, schedule=tuple(schedule) if schedule else None, **options)
     adaptive = adapter.is_text and adapter.length_adaptive and seq_len is None and (isinstance(model, str) or max_seq_len is not None)
-    for flag, value in (("--max-seq-len", max_seq_len), ("--buckets", buckets)):
+    for flag, value in (("--max-seq-len", max_seq_len), ("--buckets", buckets), ("--always-merge", always_merge or None)):
         if value is not None and not adaptive:
             if not adapter.is_text:
                 raise UsageError(f"{flag} is for text models; {adapter.name} takes images")
@@ -93,7 +95,8 @@ def export(model: str | Adapter, output: str | Path, *, method: str = "pitome", 
     }
     if adaptive:
         return export_length_adaptive(adapter, merge_options, Path(output), longest=max_seq_len, lowering=lowering, unmerged_up_to=unmerged_up_to,
-                                      opset=opset, dtype=dtype, validate=validate, seed=seed, extra=extra, log=log, ladder=buckets)
+                                      opset=opset, dtype=dtype, validate=validate, seed=seed, extra=extra, log=log, ladder=buckets,
+                                      always_merge=always_merge)
     settings, report = merge_options.resolve(adapter)
     settings = dataclasses.replace(settings, lowering=lowering)
     log(report.table())

@@ -6,7 +6,8 @@ smallest bucket that holds it, padded to that bucket and never by its batch-mate
 depends on the text alone. Each bucket has its own budget (the same method and kept fraction at
 that length). Texts of at most `unmerged_up_to` tokens, where merging was measured not to pay
 (docs/length-buckets.md), run unmerged in one graph with a dynamic sequence axis at their natural
-length, as users run the plain model today.
+length, as users run the plain model today; so do the texts in the lower part of each bucket, whose
+padding to the bucket costs more than the merges save (`merge_from`).
 
 Files: `NAME.onnx` is the longest bucket (what a tool that takes one graph gets), `NAME.lenL.onnx`
 the other buckets, `NAME.natural.onnx` the unmerged dynamic-length graph, `NAME.weights` every
@@ -28,6 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from .adapters import TextAdapter
+from .budgets import BudgetReport, layer_gflops
 from .errors import UsageError
 from .manifest import Manifest
 from .files import atomic_outputs
@@ -40,6 +42,10 @@ from . import onnx_export
 # chooses another ladder.
 LENGTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 UNMERGED_UP_TO = 64  # measured on ONNX Runtime CPU, batch 1 and 8 (docs/length-buckets.md)
+# A merged graph runs at this share of the speed its FLOPs (merge ops included) promise, against the
+# unmerged graph's: all-MiniLM-L6-v2 buckets 96, 128 and 192 on ONNX Runtime CPU, batch 1 and 8,
+# broke even with the natural-length graph at 81, 108 and 165 tokens: 0.88-0.90 (docs/length-buckets.md)
+MERGED_EFFICIENCY = 0.88
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside each graph
 ALIGNMENT = 4096  # offsets on page boundaries, so runtimes can map the file
 
@@ -65,14 +71,46 @@ def checked_ladder(ladder, longest: int, unmerged_up_to: int) -> tuple[int, ...]
     return ladder
 
 
+def merge_from(report: BudgetReport, shortest: int) -> int:
+    """The shortest text length, from `shortest` up, that runs faster merged in the bucket of
+    `report` (padded to its length) than unmerged at its own length, by FLOPs at MERGED_EFFICIENCY;
+    beyond the bucket (its length + 1) where none does."""
+    shape = report.shape
+    merged = (report.gflops + report.merge_overhead_gflops) / MERGED_EFFICIENCY
+    return next((length for length in range(shortest, shape.tokens + 1) if shape.layers * layer_gflops(shape, length, length) >= merged),
+                shape.tokens + 1)
+
+
+def served_lengths(buckets: list[dict]) -> list[list[list[int]]]:
+    """The text lengths each bucket runs, as inclusive [first, last] ranges. Manifests from before
+    `lengths` was written: the natural-length graph up to its limit, each bucket above the one
+    before it."""
+    if all("lengths" in bucket and bucket["lengths"] for bucket in buckets):
+        return [bucket["lengths"] for bucket in buckets]
+    served, previous = [], 0
+    for bucket in buckets:
+        served.append([[previous + 1, bucket["seq_len"]]])
+        previous = bucket["seq_len"]
+    return served
+
+
+def describe_lengths(ranges: list[list[int]]) -> str:
+    return ", ".join(f"{first}-{last}" if last > first else str(first) for first, last in ranges)
+
+
 def bucket_indices(lengths: np.ndarray, buckets: list[dict]) -> np.ndarray:
-    """The bucket each text of `lengths` tokens runs in (an index into `buckets`, ascending by
-    length): the natural-length one up to its limit, else the smallest that holds it."""
-    limits = np.array([bucket["seq_len"] for bucket in buckets])
-    if lengths.max() > limits[-1]:
-        raise UsageError(f"a text of {int(lengths.max())} tokens is longer than the model's {limits[-1]}; truncate it "
+    """The bucket each text of `lengths` tokens runs in (an index into `buckets`): the one whose
+    served lengths hold it."""
+    served = served_lengths(buckets)
+    longest = max(last for ranges in served for _, last in ranges)
+    if lengths.max() > longest:
+        raise UsageError(f"a text of {int(lengths.max())} tokens is longer than the model's {longest}; truncate it "
                          "(the tokenizer's truncation=True) or export with a larger --max-seq-len")
-    return np.searchsorted(limits, lengths)
+    table = np.zeros(longest + 1, np.int64)
+    for index, ranges in enumerate(served):
+        for first, last in ranges:
+            table[first:last + 1] = index
+    return table[lengths]
 
 
 def bucket_file(output: Path, length: int | None, longest: int) -> Path:
@@ -116,8 +154,10 @@ def share_weights(graphs: list[onnx.ModelProto], path: Path, location: str) -> d
 
 def export_length_adaptive(adapter: TextAdapter, merge_options: MergeOptions, output: Path, *, longest: int | None, lowering: str,
                            unmerged_up_to: int, opset: int, dtype: str, validate: bool, seed: int | None, extra: dict, log,
-                           ladder: tuple[int, ...] | None = None) -> dict:
-    """Export, validate and write every graph of `adapter`'s length-adaptive model; return the manifest."""
+                           ladder: tuple[int, ...] | None = None, always_merge: bool = False) -> dict:
+    """Export, validate and write every graph of `adapter`'s length-adaptive model; return the
+    manifest. Within each bucket, texts too short for the merges to pay for their padding run
+    unmerged at their natural length, unless `always_merge`."""
     if merge_options.schedule is not None or isinstance(merge_options.r, int) or merge_options.min_tokens is not None:
         raise UsageError("--schedule, an integer --r and --min-tokens fix token counts for one length; give --seq-len N with them, "
                          "or a kept fraction (--r 0.9) for a length-adaptive export")
@@ -127,58 +167,93 @@ def export_length_adaptive(adapter: TextAdapter, merge_options: MergeOptions, ou
     if merge_options.method == "none":
         if ladder is not None:
             raise UsageError("--buckets: --method none runs every length unmerged in one graph; give a merge method or drop --buckets")
+        if always_merge:
+            raise UsageError("--always-merge: --method none merges no length; give a merge method or drop --always-merge")
         unmerged_up_to = longest
     unmerged_up_to = min(unmerged_up_to, longest)
     ladder = checked_ladder(ladder, longest, unmerged_up_to) if ladder is not None else None
-    lengths = bucket_lengths(longest, unmerged_up_to, ladder) if unmerged_up_to < longest else ()
+    plans = merged_buckets(adapter, merge_options, bucket_lengths(longest, unmerged_up_to, ladder) if unmerged_up_to < longest else (),
+                           unmerged_up_to, always_merge, log)
     onnx_export.check_request(adapter, output, opset, dtype)
-    natural = unmerged_up_to > 0
-    files = ([bucket_file(output, None, longest)] if natural else []) + [bucket_file(output, length, longest) for length in lengths]
-    if not lengths:  # every length unmerged: the natural-length graph is the model
+    unmerged = unserved([[first, length] for length, first, *_ in plans], longest)
+    top = plans[-1][0] if plans else longest
+    files = ([bucket_file(output, None, top)] if unmerged else []) + [bucket_file(output, length, top) for length, *_ in plans]
+    if not plans:  # every length unmerged: the natural-length graph is the model
         files[0] = output
     weights, manifest_path = weights_file(output), output.with_suffix(".json")
     graphs, buckets, started = [], [], time.time()
     steps = len(files)
     with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work:
-        if natural:
-            log(f"graph 1/{steps}: texts of up to {unmerged_up_to} tokens, unmerged at their natural length")
+        if unmerged:
+            log(f"graph 1/{steps}: texts of {describe_lengths(unmerged)} tokens, unmerged at their natural length")
             graph, bucket = onnx_export.natural_length_graph(adapter, Path(work), opset=opset, dtype=dtype, log=log)
             graphs.append(graph)
-            buckets.append(bucket | {"seq_len": unmerged_up_to, "file": files[0].name, "schedule": None, "lowering": "onnx",
-                                     "validation": None})
-        for length, file in zip(lengths, files[natural:]):
-            log(f"graph {len(graphs) + 1}/{steps}: texts of up to {length} tokens, {merge_options.method} at {length}")
-            sized = adapter.with_seq_len(length)
-            settings, report = merge_options.resolve(sized)
+            buckets.append(bucket | {"seq_len": unmerged[-1][1], "lengths": unmerged, "file": files[0].name, "schedule": None,
+                                     "lowering": "onnx", "validation": None})
+        for (length, first, sized, settings, report), file in zip(plans, files[bool(unmerged):]):
+            log(f"graph {len(graphs) + 1}/{steps}: texts of {first}-{length} tokens, {merge_options.method} at {length}")
             settings = dataclasses.replace(settings, lowering=lowering)
             Path(work, str(length)).mkdir()
             graph, bucket = onnx_export.build_graph(sized, settings, report, Path(work, str(length)), opset=opset, dtype=dtype,
                                                     run_validation=validate, seed=seed, extra={**extra, "seq_len": length}, log=log)
             graphs.append(graph)
-            buckets.append(bucket | {"seq_len": length, "file": file.name})
+            buckets.append(bucket | {"seq_len": length, "lengths": [[first, length]], "file": file.name})
         log(f"writing {len(files)} graph{'s' * (len(files) > 1)}, {weights.name} and {manifest_path.name}")
         with atomic_outputs(*files, weights, manifest_path) as temps:
             storage = share_weights(graphs, temps[-2], weights.name)
             for graph, tmp in zip(graphs, temps):
                 onnx.save(graph, str(tmp))
-            result = manifest(buckets, storage, longest, unmerged_up_to, weights.name)
+            result = manifest(buckets, storage, longest, {"unmerged_up_to": unmerged_up_to, "always_merge": always_merge,
+                                                          "merged_efficiency": None if always_merge else MERGED_EFFICIENCY}, weights.name)
             temps[-1].write_text(json.dumps(result, indent=2) + "\n")
     log(f"exported {len(files)} graph{'s' * (len(files) > 1)} in {time.time() - started:.0f}s: " + ", ".join(_describe(b) for b in buckets)
         + f"; weights {storage['stored_bytes'] / 2**20:.1f} MiB stored once for {storage['referenced_bytes'] / 2**20:.1f} MiB referenced")
     return result
 
 
+def merged_buckets(adapter: TextAdapter, merge_options: MergeOptions, lengths: tuple[int, ...], unmerged_up_to: int, always_merge: bool,
+                   log) -> list[tuple]:
+    """Each merged bucket worth a graph: (length, the shortest text it runs, the adapter at that
+    length, its settings and budget). A bucket whose every text runs faster unmerged is left out."""
+    plans, previous, report = [], unmerged_up_to, None
+    for length in lengths:
+        sized = adapter.with_seq_len(length)
+        settings, report = merge_options.resolve(sized)
+        first = previous + 1 if always_merge else merge_from(report, previous + 1)
+        if first <= length:
+            plans.append((length, first, sized, settings, report))
+        else:
+            log(f"bucket {length}: {merge_options.method} saves too little to pay for the padding to {length} tokens; "
+                f"texts of {previous + 1}-{length} tokens run unmerged")
+        previous = length
+    if lengths and not plans:
+        raise UsageError(f"{merge_options.method} at --r {report.ratio} saves too little at every length up to {lengths[-1]} to pay for "
+                         "merging (docs/length-buckets.md); lower --r, export --method none, or give --always-merge")
+    return plans
+
+
+def unserved(ranges: list[list[int]], longest: int) -> list[list[int]]:
+    """The lengths 1..`longest` that none of the (ascending, inclusive) `ranges` holds."""
+    gaps, next_length = [], 1
+    for first, last in ranges + [[longest + 1, longest + 1]]:
+        if first > next_length:
+            gaps.append([next_length, first - 1])
+        next_length = last + 1
+    return gaps
+
+
 def _describe(bucket: dict) -> str:
-    return f"up to {bucket['seq_len']} unmerged" if bucket.get("natural_length") else f"{bucket['seq_len']} {bucket['method']}"
+    where = describe_lengths(bucket["lengths"])
+    return f"{where} unmerged" if bucket.get("natural_length") else f"{where} {bucket['method']} at {bucket['seq_len']}"
 
 
-BUCKET_KEYS = ("seq_len", "file", "method", "natural_length", "schedule", "budget", "lowering", "inputs", "outputs", "validation")
+BUCKET_KEYS = ("seq_len", "lengths", "file", "method", "natural_length", "schedule", "budget", "lowering", "inputs", "outputs", "validation")
 
 
-def manifest(buckets: list[dict], storage: dict, longest: int, unmerged_up_to: int, weights: str) -> dict:
+def manifest(buckets: list[dict], storage: dict, longest: int, length_settings: dict, weights: str) -> dict:
     """The longest graph's manifest (what a reader of one graph needs), plus every bucket's own."""
-    top = {key: value for key, value in buckets[-1].items() if key not in ("seq_len", "file")}
-    top["settings"] = {**top.get("settings", {}), "seq_len": None, "max_seq_len": longest, "unmerged_up_to": unmerged_up_to}
+    top = {key: value for key, value in buckets[-1].items() if key not in ("seq_len", "lengths", "file")}
+    top["settings"] = {**top.get("settings", {}), "seq_len": None, "max_seq_len": longest, **length_settings}
     top["preprocess"] = {**top["preprocess"], "seq_len": longest, "length_adaptive": True}
     top["weights"] = {"file": weights, **storage}
     top["buckets"] = [{key: bucket.get(key, False if key == "natural_length" else None) for key in BUCKET_KEYS} for bucket in buckets]

@@ -6,12 +6,16 @@
     python scripts/evidence_lengths.py --part engines           # TensorRT-RTX engines: length-adaptive against plain
 
 For each configuration (`--configs`: `UP_TO` for `--unmerged-up-to UP_TO` with the default buckets,
-`UP_TO:L1,L2,...` with `--buckets L1,L2,...`, `none` for the unmerged export run through
-tokenfuse's runner, which splits batches by length: what the runner gains without merging):
+`UP_TO:L1,L2,...` with `--buckets L1,L2,...`, either ending in `!` for `--always-merge` (every
+text above UP_TO merged, even where its bucket's padding costs more than merging saves), `none`
+for the unmerged export run through tokenfuse's runner, which splits batches by length: what the
+runner gains without merging):
 `tokenfuse export` of all-MiniLM-L6-v2 with PiToMe r=0.9 (its time, files and sizes), the session
 creation time and resident memory of the length-adaptive runner against the plain natural-length
 export, and `tokenfuse bench --data` on gensim's 200
-movie-review sentences and its 50 Lee documents at batch 1, 8 and 32. Also Lee-50's Pearson with
+movie-review sentences and its 50 Lee documents at batch 1, 8 and 32, once with the export loaded
+first and once with the baseline loaded first (the one loaded first can run a few percent slower
+on a small CPU; the speedup reported is the geometric mean of the two). Also Lee-50's Pearson with
 the human judgements, merged and unmerged. Writes docs/length-buckets.json with the machine.
 
 `--part tune` runs `tokenfuse tune --lengths` (engines/tune_lengths.py) on the two text sets at
@@ -66,9 +70,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("bench", "tune", "engines"), default="bench")
     parser.add_argument("--out", help="the JSON report (default: docs/length-buckets.json, length-tune.json or length-engines.json)")
-    parser.add_argument("--configs", default="64;64:80,96,112,128,160,192,224;32;0;none",
-                        help="semicolon-separated: UP_TO, UP_TO:BUCKETS or none (see above)")
+    parser.add_argument("--configs", default="64;64!;64:80,96,112,128,160,192,224;0;none",
+                        help="semicolon-separated: UP_TO, UP_TO:BUCKETS (either with a trailing ! for --always-merge) or none (see above)")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--orders", default="model,baseline", help="bench once per load order (--open-first), comma separated; the "
+                        "reported speedup is their geometric mean")
     parser.add_argument("--seconds", type=float, default=30.0, help="bench time limit per batch size")
     args = parser.parse_args(argv)
     if args.part != "bench":
@@ -86,9 +92,10 @@ def main(argv=None):
         plain_size = sum(f.stat().st_size for f in Path(work).iterdir() if f.name.startswith("plain."))
         plain_embeddings = embed(plain, docs)
         for config in args.configs.split(";"):
-            up_to, _, ladder = config.partition(":")
-            folder = Path(work, config.replace(":", "-").replace(",", "_"))
-            options = {"method": "none"} if up_to == "none" else {"method": "pitome", "r": 0.9, "unmerged_up_to": int(up_to)}
+            up_to, _, ladder = config.rstrip("!").partition(":")
+            folder = Path(work, config.replace(":", "-").replace(",", "_").replace("!", "-always"))
+            options = {"method": "none"} if up_to == "none" else {"method": "pitome", "r": 0.9, "unmerged_up_to": int(up_to),
+                                                                   "always_merge": config.endswith("!")}
             if ladder:
                 options["buckets"] = tuple(int(length) for length in ladder.split(","))
             started = time.perf_counter()
@@ -98,7 +105,8 @@ def main(argv=None):
             merged_embeddings = embed(folder / "minilm.onnx", docs)
             row = {
                 "config": config, "unmerged_up_to": None if up_to == "none" else int(up_to), "buckets": options.get("buckets"),
-                "graphs": [{"seq_len": b["seq_len"], "method": b["method"], "natural_length": b["natural_length"],
+                "always_merge": options.get("always_merge", False),
+                "graphs": [{"seq_len": b["seq_len"], "lengths": b["lengths"], "method": b["method"], "natural_length": b["natural_length"],
                             "flops_ratio": b["budget"]["flops_ratio"]} for b in manifest["buckets"]],
                 "export_seconds": export_seconds,
                 "files_mib": sum(f.stat().st_size for f in folder.iterdir()) / 2**20, "plain_files_mib": plain_size / 2**20,
@@ -110,12 +118,20 @@ def main(argv=None):
                 "bench": {},
             }
             for name, file in DATA.items():
-                result = bench_module.bench(folder / "minilm.onnx", baseline=str(plain), batches=batches, data=datapath(file),
-                                            max_seconds=args.seconds, log=lambda *_: None)
+                by_order = {}
+                for order in args.orders.split(","):
+                    result = bench_module.bench(folder / "minilm.onnx", baseline=str(plain), batches=batches, data=datapath(file),
+                                                max_seconds=args.seconds, open_first=order, log=lambda *_: None)
+                    by_order[order] = {r["batch"]: r for r in result["results"]}
                 row["bench"][name] = {"inputs": result["inputs"], "results": [
-                    {"batch": r["batch"], "speedup": r["speedup"], "merged_pass_ms": r["merged"]["pass_ms"],
-                     "baseline_pass_ms": r["baseline"]["pass_ms"], "stable": r["stable"], "passes": r["passes"]} for r in result["results"]]}
-                print(f"{config}: {name}: " + ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x" for r in result["results"]), flush=True)
+                    {"batch": batch, "speedup": float(np.exp(np.mean([np.log(runs[batch]["speedup"]) for runs in by_order.values()]))),
+                     "by_open_order": {order: {"speedup": runs[batch]["speedup"], "merged_pass_ms": runs[batch]["merged"]["pass_ms"],
+                                               "baseline_pass_ms": runs[batch]["baseline"]["pass_ms"], "stable": runs[batch]["stable"],
+                                               "passes": runs[batch]["passes"]} for order, runs in by_order.items()}}
+                    for batch in batches]}
+                print(f"{config}: {name}: " + ", ".join(
+                    f"batch {r['batch']} {r['speedup']:.2f}x (" + " / ".join(f"{o['speedup']:.2f}" for o in r["by_open_order"].values()) + ")"
+                    for r in row["bench"][name]["results"]), flush=True)
             print(f"{config}: {len(manifest['buckets'])} graphs, export {export_seconds:.0f} s, {row['files_mib']:.0f} MiB, "
                   f"session {opened['seconds']:.2f} s ({opened_plain['seconds']:.2f} s plain), RSS {opened['rss_mib']:.0f} MiB "
                   f"({opened_plain['rss_mib']:.0f} plain), Lee-50 Pearson {row['lee50_pearson']:.3f} ({row['lee50_pearson_unmerged']:.3f} unmerged)",

@@ -25,6 +25,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from tokenfuse.exporter import Manifest
+    from tokenfuse.exporter.buckets import describe_lengths, served_lengths
 
     manifest = Manifest.read(args.merged)
     longest = manifest.preprocess["seq_len"]
@@ -39,19 +40,33 @@ def main(argv=None):
     print(manifest.model)
     buckets = manifest.buckets or []
     print(f"{manifest.method} r={manifest.settings['r']}, " + (
-        "length-adaptive: " + ", ".join(f"up to {b['seq_len']} tokens unmerged" if b["natural_length"] else
-                                        f"{b['seq_len']} (FLOPs ratio {b['budget']['flops_ratio']:.3f})" for b in buckets)
+        "length-adaptive: " + ", ".join(f"{describe_lengths(ranges)} tokens unmerged" if b["natural_length"] else
+                                        f"{describe_lengths(ranges)} merged at {b['seq_len']} (FLOPs ratio {b['budget']['flops_ratio']:.3f})"
+                                        for b, ranges in zip(buckets, served_lengths(buckets)))
         if buckets else f"seq-len {longest}, FLOPs ratio {manifest.budget['flops_ratio']:.3f}"))
+    reports: dict[str, list[dict]] = {}  # one per load order, by data file
     for path in args.bench:
         bench = json.loads(path.read_text())
-        inputs, machine = bench["inputs"], bench["machine"]
-        speedups = ", ".join(f"batch {row['batch']} {row['speedup']:.2f}x{'' if row['stable'] else ' (not stable)'}" for row in bench["results"])
-        print(f"speed on {Path(inputs['path']).name} ({inputs['items']} texts, median {inputs['tokens_p50']:.0f} tokens, p90 "
-              f"{inputs['tokens_p90']:.0f}) against the plain model at natural lengths, {bench['backend']}, {machine['cpu']} "
-              f"({machine['cores']} cores): {speedups}")
+        reports.setdefault(bench["inputs"]["path"], []).append(bench)
+    for data, runs in reports.items():
+        inputs, machine = runs[0]["inputs"], runs[0]["machine"]
+        speedups = ", ".join(_speedup(rows) for rows in zip(*(run["results"] for run in runs)))
+        orders = " / ".join(f"{run['opened_first']} loaded first" for run in runs)
+        print(f"speed on {Path(data).name} ({inputs['items']} texts, median {inputs['tokens_p50']:.0f} tokens, p90 "
+              f"{inputs['tokens_p90']:.0f}) against the plain model at natural lengths, {runs[0]['backend']}, {machine['cpu']} "
+              f"({machine['cores']} cores), geometric mean of {len(runs)} run{'s' * (len(runs) > 1)} ({orders}): {speedups}")
     print(f"fidelity on the {len(docs)} Lee documents (gensim; {min(lengths)}-{max(lengths)} tokens, median "
           f"{np.median(lengths):.0f}): cosine of merged to unmerged embeddings mean {cosine.mean():.4f}, min {cosine.min():.4f}")
     print(f"Pearson with the 1225 human similarity judgements: merged {pearson['merged']:.3f}, unmerged {pearson['unmerged']:.3f}")
+
+
+def _speedup(rows: tuple[dict, ...]) -> str:
+    """One batch size over the runs: the geometric mean, each run's in brackets where several."""
+    speedups = [row["speedup"] for row in rows]
+    mean = float(np.exp(np.mean(np.log(speedups))))
+    each = " (" + " / ".join(f"{speedup:.2f}" for speedup in speedups) + ")" if len(rows) > 1 else ""
+    unstable = "" if all(row["stable"] for row in rows) else " (not stable)"
+    return f"batch {rows[0]['batch']} {mean:.2f}x{each}{unstable}"
 
 
 if __name__ == "__main__":

@@ -20,19 +20,22 @@ from tokenfuse.exporter import buckets as B
 
 pytestmark = pytest.mark.xdist_group("minilm")
 
-TEXTS = [
+TEXTS = [  # 4, 10, 47, 3, 64 (cut), 20, 32 and 38 tokens: every graph of the `adaptive` export
     "a cat",
     "token merging makes transformers faster on long inputs",
-    "the quick brown fox jumps over the lazy dog " * 4,
+    "the quick brown fox jumps over the lazy dog " * 5,
     "short",
     "embedding services receive queries, sentences and whole passages of text, and each of them is padded " * 3,
     "the quick brown fox jumps over the lazy dog " * 2,
+    "the quick brown fox jumps over the lazy dog " * 3 + "and a cat",
+    "the quick brown fox jumps over the lazy dog " * 4,
 ]
 
 
 @pytest.fixture(scope="module")
 def adaptive(tmp_path_factory, minilm_path):
-    """all-MiniLM-L6-v2 pitome r=0.9, lengths up to 64: unmerged up to 16 tokens, buckets 32, 48, 64."""
+    """all-MiniLM-L6-v2 pitome r=0.9, lengths up to 64: unmerged up to 16 tokens, buckets 32, 48, 64,
+    each merging only the texts long enough to pay for their padding."""
     path = tmp_path_factory.mktemp("adaptive") / "minilm.onnx"
     manifest = export(f"hf:{minilm_path}", path, method="pitome", r=0.9, max_seq_len=64, unmerged_up_to=16, seed=0, log=lambda *_: None)
     return path, manifest
@@ -50,10 +53,39 @@ def _encode(tokenizer, texts, max_length=64, **options):
     return {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
 
 
+def _minilm_gflops(tokens_in: int, tokens_out: int) -> float:
+    """One all-MiniLM-L6-v2 layer's multiply-adds (width 384, MLP 1536, head size 32), written out
+    for the test: attention at tokens_in, MLP at tokens_out, and the merge's similarity and
+    assignment where it removes tokens."""
+    attention = 4 * tokens_in * 384**2 + 2 * tokens_in**2 * 384
+    merge = (tokens_in**2 * 32 + tokens_in * tokens_out * 384) if tokens_out < tokens_in else 0
+    return (attention + 2 * tokens_out * 384 * 1536 + merge) / 1e9
+
+
+def test_each_bucket_merges_only_the_texts_it_makes_faster(adaptive):
+    """A bucket runs the texts whose unmerged cost at their own length reaches its merged cost
+    (FLOPs, merge included, at the measured efficiency); every other length runs unmerged."""
+    _, manifest = adaptive
+    natural, *merged = manifest["buckets"]
+    previous = 16
+    for bucket in merged:
+        n, cost = bucket["seq_len"], 0.0
+        for out in bucket["schedule"]:
+            cost, n = cost + _minilm_gflops(n, out), out
+        first = next(length for length in range(previous + 1, bucket["seq_len"] + 1)
+                     if 6 * _minilm_gflops(length, length) >= cost / B.MERGED_EFFICIENCY)
+        assert bucket["lengths"] == [[first, bucket["seq_len"]]] and first > previous + 1  # the bucket's shortest texts run unmerged
+        previous = bucket["seq_len"]
+    held = sorted(length for b in manifest["buckets"] for first, last in b["lengths"] for length in range(first, last + 1))
+    assert held == list(range(1, 65))  # every length runs in exactly one graph
+    assert natural["natural_length"] and natural["seq_len"] == natural["lengths"][-1][1] and natural["lengths"][0] == [1, 28]
+    assert manifest["settings"]["merged_efficiency"] == B.MERGED_EFFICIENCY and not manifest["settings"]["always_merge"]
+
+
 def test_files_buckets_and_shared_weights(adaptive):
     path, manifest = adaptive
     assert [(b["seq_len"], b["method"], b["natural_length"]) for b in manifest["buckets"]] == [
-        (16, "none", True), (32, "pitome", False), (48, "pitome", False), (64, "pitome", False)]
+        (55, "none", True), (32, "pitome", False), (48, "pitome", False), (64, "pitome", False)]
     assert [b["file"] for b in manifest["buckets"]] == ["minilm.natural.onnx", "minilm.len32.onnx", "minilm.len48.onnx", "minilm.onnx"]
     assert json.loads(path.with_suffix(".json").read_text()) == manifest
     assert manifest["preprocess"]["length_adaptive"] and manifest["settings"]["max_seq_len"] == 64
@@ -76,7 +108,7 @@ def test_each_text_runs_in_its_own_bucket_whatever_its_batch_mates(adaptive, tok
     assert isinstance(runner, BucketRunner)
     batch = runner.run(_encode(tokenizer, TEXTS, padding="longest"))
     lengths = _encode(tokenizer, TEXTS, padding="longest")["attention_mask"].sum(1)
-    assert len(set(B.bucket_indices(lengths, runner.buckets))) == 4  # the batch spans every bucket
+    assert sorted(set(B.bucket_indices(lengths, runner.buckets))) == [0, 1, 2, 3]  # the batch spans every graph
     for i, text in enumerate(TEXTS):
         feeds = _encode(tokenizer, [text])
         alone = runner.run(feeds)
@@ -87,13 +119,16 @@ def test_each_text_runs_in_its_own_bucket_whatever_its_batch_mates(adaptive, tok
         assert real <= lengths[i] and batch["token_sizes"][i, :, 0].sum() == lengths[i]  # sizes count real tokens only
 
 
-def test_short_texts_equal_the_plain_model(adaptive, tokenizer, minilm_path):
-    """Texts up to --unmerged-up-to run unmerged: sentence-transformers' mean pooling and L2
-    normalisation of the Hugging Face model, computed here independently, at the text's own length."""
+def test_unmerged_lengths_equal_the_plain_model(adaptive, tokenizer, minilm_path):
+    """Texts up to --unmerged-up-to, and those too short to pay for their bucket's padding, run
+    unmerged: sentence-transformers' mean pooling and L2 normalisation of the Hugging Face model,
+    computed here independently, at the text's own length."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(minilm_path).eval()
-    short = [t for t in TEXTS if len(tokenizer(t)["input_ids"]) <= 16]
+    unmerged = [range(first, last + 1) for first, last in adaptive[1]["buckets"][0]["lengths"]]
+    short = [t for t in TEXTS if any(len(tokenizer(t)["input_ids"]) in held for held in unmerged)]
+    assert {len(tokenizer(t)["input_ids"]) for t in short} == {3, 4, 10, 20, 38}  # 38: above 32, below the 48 bucket's first
     feeds = _encode(tokenizer, short, padding="longest")
     with torch.no_grad():
         hidden = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"])).last_hidden_state
@@ -191,9 +226,11 @@ def test_bench_on_real_texts_against_the_natural_length_baseline(adaptive, tmp_p
 
 @pytest.fixture(scope="module")
 def tiny_adaptive(tmp_path_factory, hf_dirs):
-    """A small random BERT, pitome r=0.9 up to 64 tokens: unmerged up to 16, buckets 32, 48, 64."""
+    """A small random BERT, pitome r=0.9 up to 64 tokens: unmerged up to 16, buckets 32, 48, 64
+    merging every text longer than 16 (--always-merge)."""
     path = tmp_path_factory.mktemp("tiny-adaptive") / "bert.onnx"
-    export(f"hf:{hf_dirs['bert']}", path, method="pitome", r=0.9, max_seq_len=64, unmerged_up_to=16, seed=0, log=lambda *_: None)
+    export(f"hf:{hf_dirs['bert']}", path, method="pitome", r=0.9, max_seq_len=64, unmerged_up_to=16, always_merge=True, seed=0,
+           log=lambda *_: None)
     return path
 
 
@@ -257,7 +294,7 @@ def test_triton_repository_has_one_model_per_bucket(tiny_adaptive, tmp_path):
         out = session.run(["embedding"], {"input_ids": np.ones((2, width), np.int64), "attention_mask": np.ones((2, width), np.int64)})
         assert out[0].shape[0] == 2
     readme = (tmp_path / "repo" / "README.md").read_text()
-    assert "| bert-len48 | 48 tokens | 48 |" in readme and "| bert-natural | 16 tokens | their own length |" in readme
+    assert "| bert-len48 | 33-48 | 48 |" in readme and "| bert-natural | 1-16 | their own length |" in readme
 
 
 def test_unmerged_length_adaptive_export_is_the_plain_model_at_natural_lengths(minilm_path, tmp_path, tokenizer):
@@ -346,20 +383,28 @@ def test_natural_length_texts_split_by_length_give_the_one_call_result(adaptive,
     assert np.abs(got["last_hidden_state"][real] - expected["last_hidden_state"][real]).max() < 1e-5
 
 
-def test_bench_runs_the_baseline_padded_to_the_longest(adaptive, tmp_path, monkeypatch):
+@pytest.mark.parametrize("open_first, padded", [("model", [False, True]), ("baseline", [True, False])])
+def test_bench_runs_the_baseline_padded_to_the_longest(adaptive, tmp_path, monkeypatch, open_first, padded):
+    """In the order asked for (which is loaded first can matter on a small CPU); the report says which."""
     opened = {}
     real = bench_module.load
     monkeypatch.setattr(bench_module, "load", lambda path, **kw: opened.setdefault(str(path), kw) and real(path, **kw))
     data = tmp_path / "texts.txt"
     data.write_text("\n".join(TEXTS) + "\n")
-    bench_module.bench(adaptive[0], batches=(2,), data=str(data), min_rounds=2, max_seconds=2, warmup=1, log=lambda *_: None)
-    assert [kw.get("pad_to_longest", False) for kw in opened.values()] == [False, True]
+    report = bench_module.bench(adaptive[0], batches=(2,), data=str(data), min_rounds=2, max_seconds=2, warmup=1, open_first=open_first,
+                                log=lambda *_: None)
+    assert [kw.get("pad_to_longest", False) for kw in opened.values()] == padded
+    assert report["opened_first"] == open_first and list(report["results"][0])[1:3] == ["merged", "baseline"]
+    with pytest.raises(UsageError, match="--open-first sideways: choose model or baseline"):
+        bench_module.bench(adaptive[0], open_first="sideways", log=lambda *_: None)
 
 
 def test_bucket_ladder_can_be_chosen(minilm_path, tmp_path):
     manifest = export(f"hf:{minilm_path}", tmp_path / "m.onnx", method="pitome", r=0.9, max_seq_len=64, unmerged_up_to=16, buckets=(40,),
-                      validate=False, log=lambda *_: None)
-    assert [(b["seq_len"], b["natural_length"]) for b in manifest["buckets"]] == [(16, True), (40, False), (64, False)]
+                      always_merge=True, validate=False, log=lambda *_: None)
+    assert [(b["seq_len"], b["lengths"], b["natural_length"]) for b in manifest["buckets"]] == [
+        (16, [[1, 16]], True), (40, [[17, 40]], False), (64, [[41, 64]], False)]
+    assert manifest["settings"]["always_merge"] and manifest["settings"]["merged_efficiency"] is None
 
 
 @pytest.mark.parametrize("buckets, options, message", [
@@ -403,3 +448,36 @@ def test_batches_of_different_widths_are_put_back_together(adaptive, tokenizer):
     assert got["last_hidden_state"].shape == whole["last_hidden_state"].shape
     assert np.abs(got["embedding"] - whole["embedding"]).max() < 1e-5
     np.testing.assert_array_equal(got["token_mask"], whole["token_mask"])
+
+
+def test_a_bucket_that_never_pays_is_left_out(minilm_path, tmp_path, monkeypatch):
+    """Where merging a bucket costs more than running its every text unmerged, the bucket gets no
+    graph and its lengths run unmerged; where no bucket pays, the export says what to do."""
+    monkeypatch.setattr(B, "MERGED_EFFICIENCY", 0.775)  # the 32 bucket would need 33 tokens to pay: never
+    logged = []
+    manifest = export(f"hf:{minilm_path}", tmp_path / "m.onnx", max_seq_len=64, unmerged_up_to=16, validate=False, log=logged.append)
+    assert [(b["seq_len"], b["lengths"]) for b in manifest["buckets"]] == [(62, [[1, 47], [49, 62]]), (48, [[48, 48]]), (64, [[63, 64]])]
+    assert any("bucket 32: pitome saves too little" in line for line in logged)
+    monkeypatch.setattr(B, "MERGED_EFFICIENCY", 0.5)
+    with pytest.raises(UsageError, match="saves too little at every length up to 64.*--always-merge"):
+        export(f"hf:{minilm_path}", tmp_path / "n.onnx", max_seq_len=64, unmerged_up_to=16, validate=False, log=lambda *_: None)
+    assert not list(tmp_path.glob("n.*"))
+
+
+def test_manifests_without_served_lengths_route_as_before():
+    """Exports written before buckets listed their lengths: the natural graph up to its limit,
+    each bucket above the one before it."""
+    buckets = [{"seq_len": 16, "natural_length": True}, {"seq_len": 32}, {"seq_len": 64}]
+    assert B.bucket_indices(np.array([1, 16, 17, 32, 33, 64]), buckets).tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(UsageError, match="65 tokens is longer than the model's 64"):
+        B.bucket_indices(np.array([65]), buckets)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "none"}, "--always-merge: --method none merges no length"),
+    ({"seq_len": 64, "max_seq_len": None}, "not both"),
+])
+def test_always_merge_needs_a_length_adaptive_merged_export(minilm_path, tmp_path, options, message):
+    with pytest.raises(UsageError, match=message):
+        export(f"hf:{minilm_path}", tmp_path / "m.onnx", **{"max_seq_len": 64, **options}, always_merge=True, validate=False, log=lambda *_: None)
+    assert not list(tmp_path.iterdir())

@@ -30,6 +30,10 @@ def test_the_pick_weighs_each_bucket_by_the_data_that_lands_in_it():
     assert unmerged_up_to([_row(16, 0.1, 1.0, 0.5), _row(32, 0.8, 2.0, 3.0), _row(64, 0.1, 4.0, 3.0)]) == 32
     # the data never reaches 64, where merging loses: it still counts a little, so it stays unmerged
     assert unmerged_up_to([_row(16, 0.0, 1.0, 1.2), _row(32, 1.0, 2.0, 2.0), _row(64, 0.0, 4.0, 5.0)]) == 64
+    # a bucket without a merged graph (merging pays at none of its lengths) runs unmerged whatever the
+    # pick, so it does not sway it (ties go to running more unmerged)
+    assert unmerged_up_to([_row(16, 0.9, None, None), _row(32, 0.1, 2.0, 1.5)]) == 16
+    assert unmerged_up_to([_row(16, 0.9, None, None), _row(32, 0.1, 2.0, 2.5)]) == 32
 
 
 def test_a_bucket_is_measured_on_the_texts_that_fall_in_it(minilm_path):
@@ -72,8 +76,13 @@ def test_tune_lengths_measures_every_bucket_and_gives_the_export_command(minilm_
     assert [row["seq_len"] for row in report["rows"]] == [16, 32, 48]
     assert sum(row["share"] for row in report["rows"]) == pytest.approx(1.0)
     for row, previous in zip(report["rows"], (0, 16, 32)):
-        assert previous < row["text_tokens"] <= row["seq_len"] and row["tokens_out"] < row["seq_len"]
+        assert previous < row["text_tokens"] <= row["seq_len"]
+        if row["merge_from"] is None:  # merging pays at no length of the bucket: nothing to measure
+            assert row["merged_p50_ms"] is None and row["speedup"] == 1.0
+            continue
+        assert previous < row["merge_from"] <= row["seq_len"] and row["tokens_out"] < row["seq_len"]
         assert row["speedup"] == pytest.approx(row["plain_p50_ms"] / row["merged_p50_ms"]) and 0 < row["cosine"] <= 1 + 1e-6
+    assert any(row["merge_from"] is not None for row in report["rows"])
     pick = report["unmerged_up_to"]
     assert pick == unmerged_up_to(report["rows"])
     expected = "--method none" if pick == 48 else f"--unmerged-up-to {pick}"

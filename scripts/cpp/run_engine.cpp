@@ -2,7 +2,7 @@
 // and print each output's shape and first values. TensorRT is opened at run time:
 //   run_engine vit.engine [--plugins libtokenfuse_plugins.so] [--batch 8] [--length 40] [--tensorrt libnvinfer.so.10]
 // A length-adaptive text export builds into one engine per length bucket (NAME.engine.json lists
-// them): run a text of L tokens with the first bucket whose seq_len is at least L, padded to it;
+// them): run a text of L tokens with the bucket whose "lengths" ranges hold L, padded to its seq_len;
 // the natural-length engine (NAME.natural.engine) takes --length L itself (its dynamic token axis).
 #include <NvInferRuntime.h>
 #include <cuda_runtime_api.h>
