@@ -373,8 +373,8 @@ def _add_tune(sub):
     p.add_argument("--budgets", help="budgets to sweep, comma separated: 0.9 (kept ratio), 8 (tokens removed per layer), "
                    "dec:8 (decreasing schedule, mean r 8); default: 0.95,0.9,0.85,0.8, two r and a decreasing schedule; "
                    "with --lengths one kept fraction, default 0.9")
-    p.add_argument("--lengths", action="store_true", help="text models: measure every length bucket merged against the plain model "
-                   "at natural lengths and pick --unmerged-up-to for a length-adaptive export")
+    p.add_argument("--lengths", action="store_true", help="text models: time the length-adaptive export on --data at every "
+                   "--unmerged-up-to that routes its texts differently, against the plain model at natural lengths, and pick one")
     p.add_argument("--max-seq-len", type=int, help="with --lengths: the longest bucket (default: the model's maximum length)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--max-drop", type=float, help="pick the fastest configuration losing at most this much fidelity (default 0.01)")
@@ -387,7 +387,7 @@ def _add_tune(sub):
     p.add_argument("--seq-len", type=int, help="fixed sequence length of text models (as for export)")
     p.add_argument("--tower", choices=("vision", "text"), default="vision", help="CLIP tower (default vision)")
     p.add_argument("--time-limit", type=float, help="stop starting new configurations after this many seconds")
-    p.add_argument("--seconds", type=float, help="speed measurement limit per configuration (default 10; with --lengths per bucket, default 5)")
+    p.add_argument("--seconds", type=float, help="speed measurement limit per configuration (default 10; with --lengths for the whole comparison, default 30)")
     p.add_argument("--min-rounds", type=int, default=20, help="rounds before the speed medians may be called stable (default 20)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--json", help="write the report as JSON")
@@ -428,7 +428,7 @@ def _run_tune_lengths(args) -> int:
     except ValueError:
         raise UsageError(f"--budgets {budget}: tune --lengths takes a kept fraction, e.g. 0.9")
     tune_lengths(args.model, args.data, method=method, r=r, batch=args.batch, max_seq_len=args.max_seq_len,
-                 seconds=args.seconds or 5.0, min_rounds=args.min_rounds, threads=args.threads, json_path=args.json)
+                 seconds=args.seconds or 30.0, min_rounds=args.min_rounds, threads=args.threads, json_path=args.json)
     return 0
 
 

@@ -186,10 +186,10 @@ def export_length_adaptive(adapter: TextAdapter, merge_options: MergeOptions, ou
     with tempfile.TemporaryDirectory(prefix="tokenfuse-") as work:
         if unmerged:
             log(f"graph 1/{steps}: texts of {describe_lengths(unmerged)} tokens, unmerged at their natural length")
-            graph, bucket = onnx_export.natural_length_graph(adapter, Path(work), opset=opset, dtype=dtype, log=log)
+            graph, bucket = onnx_export.natural_length_graph(adapter, Path(work), opset=opset, dtype=dtype, log=log, longest=unmerged[-1][1])
             graphs.append(graph)
             buckets.append(bucket | {"seq_len": unmerged[-1][1], "lengths": unmerged, "file": files[0].name, "schedule": None,
-                                     "lowering": "onnx", "validation": None})
+                                     "lowering": "onnx"})
         for (length, first, sized, settings, report), file in zip(plans, files[bool(unmerged):]):
             log(f"graph {len(graphs) + 1}/{steps}: texts of {first}-{length} tokens, {merge_options.method} at {length}")
             settings = dataclasses.replace(settings, lowering=lowering)

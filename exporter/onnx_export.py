@@ -372,10 +372,11 @@ class _Plain(torch.nn.Module):
         return self.pooling(x, state), x, (state.size * state.valid.unsqueeze(-1)), state.valid.to(torch.int64)
 
 
-def natural_length_graph(adapter: Adapter, work: Path, *, opset: int, dtype: str, log) -> tuple[onnx.ModelProto, dict]:
+def natural_length_graph(adapter: Adapter, work: Path, *, opset: int, dtype: str, log, longest: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """The unmerged text model as users export it today (sentence-transformers, optimum and TEI):
     dynamic batch and sequence axes, each batch padded to its longest text. Checked against the
-    PyTorch model at lengths other than the traced one; returns the graph and its manifest."""
+    PyTorch model at lengths other than the traced one, `longest` (the longest text it will run)
+    among them; returns the graph and its manifest."""
     if not adapter.is_text or adapter.pooling is None:
         raise UsageError(f"{adapter.name}: the natural-length export is for text encoders with a pooled embedding")
     names = ["input_ids", "attention_mask"]
@@ -389,27 +390,28 @@ def natural_length_graph(adapter: Adapter, work: Path, *, opset: int, dtype: str
                           input_names=names, output_names=["embedding", *TOKEN_OUTPUTS],
                           dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names + list(TOKEN_OUTPUTS)} | {"embedding": {0: "batch"}})
     model = onnx.load(str(traced))
-    shapes = _check_plain(adapter, plain, traced, dtype)
+    shapes, validation = _check_plain(adapter, plain, traced, dtype, longest)
     for value in model.graph.output:  # the tracer leaves feature sizes symbolic (e.g. "Divembedding_dim_1")
         for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
             if dim.dim_param not in ("batch", "sequence"):
                 dim.dim_value = size
     return model, {
         "schema_version": SCHEMA_VERSION, "tokenfuse_version": __version__, "model": adapter.name, "family": adapter.family, "method": "none",
-        "natural_length": True, "budget": {"flops_ratio": 1.0}, "preprocess": {**adapter.preprocess(), "seq_len": adapter.max_seq_len},
+        "natural_length": True, "validation": validation, "budget": {"flops_ratio": 1.0}, "preprocess": {**adapter.preprocess(), "seq_len": adapter.max_seq_len},
         "pooling": adapter.pooling.to_json(), "opset": opset, "dtype": dtype, **io_spec(model),
         "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "python": platform.python_version()},
     }
 
 
-def _check_plain(adapter: Adapter, plain: torch.nn.Module, path: Path, dtype: str):
-    """The dynamic-length graph against PyTorch at lengths other than the traced one; returns
-    the shapes of its outputs."""
+def _check_plain(adapter: Adapter, plain: torch.nn.Module, path: Path, dtype: str, longest: int | None):
+    """The dynamic-length graph against PyTorch at lengths other than the traced one (and at
+    `longest`); returns the shapes of its outputs."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     limit = TOLERANCES[dtype]["cosine_min"]
-    for length in (7, min(61, adapter.length_limit)):
+    lengths, worst = sorted({7, min(61, adapter.length_limit), min(longest or 7, adapter.length_limit)}), 1.0
+    for length in lengths:
         inputs = adapter.with_seq_len(length).natural_inputs(3, torch.Generator().manual_seed(length))
         with torch.no_grad():
             expected = plain(inputs["input_ids"], inputs["attention_mask"])[0].float().numpy()
@@ -418,4 +420,6 @@ def _check_plain(adapter: Adapter, plain: torch.nn.Module, path: Path, dtype: st
         cosine = (expected * got).sum(1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))
         if cosine.min() < limit:
             raise RuntimeError(f"the dynamic-length export differs from PyTorch at length {length} (cosine {cosine.min():.6f})")
-    return {value.name: array.shape for value, array in zip(session.get_outputs(), outputs)}
+        worst = min(worst, float(cosine.min()))
+    validation = {"passed": True, "lengths": lengths, "embedding_cosine_min": worst, "cosine_limit": limit}
+    return {value.name: array.shape for value, array in zip(session.get_outputs(), outputs)}, validation

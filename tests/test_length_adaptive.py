@@ -79,6 +79,8 @@ def test_each_bucket_merges_only_the_texts_it_makes_faster(adaptive):
     held = sorted(length for b in manifest["buckets"] for first, last in b["lengths"] for length in range(first, last + 1))
     assert held == list(range(1, 65))  # every length runs in exactly one graph
     assert natural["natural_length"] and natural["seq_len"] == natural["lengths"][-1][1] and natural["lengths"][0] == [1, 28]
+    # the unmerged graph was checked against PyTorch up to the longest text it runs
+    assert natural["validation"]["passed"] and natural["seq_len"] in natural["validation"]["lengths"]
     assert manifest["settings"]["merged_efficiency"] == B.MERGED_EFFICIENCY and not manifest["settings"]["always_merge"]
 
 
