@@ -188,7 +188,7 @@ def _add_bench(sub):
     p.add_argument("--min-rounds", type=int, default=20, help="rounds before the medians may be called stable (default 20)")
     p.add_argument("--seconds", type=float, default=60.0, help="time limit per batch size (default 60)")
     p.add_argument("--open-first", choices=("model", "baseline"), default="model", help="which of the two is loaded first (default "
-                   "model); on a small CPU the order moved batch-1 speedups by about 5%%: run each order to see it")
+                   "model); on a small CPU the order moved batch-1 speedups by 3-7%%: run each order to see it")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--plot", help="write a PNG plot of latency and speedup")
     p.add_argument("--profile", action="store_true", help="instead of timing: ONNX Runtime's per-operator CPU profile of the model "

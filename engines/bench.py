@@ -258,7 +258,7 @@ def bench(
     on the items of `data` (as tune reads it) at their real lengths; returns the report (see README).
     `profile`: instead, ONNX Runtime's per-operator profile of both at the first batch size (profile.py).
     `open_first` ("model" or "baseline"): which is loaded first. On a small CPU the order moved
-    batch-1 speedups by about 5% (docs/length-buckets.md); a run in each order shows it."""
+    batch-1 speedups by 3-7% (docs/length-buckets.md); a run in each order shows it."""
     if open_first not in OPEN_ORDERS:
         raise UsageError(f"--open-first {open_first}: choose {' or '.join(OPEN_ORDERS)}")
     from tqdm import tqdm

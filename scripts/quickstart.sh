@@ -20,4 +20,5 @@ for data in sentences:pang_lee_polarity.cor documents:lee.cor; do
       --batch 1,8,32 --seconds 12 --open-first "$first" --json "out/quickstart-bench-${data%%:*}-$first.json"
   done
 done
-.venv/bin/python scripts/quickstart_report.py out/minilm.onnx out/minilm-none.onnx --bench out/quickstart-bench-*-*.json
+.venv/bin/python scripts/quickstart_report.py out/minilm.onnx out/minilm-none.onnx \
+  --bench out/quickstart-bench-sentences-{model,baseline}.json out/quickstart-bench-documents-{model,baseline}.json
