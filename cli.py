@@ -56,7 +56,8 @@ def _add_export(sub):
     model.add_argument("--max-seq-len", type=int, help="longest input of a length-adaptive export (default: the model's, e.g. "
                        "sentence-transformers' max_seq_length)")
     model.add_argument("--unmerged-up-to", type=int, default=UNMERGED_UP_TO, help="length-adaptive exports: texts of at most this many "
-                       f"tokens run unmerged at their natural length (default {UNMERGED_UP_TO}, measured: docs/length-buckets.md; 0: all merged)")
+                       f"tokens run unmerged at their natural length (default {UNMERGED_UP_TO}, measured: docs/length-buckets.md; 0: none forced unmerged, "
+                       "each bucket merging where it pays; with --always-merge, every length merged)")
     model.add_argument("--buckets", type=_lengths, help="length-adaptive exports: the bucket lengths, comma separated (default "
                        f"{','.join(map(str, LENGTHS))} up to --max-seq-len; more buckets: less padding, more graphs and engines, more real tokens merged at the same --r)")
     model.add_argument("--always-merge", action="store_true", help="length-adaptive exports: merge every text longer than --unmerged-up-to "

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..exporter.buckets import bucket_file, refuse_length_adaptive
+from ..exporter.buckets import bucket_file, describe_lengths, refuse_length_adaptive, served_lengths
 from ..exporter.errors import UsageError
 from ..exporter.files import atomic_outputs
 from ..exporter.manifest import Manifest
@@ -249,9 +249,9 @@ def build_bucket_engines(onnx_path: Path, manifest: Manifest, output: Path, *, l
     sidecars, started = [], time.time()
     with atomic_outputs(*engines, *map(sidecar_path, engines)) as temps:
         for step, (bucket, engine, tmp) in enumerate(zip(buckets, engines, temps), 1):
-            limit = bucket["seq_len"]
-            log(f"engine {step}/{len(buckets)}: texts of up to {limit} tokens" + (" at their natural length" if bucket["natural_length"] else ""))
-            lengths = (1, -(-limit // 2), limit) if bucket["natural_length"] else None
+            limit, served = bucket["seq_len"], served_lengths(buckets)[step - 1]
+            log(f"engine {step}/{len(buckets)}: texts of {describe_lengths(served)} tokens" + (" at their natural length" if bucket["natural_length"] else f", at {limit}"))
+            lengths = (1, -(-served[0][1] // 2), limit) if bucket["natural_length"] else None  # opt: amid the shortest texts, the most common
             blob, sidecar = compile_engine(onnx_path.with_name(bucket["file"]), lengths=lengths, export_manifest=Manifest.from_json({**shared, **bucket}),
                                            log=log, **options)
             tmp.write_bytes(blob)

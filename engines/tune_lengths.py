@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporter.buckets import bucket_indices, unserved
+from ..exporter.buckets import NothingToMerge, bucket_indices, unserved
 from ..exporter.errors import UsageError
 from ..exporter.manifest import Manifest
 from .bench import data_feeds, machine, measure_pair
@@ -116,9 +116,7 @@ def tune_lengths(
             manifest = Manifest.from_json(export(adapter, merged_path, method=method, r=r, max_seq_len=longest, unmerged_up_to=0,
                                                  validate=False, log=quiet))
             merged = [bucket for bucket in manifest.buckets if not bucket["natural_length"]]
-        except UsageError as error:  # merging pays at no length: only the plain model is left to time
-            if "saves too little" not in str(error):
-                raise
+        except NothingToMerge:  # merging pays at no length: only the plain model is left to time
             manifest, merged = Manifest.beside(plain_path), []
         sessions = {bucket["file"]: OrtRunner(Path(work, bucket["file"]), ["CPUExecutionProvider"], threads) for bucket in merged}
         sessions[plain_path.name] = OrtRunner(plain_path, ["CPUExecutionProvider"], threads)
@@ -189,7 +187,7 @@ def lengths_table(report: dict) -> str:
     if chosen == report["max_seq_len"]:
         verdict = "on these texts the plain model is as fast as any merged routing: export it (--method none)"
     else:
-        verdict = f"run texts of up to {chosen} tokens unmerged (--unmerged-up-to {chosen})" if chosen else "merge every length (--unmerged-up-to 0)"
+        verdict = f"run texts of up to {chosen} tokens unmerged (--unmerged-up-to {chosen})" if chosen else "merge wherever a bucket pays (--unmerged-up-to 0)"
     lines.append(f"pick (the fastest; within {TIE:.0%} of it, the most unmerged): {verdict}")
     lines.append(f"export it with:\n  {report['export_command']}")
     return "\n".join(lines)

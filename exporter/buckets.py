@@ -2,8 +2,9 @@
 
 Token budgets stay fixed per layer for a given length (no data-dependent shapes, what TensorRT
 and ONNX Runtime run fastest), but a text no longer pays for the longest input: it runs in the
-smallest bucket that holds it, padded to that bucket and never by its batch-mates, so its result
-depends on the text alone. Each bucket has its own budget (the same method and kept fraction at
+graph its length selects (the smallest bucket that holds it, padded to that bucket, or the
+unmerged graph at its own length), never padded by its batch-mates, so its result depends on the
+text alone. Each bucket has its own budget (the same method and kept fraction at
 that length). Texts of at most `unmerged_up_to` tokens, where merging was measured not to pay
 (docs/length-buckets.md), run unmerged in one graph with a dynamic sequence axis at their natural
 length, as users run the plain model today; so do the texts in the lower part of each bucket, whose
@@ -163,7 +164,7 @@ def export_length_adaptive(adapter: TextAdapter, merge_options: MergeOptions, ou
                          "or a kept fraction (--r 0.9) for a length-adaptive export")
     longest = adapter.checked_length(longest or adapter.max_seq_len, "--max-seq-len")
     if unmerged_up_to < 0:
-        raise UsageError(f"--unmerged-up-to {unmerged_up_to}: give a token count >= 0 (0: every length merged)")
+        raise UsageError(f"--unmerged-up-to {unmerged_up_to}: give a token count >= 0 (0: none forced unmerged)")
     if merge_options.method == "none":
         if ladder is not None:
             raise UsageError("--buckets: --method none runs every length unmerged in one graph; give a merge method or drop --buckets")
@@ -211,6 +212,10 @@ def export_length_adaptive(adapter: TextAdapter, merge_options: MergeOptions, ou
     return result
 
 
+class NothingToMerge(UsageError):
+    """Merging pays at no length of any bucket (so the export would be the plain model)."""
+
+
 def merged_buckets(adapter: TextAdapter, merge_options: MergeOptions, lengths: tuple[int, ...], unmerged_up_to: int, always_merge: bool,
                    log) -> list[tuple]:
     """Each merged bucket worth a graph: (length, the shortest text it runs, the adapter at that
@@ -227,7 +232,7 @@ def merged_buckets(adapter: TextAdapter, merge_options: MergeOptions, lengths: t
                 f"texts of {previous + 1}-{length} tokens run unmerged")
         previous = length
     if lengths and not plans:
-        raise UsageError(f"{merge_options.method} at --r {report.ratio} saves too little at every length up to {lengths[-1]} to pay for "
+        raise NothingToMerge(f"{merge_options.method} at --r {report.ratio} saves too little at every length up to {lengths[-1]} to pay for "
                          "merging (docs/length-buckets.md); lower --r, export --method none, or give --always-merge")
     return plans
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .errors import UsageError
 
-SCHEMA_VERSION = 1  # manifests without one were written before it existed and read as version 1
+# 1: manifests without one were written before it existed and read as version 1; 2: each bucket of a
+# length-adaptive export lists the text lengths it runs (`lengths`), which a version-1 reader would misroute
+SCHEMA_VERSION = 2
 REQUIRED = ("model", "family", "method", "inputs", "outputs")
 
 
@@ -65,7 +67,7 @@ class Manifest:
         if missing:
             raise UsageError(f"{source}: not a tokenfuse export manifest (no {', '.join(missing)}); re-export the model with tokenfuse export")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "read_keys"}
-        return cls(**{k: v for k, v in data.items() if k in known}, extra={k: v for k, v in data.items() if k not in known},
+        return cls(**{k: v for k, v in data.items() if k in known} | {"schema_version": version}, extra={k: v for k, v in data.items() if k not in known},
                    read_keys=tuple(data))
 
     def to_json(self) -> dict:
