@@ -248,8 +248,8 @@ def build_bucket_engines(onnx_path: Path, manifest: Manifest, output: Path, *, l
     shared = {key: value for key, value in manifest.to_json().items() if key != "buckets"}
     sidecars, started = [], time.time()
     with atomic_outputs(*engines, *map(sidecar_path, engines)) as temps:
-        for step, (bucket, engine, tmp) in enumerate(zip(buckets, engines, temps), 1):
-            limit, served = bucket["seq_len"], served_lengths(buckets)[step - 1]
+        for step, (bucket, served, engine, tmp) in enumerate(zip(buckets, served_lengths(buckets), engines, temps), 1):
+            limit = bucket["seq_len"]
             log(f"engine {step}/{len(buckets)}: texts of {describe_lengths(served)} tokens" + (" at their natural length" if bucket["natural_length"] else f", at {limit}"))
             lengths = (1, -(-served[0][1] // 2), limit) if bucket["natural_length"] else None  # opt: amid the shortest texts, the most common
             blob, sidecar = compile_engine(onnx_path.with_name(bucket["file"]), lengths=lengths, export_manifest=Manifest.from_json({**shared, **bucket}),

@@ -28,7 +28,7 @@ from ..exporter.errors import UsageError
 from ..exporter.manifest import Manifest
 from .bench import data_feeds, machine, measure_pair
 from .data import Dataset, read_data, run_batched
-from .runtime import CALIBRATION_WIDTH, BucketRunner, OrtRunner, call_overhead_tokens
+from .runtime import CALIBRATION_WIDTH, BucketRunner, OrtRunner, call_overhead_tokens, put_rows
 from .tune import fidelity, merge_methods, write_outputs
 
 FIDELITY_TEXTS = 256  # texts the cosine is averaged over (the first of --data)
@@ -139,7 +139,9 @@ def tune_lengths(
             timed = measure_pair({**{names[u]: runners[u] for u in candidates}, "plain": plain}, {name: None for name in [*names.values(), "plain"]},
                                  batch, warmup=1, min_rounds=min_rounds, max_seconds=seconds, tolerance=0.01, progress=rounds,
                                  feeds=[{**{names[u]: feed["plain"] for u in candidates}, **feed} for feed in feeds])
-        sample = {name: array[:FIDELITY_TEXTS] for name, array in _padded(feeds).items()}
+        starts = np.cumsum([0] + [len(feed["plain"]["input_ids"]) for feed in feeds])  # the batches as one, zero-padded to the widest
+        whole = put_rows([(np.arange(start, end), feed["plain"]) for start, end, feed in zip(starts, starts[1:], feeds)], int(starts[-1]))
+        sample = {name: array[:FIDELITY_TEXTS] for name, array in whole.items()}
         reference = run_batched(plain, sample, batch)
         rows = []
         for up_to, buckets in candidates.items():
@@ -165,13 +167,6 @@ def tune_lengths(
     log(lengths_table(report))
     write_outputs(report, json_path, None)
     return report
-
-
-def _padded(feeds: list[dict]) -> dict[str, np.ndarray]:
-    """The plain model's batches as one, zero-padded to the widest."""
-    width = max(feed["plain"]["input_ids"].shape[1] for feed in feeds)
-    return {name: np.concatenate([np.pad(feed["plain"][name], [(0, 0), (0, width - feed["plain"][name].shape[1])]) for feed in feeds])
-            for name in ("input_ids", "attention_mask")}
 
 
 def lengths_table(report: dict) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,7 +136,7 @@ def main(argv=None):
                                                 max_seconds=args.seconds, open_first=order, log=lambda *_: None)
                     by_order[order] = {r["batch"]: r for r in result["results"]}
                 row["bench"][name] = {"inputs": result["inputs"], "results": [
-                    {"batch": batch, "speedup": float(np.exp(np.mean([np.log(runs[batch]["speedup"]) for runs in by_order.values()]))),
+                    {"batch": batch, "speedup": statistics.geometric_mean(runs[batch]["speedup"] for runs in by_order.values()),
                      "by_open_order": {order: {"speedup": runs[batch]["speedup"], "merged_pass_ms": runs[batch]["merged"]["pass_ms"],
                                                "baseline_pass_ms": runs[batch]["baseline"]["pass_ms"], "stable": runs[batch]["stable"],
                                                "passes": runs[batch]["passes"]} for order, runs in by_order.items()}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def main(argv=None):
 def _speedup(rows: tuple[dict, ...]) -> str:
     """One batch size over the runs: the geometric mean, each run's in brackets where several."""
     speedups = [row["speedup"] for row in rows]
-    mean = float(np.exp(np.mean(np.log(speedups))))
+    mean = statistics.geometric_mean(speedups)
     each = " (" + " / ".join(f"{speedup:.2f}" for speedup in speedups) + ")" if len(rows) > 1 else ""
     unstable = "" if all(row["stable"] for row in rows) else " (not stable)"
     return f"batch {rows[0]['batch']} {mean:.2f}x{each}{unstable}"
