@@ -173,7 +173,7 @@ def _bipartite_row(row: _Row, is_a: Tensor, is_b: Tensor, order: Tensor, penalty
     n_kept = int(is_a.sum()) - row.r
     src = is_a & (row.runtime >= row.protected + n_kept)
     priority = bipartite_priority(row.sim, candidate_bias(is_b), penalty)
-    reference = rank_among(priority, is_a, descending=True, tiebreak=order).to(torch.int64)
+    reference = rank_among(priority, is_a, descending=True, tiebreak=order)
     rank = torch.full_like(reference, 2 * row.n)
     n_src = int(src.sum())
     _fill(rank, src, list(range(n_src)), reference)
@@ -194,7 +194,7 @@ def _pitome_row(row: _Row, rule: LayerRule):
     """The runtime's energy ranking as far as its slots show it: kept tokens exactly, each merged
     group's destination at its rank, the sources' order completed as the reference orders them (the runtime's favour)."""
     energy, free, runtime, r, protected = row.key, row.free, row.runtime, row.r, row.protected
-    reference = rank_among(energy, free, descending=True).to(torch.int64)
+    reference = rank_among(energy, free, descending=True)
     rank = torch.full_like(reference, 2 * row.n)
     n_free = int(free.sum())
     if rule.variant == "bsm":
@@ -297,7 +297,7 @@ def _crossget_row(row: _Row, rule: LayerRule):
     dst = _crossget_dst(runtime, free, key_rank)
     src = free & ~dst
     key = torch.where(src, crossget_key(scores, ranked_lower | near), crossget_key(scores, ranked_lower & ~near))
-    reference = rank_among(key, free, descending=True).to(torch.int64)
+    reference = rank_among(key, free, descending=True)
     rank = torch.full_like(reference, 2 * row.n)
     n_src = int(src.sum())
     _fill(rank, src, list(range(n_src)), reference)
