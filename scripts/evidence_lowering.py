@@ -3,7 +3,9 @@
     python scripts/evidence_lowering.py                 # ViT-B/16 (random init) and all-MiniLM-L6-v2 at 128 tokens
     python scripts/evidence_lowering.py --no-engines    # without the TensorRT-RTX builds
 
-For each model, PiToMe r=0.9 and `--method none`, exported without validation: graph nodes per
+For each model, PiToMe r=0.9 and `--method none`, exported without validation (and, as a bound,
+the PiToMe schedule with a merge that costs nothing: each layer keeps its first K tokens, no
+decision; what no lowering of that schedule can beat on this machine): graph nodes per
 merge step (as written; after onnx-graphsurgeon's constant folding; and the data nodes among
 those, i.e. without Reshape/Unsqueeze/Squeeze, which only relabel a tensor's shape), ONNX Runtime
 session creation (median of 5, one process), the TensorRT-RTX engine build time (median of 3,
@@ -20,6 +22,7 @@ import os
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,11 +33,36 @@ import onnxruntime as ort
 from evidence_common import write_report
 from tokenfuse.engines import bench as bench_module
 from tokenfuse.engines.bench import machine
-from tokenfuse.exporter import export
+from tokenfuse.exporter import encoder, export
+from tokenfuse.exporter.methods import TokenMerge, positions, token_count
 from tokenfuse.exporter.onnx_export import fold_constants
 
 LAYOUT_OPS = {"Reshape", "Unsqueeze", "Squeeze"}  # no arithmetic, at most a copy
 BUILDS = 3
+
+
+class _KeepFirst(TokenMerge):
+    """Each layer's first K tokens, as they are: the merged schedule at no merging cost."""
+
+    def apply(self, x, size, valid=None, positions=None):
+        k = self.num_out
+        return x[:, :k], size[:, :k], None if valid is None else valid[:, :k], None
+
+
+def _keep_first(rule, metric, r, **_):
+    n = token_count(metric, 1)
+    return _KeepFirst(positions(metric, 1).clamp(max=n - r - 1).expand(metric.shape[0], n), n - r)
+
+
+@contextmanager
+def free_merges():
+    """Exports inside this block merge for free (the bound on what a lowering can realise)."""
+    decide = encoder.match_step
+    encoder.match_step = _keep_first
+    try:
+        yield
+    finally:
+        encoder.match_step = decide
 
 
 def count_nodes(path: Path) -> dict:
@@ -97,17 +125,26 @@ def main(argv=None) -> int:
             per_step = {kind: (row["pitome"]["nodes"][kind] - row["none"]["nodes"][kind]) / steps for kind in ("written", "folded", "data")}
             result = bench_module.bench(paths["pitome"], baseline=str(paths["none"]), batches=batches, max_seconds=args.seconds,
                                         log=lambda *_: None)
+            free = Path(work, f"{label.split()[0].replace('/', '')}-free.onnx")
+            with free_merges():
+                export(spec["model"], free, method="pitome", r=0.9, validate=False, seed=0, log=lambda *_: None,
+                       **{k: v for k, v in spec.items() if k != "model"})
+            bound = bench_module.bench(free, baseline=str(paths["none"]), batches=batches, max_seconds=args.seconds, log=lambda *_: None)
             report["models"][label] = {
                 "merge_steps": steps, "nodes_per_merge_step": per_step, **row,
                 "session_ratio": row["pitome"]["session_seconds"] / row["none"]["session_seconds"],
                 "build_ratio": None if args.no_engines else row["pitome"]["build_seconds"] / row["none"]["build_seconds"],
                 "bench": [{"batch": r["batch"], "speedup": r["speedup"], "flops_ideal_speedup": r["flops_ideal_speedup"],
                            "realised": r["speedup"] / r["flops_ideal_speedup"], "stable": r["stable"]} for r in result["results"]],
+                "free_merge_bench": [{"batch": r["batch"], "speedup": r["speedup"], "realised": r["speedup"] / r["flops_ideal_speedup"],
+                                      "stable": r["stable"]} for r in bound["results"]],
             }
             line = report["models"][label]
             print(f"{label}: {per_step['folded']:.0f} nodes per merge step after folding ({per_step['data']:.0f} data), session "
                   f"{line['session_ratio']:.2f}x unmerged, build {line['build_ratio'] or float('nan'):.2f}x, "
-                  + ", ".join(f"batch {b['batch']} {b['speedup']:.2f}x ({b['realised']:.2f} of ideal)" for b in line["bench"]), flush=True)
+                  + ", ".join(f"batch {b['batch']} {b['speedup']:.2f}x ({b['realised']:.2f} of ideal)" for b in line["bench"])
+                  + "; free merge " + ", ".join(f"batch {b['batch']} {b['speedup']:.2f}x ({b['realised']:.2f})"
+                                                for b in line["free_merge_bench"]), flush=True)
     write_report(args.out, report)
     return 0
 
