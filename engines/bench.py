@@ -131,16 +131,23 @@ def percentiles(samples: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)), "runs": len(ms)}
 
 
+# Passes over the data before its timings may be called stable, so that each batch's median has
+# five samples: with three (20 rounds over the 7 batches of 8 of Lee's 50 documents), one outlier
+# moves a median, and the same comparison read 1.12x in one run and 1.17x in another.
+MIN_PASSES = 5
+
+
 def interleave(calls: dict, feeds: int, *, min_rounds: int, max_seconds: float, tolerance: float, progress=None):
     """Call each of `calls` (name -> fn(feed index), which returns once its work is done) in turn,
     round by round, cycling over `feeds` feed indices, until each one's time for one pass over the
-    feeds (the sum of each feed's median) moves less than `tolerance` over the last max(10, feeds)
-    rounds, or `max_seconds` pass. Returns (seconds per call [name][feed], pass seconds, stable).
+    feeds (the sum of each feed's median) moves less than `tolerance` over the last max(10, 2 passes)
+    rounds, after MIN_PASSES passes at least, or `max_seconds` pass. Returns (seconds per call
+    [name][feed], pass seconds, stable).
 
     Every other round runs the calls in reverse order, so that neither is always the one that runs
     in the caches and thread state the other left."""
     samples = {name: [[] for _ in range(feeds)] for name in calls}
-    window = max(10, feeds)
+    window = max(10, 2 * feeds)
     order = list(calls.items())
     history, started, stable = [], time.perf_counter(), False
     while True:
@@ -154,7 +161,7 @@ def interleave(calls: dict, feeds: int, *, min_rounds: int, max_seconds: float, 
         seen = min(len(history) + 1, feeds)
         history.append({name: sum(statistics.median(s) for s in per_feed[:seen]) for name, per_feed in samples.items()})
         rounds = len(history)
-        if rounds >= max(min_rounds, window + 1, 2 * feeds):
+        if rounds >= max(min_rounds, window + 1, MIN_PASSES * feeds):
             stable = all(abs(history[-1][n] - history[-1 - window][n]) <= tolerance * history[-1][n] for n in calls)
         if stable or time.perf_counter() - started > max_seconds:
             return samples, history[-1], stable
