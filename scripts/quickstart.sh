@@ -17,7 +17,7 @@ GENSIM_DATA="$(.venv/bin/python -c 'from gensim.test.utils import datapath; prin
 for data in sentences:pang_lee_polarity.cor documents:lee.cor; do
   for first in model baseline; do
     .venv/bin/tokenfuse bench out/minilm.onnx --baseline out/minilm-none.onnx --data "$GENSIM_DATA/${data#*:}" \
-      --batch 1,8,32 --seconds 12 --open-first "$first" --json "out/quickstart-bench-${data%%:*}-$first.json"
+      --batch 1,8,32 --seconds 20 --open-first "$first" --json "out/quickstart-bench-${data%%:*}-$first.json"
   done
 done
 .venv/bin/python scripts/quickstart_report.py out/minilm.onnx out/minilm-none.onnx \
