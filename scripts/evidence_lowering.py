@@ -17,7 +17,6 @@ ideal it realises. Writes docs/lowering-cost.json with the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -105,12 +104,16 @@ def main(argv=None) -> int:
     report = {"command": "python scripts/evidence_lowering.py", "method": "pitome r=0.9", "machine": machine(), "models": {}}
     with tempfile.TemporaryDirectory(prefix="tokenfuse-lowering-") as work:
         for label, spec in models.items():
-            batches = spec.pop("batches")
+            batches, model = spec.pop("batches"), spec.pop("model")
+
+            def exported(variant: str, method: str, stem=label.split()[0].replace("/", ""), options=spec, model=model):
+                path = Path(work, f"{stem}-{variant}.onnx")
+                return path, export(model, path, method=method, r=0.9 if method != "none" else None, validate=False, seed=0,
+                                    log=lambda *_: None, **options)
+
             paths, row = {}, {}
             for method in ("pitome", "none"):
-                paths[method] = Path(work, f"{label.split()[0].replace('/', '')}-{method}.onnx")
-                manifest = export(spec["model"], paths[method], method=method, r=0.9 if method != "none" else None, validate=False,
-                                  seed=0, log=lambda *_: None, **{k: v for k, v in spec.items() if k != "model"})
+                paths[method], manifest = exported(method, method)
                 row[method] = {"nodes": count_nodes(paths[method]), "session_seconds": session_seconds(paths[method])}
                 if method == "pitome":
                     steps = sum(out < layer["tokens_in"] for out, layer in zip(manifest["schedule"], manifest["budget"]["layers"]))
@@ -125,10 +128,8 @@ def main(argv=None) -> int:
             per_step = {kind: (row["pitome"]["nodes"][kind] - row["none"]["nodes"][kind]) / steps for kind in ("written", "folded", "data")}
             result = bench_module.bench(paths["pitome"], baseline=str(paths["none"]), batches=batches, max_seconds=args.seconds,
                                         log=lambda *_: None)
-            free = Path(work, f"{label.split()[0].replace('/', '')}-free.onnx")
             with free_merges():
-                export(spec["model"], free, method="pitome", r=0.9, validate=False, seed=0, log=lambda *_: None,
-                       **{k: v for k, v in spec.items() if k != "model"})
+                free, _ = exported("free", "pitome")
             bound = bench_module.bench(free, baseline=str(paths["none"]), batches=batches, max_seconds=args.seconds, log=lambda *_: None)
             report["models"][label] = {
                 "merge_steps": steps, "nodes_per_merge_step": per_step, **row,
